@@ -1,0 +1,66 @@
+-- pg_outbox: status view and final checks. Loaded after the Rust functions.
+
+-- One row per destination: configuration joined with the worker's counters
+-- (shared memory) and the number of events still in the outbox.
+CREATE VIEW outbox.destination_status AS
+SELECT d.id,
+       d.topic_url AS topic,
+       d.kind,
+       coalesce(s.status, 'stopped') AS status,
+       s.start_timestamp,
+       coalesce(s.messages_delivered, 0) AS messages_delivered,
+       coalesce(s.messages_delivery_attempts, 0) AS messages_delivery_attempts,
+       coalesce(s.messages_in_process, 0) AS messages_in_process,
+       coalesce(q.queued, 0) AS messages_queued,
+       coalesce(s.last_errors, '[]'::jsonb) AS last_errors
+  FROM outbox.destination d
+  LEFT JOIN outbox._destination_stats() s ON s.id = d.id
+  LEFT JOIN (SELECT e.destination_id, count(*) AS queued
+               FROM outbox.event e GROUP BY e.destination_id) q ON q.destination_id = d.id;
+
+-- Aidbox's $status, as FHIR Parameters.
+CREATE FUNCTION outbox.status(destination_id text) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    s outbox.destination_status;
+    v_params jsonb;
+BEGIN
+    SELECT * INTO s FROM outbox.destination_status ds WHERE ds.id = destination_id;
+    IF NOT FOUND THEN
+        PERFORM outbox._fail('42704', format('destination "%s" does not exist', coalesce(destination_id, '')),
+            'SELECT id FROM outbox.destination lists the destinations.');
+    END IF;
+    v_params := jsonb_build_array();
+    IF s.start_timestamp IS NOT NULL THEN
+        v_params := v_params || jsonb_build_object('name', 'startTimestamp',
+            'valueDateTime', to_char(s.start_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'));
+    END IF;
+    v_params := v_params
+        || jsonb_build_object('name', 'status', 'valueString', s.status)
+        || jsonb_build_object('name', 'messagesDelivered', 'valueDecimal', s.messages_delivered)
+        || jsonb_build_object('name', 'messagesDeliveryAttempts', 'valueDecimal', s.messages_delivery_attempts)
+        || jsonb_build_object('name', 'messagesInProcess', 'valueDecimal', s.messages_in_process)
+        || jsonb_build_object('name', 'messagesQueued', 'valueDecimal', s.messages_queued);
+    v_params := v_params || coalesce((
+        SELECT jsonb_agg(jsonb_build_object('name', 'lastErrorDetail', 'part', jsonb_build_array(
+                   jsonb_build_object('name', 'message', 'valueString', e ->> 'message'),
+                   jsonb_build_object('name', 'timestamp', 'valueDateTime', e ->> 'timestamp'))) ORDER BY o)
+          FROM jsonb_array_elements(s.last_errors) WITH ORDINALITY AS x(e, o)), '[]'::jsonb);
+    RETURN jsonb_build_object('resourceType', 'Parameters', 'parameter', v_params);
+END
+$$;
+
+-- Configuration survives pg_dump; the outbox itself is not configuration.
+SELECT pg_catalog.pg_extension_config_dump('outbox.topic', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.topic_table', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.destination', '');
+
+-- Only the extension owner (a superuser) configures; writers reach the outbox
+-- through the SECURITY DEFINER trigger function.
+REVOKE ALL ON ALL TABLES IN SCHEMA outbox FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA outbox FROM PUBLIC;
+GRANT USAGE ON SCHEMA outbox TO PUBLIC;
+GRANT EXECUTE ON FUNCTION outbox._capture() TO PUBLIC;
+
+-- Refuse to install where the worker cannot serve us.
+SELECT outbox._require_preload_and_database();

@@ -1,0 +1,353 @@
+-- pg_outbox: configuration tables, the outbox, and the SQL half of the API.
+-- Loaded first (bootstrap); the Rust functions are created after it and
+-- sql/finalize.sql last. PL/pgSQL bodies bind late, so they may call the
+-- Rust helpers (outbox._check_parameters, outbox._changed_on_commit, ...).
+
+-- A topic: which tables and interactions matter (Aidbox: AidboxSubscriptionTopic).
+CREATE TABLE outbox.topic (
+    id          integer GENERATED ALWAYS AS IDENTITY UNIQUE,
+    url         text PRIMARY KEY,
+    description text,
+    triggers    jsonb NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- One row per (topic, table): the triggers the API attached to that table.
+CREATE TABLE outbox.topic_table (
+    topic_id      integer NOT NULL REFERENCES outbox.topic (id) ON DELETE CASCADE,
+    table_oid     oid NOT NULL,
+    table_name    text NOT NULL,
+    interactions  text[] NOT NULL,
+    criteria      text,
+    key_columns   text[] NOT NULL,
+    trigger_names text[] NOT NULL,
+    PRIMARY KEY (topic_id, table_oid)
+);
+
+-- A destination: where a topic's events go and how (Aidbox: AidboxTopicDestination).
+CREATE TABLE outbox.destination (
+    id         text PRIMARY KEY,
+    topic_url  text NOT NULL REFERENCES outbox.topic (url),
+    kind       text NOT NULL,
+    content    text NOT NULL,
+    parameters jsonb NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX destination_topic_url_idx ON outbox.destination (topic_url);
+
+-- The outbox: one row per (change, at-least-once destination), written in the
+-- writer's transaction, deleted by the worker once Kafka acknowledged it.
+-- Only src/store.rs (the worker side) and outbox._capture() (the enqueue side)
+-- know this layout.
+CREATE TABLE outbox.event (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    destination_id text NOT NULL,
+    topic_id       integer NOT NULL,
+    table_name     text NOT NULL,
+    interaction    text NOT NULL,
+    key            text,
+    row_data       jsonb,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    attempts       integer NOT NULL DEFAULT 0,
+    last_error     text
+);
+CREATE INDEX event_destination_idx ON outbox.event (destination_id, id);
+
+-- The row trigger. TG_ARGV[0] is the topic id, TG_ARGV[1..] the primary-key
+-- columns of the table (none: the event has a NULL key).
+CREATE FUNCTION outbox._capture() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $capture$
+DECLARE
+    r   jsonb;
+    k   text;
+    act text;
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        r := to_jsonb(OLD);
+        act := 'delete';
+    ELSIF TG_OP = 'UPDATE' THEN
+        r := to_jsonb(NEW);
+        act := 'update';
+    ELSE
+        r := to_jsonb(NEW);
+        act := 'create';
+    END IF;
+    IF TG_NARGS = 2 THEN
+        k := r ->> TG_ARGV[1];
+    ELSIF TG_NARGS > 2 THEN
+        SELECT jsonb_agg(r -> TG_ARGV[i] ORDER BY i)::text INTO k
+          FROM generate_series(1, TG_NARGS - 1) AS i;
+    END IF;
+    INSERT INTO outbox.event (destination_id, topic_id, table_name, interaction, key, row_data)
+    SELECT d.id, TG_ARGV[0]::integer, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, act, k,
+           CASE WHEN d.content = 'full-resource' THEN r END
+      FROM outbox.destination d
+      JOIN outbox.topic t ON t.url = d.topic_url
+     WHERE t.id = TG_ARGV[0]::integer
+       AND d.kind = 'kafka-at-least-once';
+    IF FOUND THEN
+        PERFORM outbox._wake_on_commit();
+    END IF;
+    RETURN NULL;
+END
+$capture$;
+
+CREATE FUNCTION outbox._fail(code text, message text, hint text DEFAULT NULL, detail text DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION USING ERRCODE = code, MESSAGE = message,
+        HINT = coalesce(hint, ''), DETAIL = coalesce(detail, '');
+END
+$$;
+
+-- Validate one topic entry, attach its row triggers (one per interaction, the
+-- criteria in the WHEN clause) and record them in outbox.topic_table.
+CREATE FUNCTION outbox._attach(p_topic_id integer, p_url text, p_entry jsonb)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_table     text;
+    v_oid       oid;
+    v_kind      "char";
+    v_inter     text[];
+    v_criteria  text;
+    v_keys      text[];
+    v_names     text[] := '{}';
+    v_i         text;
+    v_event     text;
+    v_suffix    text;
+    v_name      text;
+    v_args      text;
+    v_tgoid     oid;
+    v_key       text;
+BEGIN
+    IF jsonb_typeof(p_entry) IS DISTINCT FROM 'object' THEN
+        PERFORM outbox._fail('22023', format('invalid trigger entry for topic "%s": %s', p_url, p_entry),
+            'Each entry is an object such as {"table": "public.t", "interactions": ["create"], "criteria": "NEW.x > 0"}.');
+    END IF;
+    FOR v_key IN SELECT jsonb_object_keys(p_entry) LOOP
+        IF v_key NOT IN ('table', 'interactions', 'criteria') THEN
+            PERFORM outbox._fail('22023', format('unknown key "%s" in trigger entry for topic "%s"', v_key, p_url),
+                'Allowed keys are "table", "interactions" and "criteria".');
+        END IF;
+    END LOOP;
+    IF jsonb_typeof(p_entry -> 'table') IS DISTINCT FROM 'string' THEN
+        PERFORM outbox._fail('22023', format('trigger entry for topic "%s" has no "table"', p_url),
+            'Name the table as a string, e.g. {"table": "public.orders"}.');
+    END IF;
+    v_table := p_entry ->> 'table';
+    BEGIN
+        v_oid := to_regclass(v_table);
+    EXCEPTION WHEN OTHERS THEN
+        v_oid := NULL;
+    END;
+    IF v_oid IS NULL THEN
+        PERFORM outbox._fail('42P01', format('table "%s" does not exist', v_table),
+            'Create the table first, or schema-qualify its name (e.g. "public.orders").');
+    END IF;
+    SELECT c.relkind INTO v_kind FROM pg_class c WHERE c.oid = v_oid;
+    IF v_kind NOT IN ('r', 'p') THEN
+        PERFORM outbox._fail('42809', format('"%s" is not a table', v_table),
+            'Topics can watch ordinary and partitioned tables only.');
+    END IF;
+    IF EXISTS (SELECT 1 FROM outbox.topic_table WHERE topic_id = p_topic_id AND table_oid = v_oid) THEN
+        PERFORM outbox._fail('22023', format('table "%s" appears twice in topic "%s"', v_table, p_url),
+            'Merge the entries: one entry per table, listing all its interactions.');
+    END IF;
+
+    IF p_entry ? 'interactions' THEN
+        IF jsonb_typeof(p_entry -> 'interactions') IS DISTINCT FROM 'array'
+           OR jsonb_array_length(p_entry -> 'interactions') = 0 THEN
+            PERFORM outbox._fail('22023', format('"interactions" for table "%s" must be a non-empty array', v_table),
+                'Use any of "create", "update", "delete", e.g. ["create", "update"].');
+        END IF;
+        SELECT array_agg(DISTINCT x ORDER BY x) INTO v_inter
+          FROM jsonb_array_elements_text(p_entry -> 'interactions') AS x;
+        FOREACH v_i IN ARRAY v_inter LOOP
+            IF v_i NOT IN ('create', 'update', 'delete') THEN
+                PERFORM outbox._fail('22023', format('unknown interaction "%s" for table "%s"', v_i, v_table),
+                    'Interactions are "create" (INSERT), "update" (UPDATE) and "delete" (DELETE).');
+            END IF;
+        END LOOP;
+    ELSE
+        v_inter := ARRAY['create', 'delete', 'update'];
+    END IF;
+
+    IF p_entry ? 'criteria' AND jsonb_typeof(p_entry -> 'criteria') <> 'null' THEN
+        IF jsonb_typeof(p_entry -> 'criteria') <> 'string' OR btrim(p_entry ->> 'criteria') = '' THEN
+            PERFORM outbox._fail('22023', format('"criteria" for table "%s" must be a non-empty string', v_table),
+                'Write a boolean SQL expression over NEW and OLD, e.g. "NEW.status = ''done''".');
+        END IF;
+        v_criteria := p_entry ->> 'criteria';
+    END IF;
+
+    SELECT coalesce(array_agg(a.attname::text ORDER BY k.ord), '{}') INTO v_keys
+      FROM pg_index i
+      CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = v_oid AND i.indisprimary;
+    IF cardinality(v_keys) = 0 THEN
+        RAISE NOTICE 'table "%" has no primary key: its events get a NULL Kafka key', v_table
+            USING HINT = 'Add a primary key to keep each row''s changes in one partition, in order.';
+    END IF;
+    v_args := quote_literal(p_topic_id::text);
+    IF cardinality(v_keys) > 0 THEN
+        v_args := v_args || ', ' || (SELECT string_agg(quote_literal(x), ', ') FROM unnest(v_keys) AS x);
+    END IF;
+
+    FOREACH v_i IN ARRAY v_inter LOOP
+        v_event := CASE v_i WHEN 'create' THEN 'INSERT' WHEN 'update' THEN 'UPDATE' ELSE 'DELETE' END;
+        v_suffix := CASE v_i WHEN 'create' THEN 'ins' WHEN 'update' THEN 'upd' ELSE 'del' END;
+        v_name := format('outbox_%s_%s', p_topic_id, v_suffix);
+        BEGIN
+            EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s FOR EACH ROW %s EXECUTE FUNCTION outbox._capture(%s)',
+                v_name, v_event, v_oid::regclass,
+                CASE WHEN v_criteria IS NULL THEN '' ELSE 'WHEN (' || v_criteria || ')' END,
+                v_args);
+        EXCEPTION WHEN OTHERS THEN
+            PERFORM outbox._fail('42P17',
+                format('invalid criteria for table "%s" in topic "%s": %s', v_table, p_url, SQLERRM),
+                CASE
+                  WHEN v_i = 'create' AND SQLERRM LIKE '%OLD%' THEN
+                    'A create (INSERT) has no OLD row: drop "create" from "interactions" or do not use OLD.'
+                  WHEN v_i = 'delete' AND SQLERRM LIKE '%NEW%' THEN
+                    'A delete has no NEW row: drop "delete" from "interactions" or do not use NEW.'
+                  ELSE 'The criteria must be a boolean SQL expression over NEW and OLD without subqueries.'
+                END,
+                format('Interaction "%s" (%s trigger).', v_i, v_event));
+        END;
+        SELECT t.oid INTO v_tgoid FROM pg_trigger t WHERE t.tgrelid = v_oid AND t.tgname = v_name;
+        -- The criteria went into DDL text: make sure it did not smuggle in another function.
+        IF NOT FOUND OR (SELECT tgfoid FROM pg_trigger WHERE oid = v_tgoid) <> 'outbox._capture()'::regprocedure
+           OR (SELECT tgnargs FROM pg_trigger WHERE oid = v_tgoid) <> 1 + cardinality(v_keys) THEN
+            PERFORM outbox._fail('42P17', format('invalid criteria for table "%s" in topic "%s"', v_table, p_url),
+                'The criteria must be a single boolean SQL expression.');
+        END IF;
+        PERFORM outbox._trigger_depends_on_extension(v_tgoid);
+        v_names := v_names || v_name;
+    END LOOP;
+
+    INSERT INTO outbox.topic_table (topic_id, table_oid, table_name, interactions, criteria, key_columns, trigger_names)
+    VALUES (p_topic_id, v_oid, v_oid::regclass::text, v_inter, v_criteria, v_keys, v_names);
+END
+$$;
+
+CREATE FUNCTION outbox.create_topic(url text, triggers jsonb, description text DEFAULT NULL)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    v_id    integer;
+    v_entry jsonb;
+BEGIN
+    IF url IS NULL OR btrim(url) = '' THEN
+        PERFORM outbox._fail('22023', 'topic url must not be empty', 'Give the topic a url, e.g. ''http://example.org/topics/orders''.');
+    END IF;
+    IF EXISTS (SELECT 1 FROM outbox.topic t WHERE t.url = create_topic.url) THEN
+        PERFORM outbox._fail('42710', format('topic "%s" already exists', url),
+            'Drop it first with outbox.drop_topic(), or choose another url.');
+    END IF;
+    IF triggers IS NULL OR jsonb_typeof(triggers) <> 'array' OR jsonb_array_length(triggers) = 0 THEN
+        PERFORM outbox._fail('22023', format('triggers of topic "%s" must be a non-empty JSON array', url),
+            'E.g. ''[{"table": "public.orders", "interactions": ["create"]}]''::jsonb.');
+    END IF;
+    INSERT INTO outbox.topic (url, description, triggers)
+    VALUES (create_topic.url, create_topic.description, create_topic.triggers)
+    RETURNING id INTO v_id;
+    FOR v_entry IN SELECT jsonb_array_elements(triggers) LOOP
+        PERFORM outbox._attach(v_id, url, v_entry);
+    END LOOP;
+    PERFORM outbox._changed_on_commit();
+    RETURN url;
+END
+$$;
+
+CREATE FUNCTION outbox.drop_topic(url text, "cascade" boolean DEFAULT false)
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    v_id        integer;
+    v_dests     text[];
+    v_discarded bigint := 0;
+    v_tt        record;
+    v_name      text;
+BEGIN
+    SELECT t.id INTO v_id FROM outbox.topic t WHERE t.url = drop_topic.url FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM outbox._fail('42704', format('topic "%s" does not exist', url),
+            'SELECT url FROM outbox.topic lists the topics.');
+    END IF;
+    SELECT array_agg(d.id ORDER BY d.id) INTO v_dests FROM outbox.destination d WHERE d.topic_url = drop_topic.url;
+    IF v_dests IS NOT NULL THEN
+        IF NOT "cascade" THEN
+            PERFORM outbox._fail('2BP01', format('topic "%s" still has destinations', url),
+                'Drop them first with outbox.drop_destination(), or call outbox.drop_topic(url, cascade => true).',
+                format('Destinations: %s.', array_to_string(v_dests, ', ')));
+        END IF;
+        SELECT coalesce(sum(outbox.drop_destination(x)), 0) INTO v_discarded FROM unnest(v_dests) AS x;
+    END IF;
+    FOR v_tt IN SELECT * FROM outbox.topic_table WHERE topic_id = v_id LOOP
+        -- The table may have been dropped (and its triggers with it).
+        IF EXISTS (SELECT 1 FROM pg_class WHERE oid = v_tt.table_oid) THEN
+            FOREACH v_name IN ARRAY v_tt.trigger_names LOOP
+                EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', v_name, v_tt.table_oid::regclass);
+            END LOOP;
+        END IF;
+    END LOOP;
+    DELETE FROM outbox.topic t WHERE t.id = v_id;
+    PERFORM outbox._changed_on_commit();
+    RETURN v_discarded;
+END
+$$;
+
+CREATE FUNCTION outbox.create_destination(id text, topic text, kind text, parameters jsonb,
+                                          content text DEFAULT 'full-resource')
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    v_params jsonb;
+BEGIN
+    IF id IS NULL OR id !~ '^[A-Za-z0-9.-]{1,64}$' THEN
+        PERFORM outbox._fail('22023', format('invalid destination id "%s"', coalesce(id, '')),
+            'An id is 1 to 64 letters, digits, "-" or "." (a FHIR id), e.g. ''orders-kafka''.');
+    END IF;
+    IF EXISTS (SELECT 1 FROM outbox.destination d WHERE d.id = create_destination.id) THEN
+        PERFORM outbox._fail('42710', format('destination "%s" already exists', id),
+            'Drop it first with outbox.drop_destination(), or choose another id.');
+    END IF;
+    IF topic IS NULL OR NOT EXISTS (SELECT 1 FROM outbox.topic t WHERE t.url = create_destination.topic) THEN
+        PERFORM outbox._fail('42704', format('topic "%s" does not exist', coalesce(topic, '')),
+            'Create it first with outbox.create_topic(); SELECT url FROM outbox.topic lists the topics.');
+    END IF;
+    IF kind IS NULL OR kind NOT IN ('kafka-at-least-once', 'kafka-best-effort') THEN
+        PERFORM outbox._fail('22023', format('unknown destination kind "%s" for destination "%s"', coalesce(kind, ''), id),
+            'Use ''kafka-at-least-once''.');
+    END IF;
+    IF kind = 'kafka-best-effort' THEN
+        PERFORM outbox._fail('0A000', format('destination kind "kafka-best-effort" is not supported yet (destination "%s")', id),
+            'Use ''kafka-at-least-once''.');
+    END IF;
+    IF content IS NULL OR content NOT IN ('full-resource', 'id-only', 'empty') THEN
+        PERFORM outbox._fail('22023', format('unknown content "%s" for destination "%s"', coalesce(content, ''), id),
+            'Use ''full-resource'', ''id-only'' or ''empty''.');
+    END IF;
+    v_params := outbox._check_parameters(id, parameters);
+    INSERT INTO outbox.destination (id, topic_url, kind, content, parameters)
+    VALUES (create_destination.id, create_destination.topic, create_destination.kind,
+            create_destination.content, v_params);
+    PERFORM outbox._changed_on_commit();
+    RETURN id;
+END
+$$;
+
+CREATE FUNCTION outbox.drop_destination(id text)
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    v_discarded bigint;
+BEGIN
+    DELETE FROM outbox.destination d WHERE d.id = drop_destination.id;
+    IF NOT FOUND THEN
+        PERFORM outbox._fail('42704', format('destination "%s" does not exist', coalesce(id, '')),
+            'SELECT id FROM outbox.destination lists the destinations.');
+    END IF;
+    DELETE FROM outbox.event e WHERE e.destination_id = drop_destination.id;
+    GET DIAGNOSTICS v_discarded = ROW_COUNT;
+    PERFORM outbox._changed_on_commit();
+    RETURN v_discarded;
+END
+$$;

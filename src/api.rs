@@ -1,0 +1,72 @@
+//! The Rust half of the SQL API: checks the PL/pgSQL functions call.
+
+use crate::error::UserError;
+use crate::kafka::Params;
+use pgrx::prelude::*;
+use pgrx::JsonB;
+
+/// Validate a destination's parameters; returns them as stored.
+#[pg_extern(immutable, parallel_safe)]
+fn _check_parameters(destination_id: &str, parameters: Option<JsonB>) -> JsonB {
+    let value = parameters.map(|j| j.0).unwrap_or(serde_json::Value::Null);
+    let params = match Params::parse(destination_id, &value) {
+        Ok(p) => p,
+        Err(e) => {
+            let code = if e.unsupported {
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED
+            } else {
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
+            };
+            UserError::new(code, e.message).hint(e.hint).raise()
+        }
+    };
+    if let Err(e) = crate::kafka::check_client_config(&params, destination_id) {
+        UserError::invalid(format!("librdkafka refused the configuration of destination \"{destination_id}\": {e}"))
+            .hint("Check the parameter values against the README's parameter table.")
+            .raise()
+    }
+    JsonB(value)
+}
+
+/// CREATE EXTENSION calls this last: the worker must be able to serve us.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _require_preload_and_database() {
+    if !crate::preloaded() {
+        UserError::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "pg_outbox must be loaded via shared_preload_libraries",
+        )
+        .hint("Add pg_outbox to shared_preload_libraries in postgresql.conf and restart Postgres.")
+        .raise()
+    }
+    let here = unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+    };
+    let served = crate::config::database();
+    if here != served {
+        UserError::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("pg_outbox can only be created in database \"{served}\", not \"{here}\""),
+        )
+        .detail("The pg_outbox worker serves the database named by outbox.database.")
+        .hint(format!("Connect to \"{served}\", or set outbox.database = '{here}' and restart Postgres."))
+        .raise()
+    }
+}
+
+/// Make a trigger the API created go away with the extension (DROP EXTENSION
+/// drops it without CASCADE, like the extension's own objects).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _trigger_depends_on_extension(trigger_oid: pg_sys::Oid) {
+    unsafe {
+        let ext = pg_sys::get_extension_oid(c"pg_outbox".as_ptr(), false);
+        let depender = pg_sys::ObjectAddress {
+            classId: pg_sys::TriggerRelationId,
+            objectId: trigger_oid,
+            objectSubId: 0,
+        };
+        let referenced = pg_sys::ObjectAddress { classId: pg_sys::ExtensionRelationId, objectId: ext, objectSubId: 0 };
+        pg_sys::recordDependencyOn(&depender, &referenced, pg_sys::DependencyType::DEPENDENCY_AUTO);
+    }
+}

@@ -1,0 +1,77 @@
+//! The `outbox.*` settings. One definition each: name, default, context, meaning.
+//! The README's settings table lists the same names and defaults.
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+
+/// Database the worker serves (postmaster start).
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// Safety-net poll interval of the worker, in milliseconds (reload).
+pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+/// Events claimed and produced per batch and destination (reload).
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
+/// First retry delay after a failed delivery, doubled up to `RETRY_MAX_MS` (reload).
+pub static RETRY_MIN_MS: GucSetting<i32> = GucSetting::<i32>::new(500);
+/// Longest retry delay, in milliseconds (reload).
+pub static RETRY_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+
+pub const DATABASE_DEFAULT: &str = "postgres";
+
+pub fn register() {
+    GucRegistry::define_string_guc(
+        c"outbox.database",
+        c"Database whose outbox the pg_outbox worker serves.",
+        c"CREATE EXTENSION pg_outbox is only allowed in this database.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.poll_interval",
+        c"Longest time the worker sleeps without being woken by a commit.",
+        c"Commits wake the worker at once; this is the safety net.",
+        &POLL_INTERVAL_MS,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.batch_size",
+        c"Events the worker claims and produces per batch and destination.",
+        c"",
+        &BATCH_SIZE,
+        1,
+        100_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.retry_min",
+        c"First delay before retrying events whose delivery failed.",
+        c"Doubles after each failed attempt, up to outbox.retry_max.",
+        &RETRY_MIN_MS,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.retry_max",
+        c"Longest delay before retrying events whose delivery failed.",
+        c"",
+        &RETRY_MAX_MS,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+}
+
+/// The database name the worker serves.
+pub fn database() -> String {
+    DATABASE
+        .get()
+        .and_then(|c| c.into_string().ok())
+        .unwrap_or_else(|| DATABASE_DEFAULT.to_string())
+}

@@ -1,0 +1,64 @@
+//! pg_outbox: stream Postgres row changes to Kafka, Aidbox-style.
+//!
+//! Modules, by what they do:
+//! - `config`: the `outbox.*` settings (GUCs);
+//! - `api`: the Rust half of the SQL API (parameter checks, preload check);
+//! - `capture`: what the row trigger needs from Rust (wake the worker on commit);
+//! - `status`: counters and last errors in shared memory, read by the status view;
+//! - `store`: the outbox table as the worker sees it (claim, acknowledge, fail);
+//! - `kafka`: producer configuration and message building (no Postgres calls);
+//! - `worker`: the background worker loop.
+//!
+//! The SQL half of the API lives in `sql/schema.sql` and `sql/finalize.sql`.
+
+use pgrx::prelude::*;
+
+mod api;
+mod capture;
+mod config;
+mod error;
+mod kafka;
+mod status;
+mod store;
+mod worker;
+
+::pgrx::pg_module_magic!(name, version);
+
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+
+/// True when this library was loaded through `shared_preload_libraries`.
+static PRELOADED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub(crate) fn preloaded() -> bool {
+    PRELOADED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    config::register();
+    if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
+        // Loaded into one backend only (CREATE EXTENSION without preloading):
+        // no shared memory, no worker. The install script refuses with a hint.
+        return;
+    }
+    PRELOADED.store(true, std::sync::atomic::Ordering::Relaxed);
+    status::init_shmem();
+    worker::register();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests;
+
+/// This module is required by `cargo pgrx test` invocations.
+/// It must be visible at the root of your extension crate.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries = 'pg_outbox'", "outbox.database = 'pgrx_tests'"]
+    }
+}

@@ -1,0 +1,271 @@
+//! Shared memory: the worker's latch, a configuration generation counter, and
+//! per-destination counters and last errors. The worker writes, everyone reads.
+
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic, PgLwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+pub const MAX_DESTINATIONS: usize = 128;
+pub const MAX_ERRORS: usize = 5;
+const ID_LEN: usize = 64;
+const ERR_LEN: usize = 300;
+
+/// Destination state shown as `status`.
+#[derive(Copy, Clone, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum State {
+    Active = 1,
+    Error = 2,
+}
+
+#[derive(Copy, Clone)]
+pub struct ErrorEntry {
+    at_us: i64, // Postgres timestamp (microseconds since 2000-01-01)
+    len: u16,
+    msg: [u8; ERR_LEN],
+}
+
+#[derive(Copy, Clone)]
+pub struct Slot {
+    used: bool,
+    id_len: u8,
+    id: [u8; ID_LEN],
+    start_us: i64,
+    state: u8,
+    delivered: u64,
+    failed_attempts: u64,
+    in_process: u64,
+    lost: u64,
+    n_errors: u8,
+    next_error: u8,
+    errors: [ErrorEntry; MAX_ERRORS],
+}
+
+#[derive(Copy, Clone)]
+pub struct Slots {
+    slots: [Slot; MAX_DESTINATIONS],
+}
+
+const EMPTY_ERROR: ErrorEntry = ErrorEntry { at_us: 0, len: 0, msg: [0; ERR_LEN] };
+const EMPTY_SLOT: Slot = Slot {
+    used: false,
+    id_len: 0,
+    id: [0; ID_LEN],
+    start_us: 0,
+    state: 0,
+    delivered: 0,
+    failed_attempts: 0,
+    in_process: 0,
+    lost: 0,
+    n_errors: 0,
+    next_error: 0,
+    errors: [EMPTY_ERROR; MAX_ERRORS],
+};
+
+impl Default for Slots {
+    fn default() -> Self {
+        Slots { slots: [EMPTY_SLOT; MAX_DESTINATIONS] }
+    }
+}
+
+unsafe impl PGRXSharedMemory for Slots {}
+
+#[derive(Default)]
+pub struct Control {
+    /// Address of the worker's latch (0: no worker running).
+    latch: AtomicUsize,
+    /// Bumped on every committed configuration change.
+    config_generation: AtomicU64,
+}
+
+unsafe impl PGRXSharedMemory for Control {}
+
+static SLOTS: PgLwLock<Slots> = unsafe { PgLwLock::new(c"pg_outbox_slots") };
+static CONTROL: PgAtomic<Control> = unsafe { PgAtomic::new(c"pg_outbox_control") };
+
+pub fn init_shmem() {
+    pg_shmem_init!(SLOTS);
+    pg_shmem_init!(CONTROL);
+}
+
+/// Set the worker's latch, if a worker is running. Safe in commit callbacks.
+pub fn wake_worker() {
+    let latch = CONTROL.get().latch.load(Ordering::Acquire);
+    if latch != 0 {
+        unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
+    }
+}
+
+pub fn bump_config_generation() {
+    CONTROL.get().config_generation.fetch_add(1, Ordering::AcqRel);
+}
+
+pub fn config_generation() -> u64 {
+    CONTROL.get().config_generation.load(Ordering::Acquire)
+}
+
+/// Called by the worker: publish (or withdraw, with null) its latch.
+pub fn publish_worker_latch(latch: *mut pg_sys::Latch) {
+    CONTROL.get().latch.store(latch as usize, Ordering::Release);
+}
+
+fn now_us() -> i64 {
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+fn copy_str<const N: usize>(dst: &mut [u8; N], s: &str) -> usize {
+    // Cut on a char boundary so readers always see valid UTF-8.
+    let mut n = s.len().min(N);
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    dst[..n].copy_from_slice(&s.as_bytes()[..n]);
+    n
+}
+
+impl Slot {
+    fn id(&self) -> &str {
+        std::str::from_utf8(&self.id[..self.id_len as usize]).unwrap_or("")
+    }
+}
+
+/// The worker's handle on one destination's slot.
+#[derive(Clone, Copy, Debug)]
+pub struct SlotRef(usize);
+
+/// Claim a slot for a destination the worker starts serving (None: all in use).
+pub fn claim_slot(id: &str) -> Option<SlotRef> {
+    let mut s = SLOTS.exclusive();
+    let i = s.slots.iter().position(|x| !x.used)?;
+    let slot = &mut s.slots[i];
+    *slot = EMPTY_SLOT;
+    slot.used = true;
+    slot.id_len = copy_str(&mut slot.id, id) as u8;
+    slot.start_us = now_us();
+    slot.state = State::Active as u8;
+    Some(SlotRef(i))
+}
+
+pub fn release_slot(r: SlotRef) {
+    SLOTS.exclusive().slots[r.0] = EMPTY_SLOT;
+}
+
+/// Forget every slot (worker start: nothing is in process any more).
+pub fn release_all() {
+    let mut s = SLOTS.exclusive();
+    for slot in s.slots.iter_mut() {
+        *slot = EMPTY_SLOT;
+    }
+}
+
+pub fn record_outcome(r: SlotRef, delivered: u64, failed: u64, in_process: u64) {
+    let mut s = SLOTS.exclusive();
+    let slot = &mut s.slots[r.0];
+    slot.delivered += delivered;
+    slot.failed_attempts += failed;
+    slot.in_process = in_process;
+    if failed > 0 {
+        slot.state = State::Error as u8;
+    } else if delivered > 0 {
+        slot.state = State::Active as u8;
+    }
+}
+
+pub fn set_state(r: SlotRef, state: State) {
+    SLOTS.exclusive().slots[r.0].state = state as u8;
+}
+
+pub fn record_error(r: SlotRef, message: &str) {
+    let mut s = SLOTS.exclusive();
+    let slot = &mut s.slots[r.0];
+    if slot.n_errors > 0 {
+        // The same error again (a broker that stays down): refresh its time only.
+        let newest = &mut slot.errors[(slot.next_error as usize + MAX_ERRORS - 1) % MAX_ERRORS];
+        if &newest.msg[..newest.len as usize] == message.as_bytes() {
+            newest.at_us = now_us();
+            return;
+        }
+    }
+    let i = slot.next_error as usize;
+    let e = &mut slot.errors[i];
+    e.at_us = now_us();
+    e.len = copy_str(&mut e.msg, message) as u16;
+    slot.next_error = ((i + 1) % MAX_ERRORS) as u8;
+    slot.n_errors = (slot.n_errors + 1).min(MAX_ERRORS as u8);
+}
+
+fn format_ts(us: i64) -> String {
+    // Postgres epoch is 2000-01-01; 946684800 s after the Unix epoch.
+    let unix_ms = us.div_euclid(1000) + 946_684_800_000;
+    let secs = unix_ms.div_euclid(1000);
+    let ms = unix_ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z", sod / 3600, sod % 3600 / 60, sod % 60)
+}
+
+/// Days since 1970-01-01 to (year, month, day); Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// The worker's counters per destination, for outbox.destination_status.
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile, parallel_unsafe)]
+fn _destination_stats() -> TableIterator<
+    'static,
+    (
+        name!(id, String),
+        name!(status, String),
+        name!(start_timestamp, TimestampWithTimeZone),
+        name!(messages_delivered, i64),
+        name!(messages_delivery_attempts, i64),
+        name!(messages_in_process, i64),
+        name!(messages_lost, i64),
+        name!(last_errors, pgrx::JsonB),
+    ),
+> {
+    if !crate::preloaded() {
+        return TableIterator::new(Vec::new());
+    }
+    let copy: Vec<Slot> = SLOTS.share().slots.iter().filter(|s| s.used).copied().collect();
+    let rows: Vec<_> = copy
+        .iter()
+        .map(|s| {
+            // newest first
+            let errors: Vec<serde_json::Value> = (0..s.n_errors as usize)
+                .map(|k| {
+                    let i = (s.next_error as usize + MAX_ERRORS - 1 - k) % MAX_ERRORS;
+                    let e = &s.errors[i];
+                    serde_json::json!({
+                        "message": String::from_utf8_lossy(&e.msg[..e.len as usize]),
+                        "timestamp": format_ts(e.at_us),
+                    })
+                })
+                .collect();
+            let state = if s.state == State::Error as u8 { "error" } else { "active" };
+            let start = TimestampWithTimeZone::try_from(pg_sys::TimestampTz::from(s.start_us))
+                .unwrap_or_else(|_| TimestampWithTimeZone::try_from(0i64).expect("epoch"));
+            (
+                s.id().to_string(),
+                state.to_string(),
+                start,
+                s.delivered as i64,
+                s.failed_attempts as i64,
+                s.in_process as i64,
+                s.lost as i64,
+                pgrx::JsonB(serde_json::Value::Array(errors)),
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}

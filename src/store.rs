@@ -1,0 +1,95 @@
+//! The outbox table as the worker sees it: claim a batch, acknowledge what
+//! Kafka accepted, record failed attempts, load the configuration. Callers run
+//! these inside a worker transaction (see `worker::in_transaction`). The
+//! enqueue side is `outbox._capture()` in sql/schema.sql.
+
+use crate::kafka::Event;
+use pgrx::prelude::*;
+use pgrx::spi::SpiResult;
+
+/// A destination as configured in `outbox.destination`.
+pub struct DestinationRow {
+    pub id: String,
+    pub topic_url: String,
+    pub content: String,
+    pub parameters: String,
+}
+
+/// Is the extension installed in this database?
+pub fn extension_present() -> SpiResult<bool> {
+    Ok(Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_outbox')")?
+        .unwrap_or(false))
+}
+
+/// The at-least-once destinations.
+pub fn destinations() -> SpiResult<Vec<DestinationRow>> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT id, topic_url, content, parameters::text FROM outbox.destination \
+             WHERE kind = 'kafka-at-least-once' ORDER BY id",
+            None,
+            &[],
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(DestinationRow {
+                id: row.get(1)?.unwrap_or_default(),
+                topic_url: row.get(2)?.unwrap_or_default(),
+                content: row.get(3)?.unwrap_or_default(),
+                parameters: row.get(4)?.unwrap_or_default(),
+            });
+        }
+        Ok(out)
+    })
+}
+
+/// The oldest `limit` events of a destination, in id order.
+pub fn claim(destination_id: &str, limit: i64) -> SpiResult<Vec<Event>> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT id, table_name, interaction, key, row_data::text, \
+                    to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') \
+               FROM outbox.event WHERE destination_id = $1 ORDER BY id LIMIT $2",
+            None,
+            &[destination_id.into(), limit.into()],
+        )?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            out.push(Event {
+                id: row.get(1)?.unwrap_or_default(),
+                table: row.get(2)?.unwrap_or_default(),
+                interaction: row.get(3)?.unwrap_or_default(),
+                key: row.get(4)?,
+                row: row.get(5)?,
+                timestamp: row.get(6)?.unwrap_or_default(),
+            });
+        }
+        Ok(out)
+    })
+}
+
+/// Kafka acknowledged these events: they leave the outbox.
+pub fn acknowledge(ids: &[i64]) -> SpiResult<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    Spi::connect_mut(|client| {
+        client.update("DELETE FROM outbox.event WHERE id = ANY($1)", None, &[ids.to_vec().into()])?;
+        Ok(())
+    })
+}
+
+/// A delivery attempt of these events failed: they stay, with the error.
+pub fn record_failure(ids: &[i64], error: &str) -> SpiResult<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    Spi::connect_mut(|client| {
+        client.update(
+            "UPDATE outbox.event SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1)",
+            None,
+            &[ids.to_vec().into(), error.into()],
+        )?;
+        Ok(())
+    })
+}

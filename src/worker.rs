@@ -1,0 +1,458 @@
+//! The background worker: wait, reload, take reports, acknowledge, claim,
+//! produce, record. Every Postgres call happens on this (the main) thread;
+//! librdkafka's threads only write to a channel and a pipe.
+
+use crate::config;
+use crate::kafka::{self, Content, KafkaProducer, Params, Report, Target};
+use crate::status::{self, SlotRef, State};
+use crate::store;
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+use rdkafka::producer::Producer;
+use std::collections::{BTreeMap, HashSet};
+use std::os::fd::RawFd;
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+/// How often the configuration is re-read even without a change signal.
+const RELOAD_EVERY: Duration = Duration::from_secs(10);
+/// How long SIGTERM waits for in-flight deliveries.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
+/// A destination writes at most one error line to the server log this often.
+const LOG_EVERY: Duration = Duration::from_secs(30);
+
+pub fn register() {
+    BackgroundWorkerBuilder::new("pg_outbox worker")
+        .set_type("pg_outbox")
+        .set_library("pg_outbox")
+        .set_function("pg_outbox_worker_main")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}
+
+/// Run `f` in its own transaction. A Postgres ERROR (or a panic) inside is
+/// caught, logged, and the transaction rolled back: the worker survives.
+fn in_transaction<R>(what: &str, f: impl FnOnce() -> R) -> Option<R> {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let result = PgTryBuilder::new(AssertUnwindSafe(move || Some(f())))
+        .catch_others(|e| {
+            let msg = match &e {
+                CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.message().to_string(),
+                CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
+            };
+            pgrx::warning!("pg_outbox worker: {what} failed: {msg}");
+            None
+        })
+        .execute();
+    unsafe {
+        if result.is_some() {
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommitTransactionCommand();
+        } else {
+            pg_sys::AbortCurrentTransaction();
+        }
+    }
+    result
+}
+
+/// One destination the worker serves.
+struct Destination {
+    id: String,
+    topic_url: String,
+    content: Content,
+    parameters_text: String,
+    params: Params,
+    slot: SlotRef,
+    producer: Option<KafkaProducer>,
+    epoch: u64,
+    in_flight: HashSet<i64>,
+    acked: Vec<i64>,
+    failed: Vec<(i64, String)>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    /// (messages suppressed since, time of the last log line)
+    last_logged: Option<(u64, Instant)>,
+}
+
+impl Destination {
+    /// Note an error: in status always, in the server log when it is new.
+    fn error(&mut self, message: &str) {
+        status::record_error(self.slot, message);
+        status::set_state(self.slot, State::Error);
+        let now = Instant::now();
+        match &mut self.last_logged {
+            Some((suppressed, at)) if now.duration_since(*at) < LOG_EVERY => *suppressed += 1,
+            _ => {
+                let suppressed = self.last_logged.map_or(0, |(n, _)| n);
+                pgrx::log!(
+                    "pg_outbox: destination \"{}\": {} ({} similar message(s) suppressed)",
+                    self.id,
+                    message,
+                    suppressed
+                );
+                self.last_logged = Some((0, now));
+            }
+        }
+    }
+
+    fn back_off(&mut self) {
+        let min = Duration::from_millis(config::RETRY_MIN_MS.get() as u64);
+        let max = Duration::from_millis(config::RETRY_MAX_MS.get() as u64);
+        self.backoff = if self.backoff.is_zero() { min } else { (self.backoff * 2).min(max) };
+        self.retry_at = Some(Instant::now() + self.backoff);
+    }
+
+    fn ready(&self, now: Instant) -> bool {
+        self.in_flight.is_empty()
+            && self.acked.is_empty()
+            && self.failed.is_empty()
+            && self.retry_at.is_none_or(|t| t <= now)
+    }
+}
+
+struct Worker {
+    destinations: BTreeMap<String, Destination>,
+    tx: Sender<Report>,
+    rx: Receiver<Report>,
+    wake_read: RawFd,
+    wake_write: RawFd,
+    next_epoch: u64,
+    seen_generation: u64,
+    last_reload: Option<Instant>,
+    extension_present: bool,
+    terminating: bool,
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = config::database();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    pgrx::log!("pg_outbox worker started for database \"{database}\"");
+
+    let mut fds = [0 as libc::c_int; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+        pgrx::error!("pg_outbox worker: could not create its wake-up pipe");
+    }
+    let (tx, rx) = unbounded();
+    let mut worker = Worker {
+        destinations: BTreeMap::new(),
+        tx,
+        rx,
+        wake_read: fds[0],
+        wake_write: fds[1],
+        next_epoch: 1,
+        seen_generation: u64::MAX,
+        last_reload: None,
+        extension_present: false,
+        terminating: false,
+    };
+    // Whatever a previous incarnation had in flight is still in the outbox.
+    status::release_all();
+    status::publish_worker_latch(unsafe { pg_sys::MyLatch });
+
+    while !worker.terminating {
+        worker.turn();
+        worker.wait();
+    }
+    worker.shut_down();
+    status::publish_worker_latch(std::ptr::null_mut());
+    pgrx::log!("pg_outbox worker stopped");
+    // Exit code 1: the postmaster restarts us unless the server is shutting down.
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+impl Worker {
+    /// One pass of the loop.
+    fn turn(&mut self) {
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        self.maybe_reload();
+        self.take_reports();
+        self.record_outcomes();
+        self.claim_and_produce();
+        for d in self.destinations.values() {
+            status::record_outcome(d.slot, 0, 0, d.in_flight.len() as u64);
+        }
+    }
+
+    /// Sleep until a commit sets the latch, a producer has reports, a retry is
+    /// due, or the poll interval passed.
+    fn wait(&mut self) {
+        let now = Instant::now();
+        let mut timeout = Duration::from_millis(config::POLL_INTERVAL_MS.get() as u64);
+        for d in self.destinations.values() {
+            if let Some(t) = d.retry_at {
+                timeout = timeout.min(t.saturating_duration_since(now) + Duration::from_millis(1));
+            }
+        }
+        let events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_POSTMASTER_DEATH | pg_sys::WL_SOCKET_READABLE;
+        let rc = unsafe {
+            pg_sys::WaitLatchOrSocket(
+                pg_sys::MyLatch,
+                events as i32,
+                self.wake_read,
+                timeout.as_millis() as libc::c_long,
+                pg_sys::PG_WAIT_EXTENSION,
+            )
+        };
+        unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
+        let mut buf = [0u8; 256];
+        while unsafe { libc::read(self.wake_read, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+        if rc & pg_sys::WL_POSTMASTER_DEATH as i32 != 0 || BackgroundWorker::sigterm_received() {
+            self.terminating = true;
+        }
+    }
+
+    fn maybe_reload(&mut self) {
+        let generation = status::config_generation();
+        let due = self.last_reload.is_none_or(|t| t.elapsed() >= RELOAD_EVERY);
+        if generation == self.seen_generation && !due {
+            return;
+        }
+        let loaded = in_transaction("reading the configuration", || {
+            if !store::extension_present()? {
+                return Ok(None);
+            }
+            store::destinations().map(Some)
+        });
+        self.last_reload = Some(Instant::now());
+        match loaded {
+            Some(Ok(Some(rows))) => {
+                self.seen_generation = generation;
+                if !self.extension_present {
+                    pgrx::log!("pg_outbox worker: serving {} destination(s)", rows.len());
+                }
+                self.extension_present = true;
+                self.apply_configuration(rows);
+            }
+            Some(Ok(None)) => {
+                self.seen_generation = generation;
+                if self.extension_present {
+                    pgrx::log!("pg_outbox worker: extension dropped, idle until it is created again");
+                }
+                self.extension_present = false;
+                self.apply_configuration(Vec::new());
+            }
+            Some(Err(e)) => pgrx::warning!("pg_outbox worker: reading the configuration failed: {e}"),
+            None => {}
+        }
+    }
+
+    fn apply_configuration(&mut self, rows: Vec<store::DestinationRow>) {
+        let wanted: HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        let gone: Vec<String> = self.destinations.keys().filter(|k| !wanted.contains(k.as_str())).cloned().collect();
+        for id in gone {
+            if let Some(d) = self.destinations.remove(&id) {
+                status::release_slot(d.slot);
+            }
+        }
+        for row in rows {
+            if let Some(d) = self.destinations.get(&row.id) {
+                if d.parameters_text == row.parameters && d.topic_url == row.topic_url && d.content == Content::parse(&row.content) {
+                    continue;
+                }
+                // Changed: rebuild. What was in flight stays in the outbox and is sent again.
+                if let Some(d) = self.destinations.remove(&row.id) {
+                    status::release_slot(d.slot);
+                }
+            }
+            let value: serde_json::Value = serde_json::from_str(&row.parameters).unwrap_or(serde_json::Value::Null);
+            let params = match Params::parse(&row.id, &value) {
+                Ok(p) => p,
+                Err(e) => {
+                    pgrx::warning!("pg_outbox: destination \"{}\" skipped: {}", row.id, e.message);
+                    continue;
+                }
+            };
+            let Some(slot) = status::claim_slot(&row.id) else {
+                pgrx::warning!(
+                    "pg_outbox: destination \"{}\" skipped: more than {} destinations",
+                    row.id,
+                    status::MAX_DESTINATIONS
+                );
+                continue;
+            };
+            self.destinations.insert(
+                row.id.clone(),
+                Destination {
+                    content: Content::parse(&row.content),
+                    id: row.id,
+                    topic_url: row.topic_url,
+                    parameters_text: row.parameters,
+                    params,
+                    slot,
+                    producer: None,
+                    epoch: 0,
+                    in_flight: HashSet::new(),
+                    acked: Vec::new(),
+                    failed: Vec::new(),
+                    retry_at: None,
+                    backoff: Duration::ZERO,
+                    last_logged: None,
+                },
+            );
+        }
+    }
+
+    /// Serve the producers and sort their reports onto destinations.
+    fn take_reports(&mut self) {
+        for d in self.destinations.values() {
+            if let Some(p) = &d.producer {
+                kafka::serve(p);
+            }
+        }
+        let reports: Vec<Report> = self.rx.try_iter().collect();
+        for report in reports {
+            let epoch = match &report {
+                Report::Delivered { epoch, .. } | Report::Failed { epoch, .. } | Report::ClientError { epoch, .. } => *epoch,
+            };
+            // Reports from a producer we already replaced are stale.
+            let Some(d) = self.destinations.values_mut().find(|d| d.epoch == epoch && d.producer.is_some()) else {
+                continue;
+            };
+            match report {
+                Report::Delivered { event_id, .. } => {
+                    if d.in_flight.remove(&event_id) {
+                        d.acked.push(event_id);
+                    }
+                }
+                Report::Failed { event_id, error, .. } => {
+                    if d.in_flight.remove(&event_id) {
+                        d.failed.push((event_id, error));
+                    }
+                }
+                Report::ClientError { error, fatal, .. } => {
+                    d.error(&error);
+                    if fatal {
+                        // A fatal idempotence error: this producer is done. Its
+                        // in-flight events count as failed and are sent again.
+                        let lost: Vec<i64> = d.in_flight.drain().collect();
+                        d.failed.extend(lost.into_iter().map(|id| (id, error.clone())));
+                        d.producer = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Delete what Kafka acknowledged; keep failed events with their error.
+    fn record_outcomes(&mut self) {
+        for d in self.destinations.values_mut() {
+            if d.acked.is_empty() && d.failed.is_empty() {
+                continue;
+            }
+            let acked = std::mem::take(&mut d.acked);
+            let failed = std::mem::take(&mut d.failed);
+            let failed_ids: Vec<i64> = failed.iter().map(|(id, _)| *id).collect();
+            let first_error = failed.first().map(|(_, e)| e.clone()).unwrap_or_default();
+            let done = in_transaction("recording deliveries", || -> pgrx::spi::SpiResult<()> {
+                store::acknowledge(&acked)?;
+                store::record_failure(&failed_ids, &first_error)
+            });
+            if !matches!(done, Some(Ok(()))) {
+                // Not recorded: the events are still in the outbox and will be
+                // sent again (a duplicate, never a loss).
+                d.back_off();
+                continue;
+            }
+            status::record_outcome(d.slot, acked.len() as u64, failed_ids.len() as u64, d.in_flight.len() as u64);
+            if failed_ids.is_empty() {
+                d.backoff = Duration::ZERO;
+                d.retry_at = None;
+            } else {
+                d.error(&format!("delivery of {} event(s) failed: {first_error}", failed_ids.len()));
+                d.back_off();
+            }
+        }
+    }
+
+    fn claim_and_produce(&mut self) {
+        if !self.extension_present {
+            return;
+        }
+        let now = Instant::now();
+        let batch = config::BATCH_SIZE.get() as i64;
+        let ids: Vec<String> = self.destinations.values().filter(|d| d.ready(now)).map(|d| d.id.clone()).collect();
+        for id in ids {
+            let Some(events) = in_transaction("claiming events", || store::claim(&id, batch)) else {
+                self.last_reload = None; // maybe the extension went away: look again
+                return;
+            };
+            let events = match events {
+                Ok(e) => e,
+                Err(e) => {
+                    pgrx::warning!("pg_outbox worker: claiming events failed: {e}");
+                    continue;
+                }
+            };
+            if events.is_empty() {
+                continue;
+            }
+            let (tx, wake_write) = (self.tx.clone(), self.wake_write);
+            let epoch = self.next_epoch;
+            let Some(d) = self.destinations.get_mut(&id) else { continue };
+            d.retry_at = None;
+            if d.producer.is_none() {
+                match kafka::create_producer(&d.params, &d.id, epoch, tx, wake_write) {
+                    Ok(p) => {
+                        d.producer = Some(p);
+                        d.epoch = epoch;
+                        self.next_epoch += 1;
+                    }
+                    Err(e) => {
+                        d.error(&format!("could not create the Kafka producer: {e}"));
+                        d.back_off();
+                        continue;
+                    }
+                }
+            }
+            let target = Target { destination_id: &d.id, topic_url: &d.topic_url, content: d.content };
+            let producer = d.producer.as_ref().expect("created above");
+            let mut refused: Option<(i64, String)> = None;
+            for ev in &events {
+                match kafka::send(producer, &d.params.kafka_topic, &target, ev) {
+                    Ok(()) => {
+                        d.in_flight.insert(ev.id);
+                    }
+                    Err(e) => {
+                        // Stop here: what follows must not overtake this event.
+                        refused = Some((ev.id, e.to_string()));
+                        break;
+                    }
+                }
+            }
+            if let Some((event_id, error)) = refused {
+                d.failed.push((event_id, format!("produce refused: {error}")));
+            }
+            producer.poll(Duration::ZERO);
+        }
+    }
+
+    /// SIGTERM: give in-flight deliveries a moment, record them, exit.
+    fn shut_down(&mut self) {
+        let deadline = Instant::now() + SHUTDOWN_FLUSH;
+        for d in self.destinations.values() {
+            if let Some(p) = &d.producer {
+                if !d.in_flight.is_empty() {
+                    let _ = p.flush(deadline.saturating_duration_since(Instant::now()));
+                }
+            }
+        }
+        self.take_reports();
+        self.record_outcomes();
+        for d in std::mem::take(&mut self.destinations).into_values() {
+            status::release_slot(d.slot);
+        }
+    }
+}
