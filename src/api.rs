@@ -61,11 +61,8 @@ fn _require_preload_and_database() {
 fn _trigger_depends_on_extension(trigger_oid: pg_sys::Oid) {
     unsafe {
         let ext = pg_sys::get_extension_oid(c"pg_outbox".as_ptr(), false);
-        let depender = pg_sys::ObjectAddress {
-            classId: pg_sys::TriggerRelationId,
-            objectId: trigger_oid,
-            objectSubId: 0,
-        };
+        let depender =
+            pg_sys::ObjectAddress { classId: pg_sys::TriggerRelationId, objectId: trigger_oid, objectSubId: 0 };
         let referenced = pg_sys::ObjectAddress { classId: pg_sys::ExtensionRelationId, objectId: ext, objectSubId: 0 };
         pg_sys::recordDependencyOn(&depender, &referenced, pg_sys::DependencyType::DEPENDENCY_AUTO);
     }

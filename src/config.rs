@@ -70,8 +70,5 @@ pub fn register() {
 
 /// The database name the worker serves.
 pub fn database() -> String {
-    DATABASE
-        .get()
-        .and_then(|c| c.into_string().ok())
-        .unwrap_or_else(|| DATABASE_DEFAULT.to_string())
+    DATABASE.get().and_then(|c| c.into_string().ok()).unwrap_or_else(|| DATABASE_DEFAULT.to_string())
 }

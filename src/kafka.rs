@@ -37,13 +37,8 @@ const SUPPORTED: &[&str] = &[
     "securityProtocol",
 ];
 /// Aidbox parameters known but not implemented yet (refused, never ignored).
-const NOT_YET: &[&str] = &[
-    "maxBlockMs",
-    "sslKeystoreKey",
-    "saslMechanism",
-    "saslJaasConfig",
-    "saslClientCallbackHandlerClass",
-];
+const NOT_YET: &[&str] =
+    &["maxBlockMs", "sslKeystoreKey", "saslMechanism", "saslJaasConfig", "saslClientCallbackHandlerClass"];
 
 /// A destination's validated parameters.
 #[derive(Debug, Clone, PartialEq)]
@@ -417,16 +412,10 @@ pub fn headers(target: &Target<'_>, ev: &Event) -> OwnedHeaders {
 }
 
 /// Produce one event; the delivery report comes back through the context.
-pub fn send(
-    producer: &KafkaProducer,
-    kafka_topic: &str,
-    target: &Target<'_>,
-    ev: &Event,
-) -> Result<(), KafkaError> {
+pub fn send(producer: &KafkaProducer, kafka_topic: &str, target: &Target<'_>, ev: &Event) -> Result<(), KafkaError> {
     let payload = bundle(target, ev);
-    let mut record = BaseRecord::with_opaque_to(kafka_topic, Box::new(ev.id))
-        .payload(payload.as_str())
-        .headers(headers(target, ev));
+    let mut record =
+        BaseRecord::with_opaque_to(kafka_topic, Box::new(ev.id)).payload(payload.as_str()).headers(headers(target, ev));
     if let Some(k) = &ev.key {
         record = record.key(k.as_str());
     }

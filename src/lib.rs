@@ -36,12 +36,13 @@ pub(crate) fn preloaded() -> bool {
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    config::register();
     if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
         // Loaded into one backend only (CREATE EXTENSION without preloading):
-        // no shared memory, no worker. The install script refuses with a hint.
+        // no settings, no shared memory, no worker. The install script refuses
+        // with a hint.
         return;
     }
+    config::register();
     PRELOADED.store(true, std::sync::atomic::Ordering::Relaxed);
     status::init_shmem();
     worker::register();
@@ -49,7 +50,9 @@ pub extern "C-unwind" fn _PG_init() {
 
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]
-mod tests;
+mod tests {
+    include!("tests.rs");
+}
 
 /// This module is required by `cargo pgrx test` invocations.
 /// It must be visible at the root of your extension crate.

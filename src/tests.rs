@@ -1,1 +1,133 @@
+// API tests that run inside Postgres (`cargo pgrx test`). Each test runs in a
+// transaction that is rolled back; Kafka is not involved (see pg_test/ for
+// end-to-end tests against a broker).
 
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+
+/// Run `sql` in a subtransaction that is always rolled back; return the error
+/// it raised as (SQLSTATE, message, hint), or None if it succeeded.
+fn error_of(sql: &str) -> Option<(PgSqlErrorCode, String, Option<String>)> {
+    unsafe {
+        let context = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        let result = PgTryBuilder::new(|| {
+            Spi::run(sql).expect("SPI");
+            None
+        })
+        .catch_others(|e| match e {
+            CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => {
+                Some((r.sql_error_code(), r.message().to_string(), r.hint().map(str::to_string)))
+            }
+            CaughtError::RustPanic { ereport, .. } => Some((
+                ereport.sql_error_code(),
+                ereport.message().to_string(),
+                ereport.hint().map(str::to_string),
+            )),
+        })
+        .execute();
+        pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        pg_sys::MemoryContextSwitchTo(context);
+        pg_sys::CurrentResourceOwner = owner;
+        result
+    }
+}
+
+fn setup_orders() {
+    Spi::run(
+        "CREATE TABLE public.orders (id int PRIMARY KEY, status text);
+         SELECT outbox.create_topic('urn:orders',
+           '[{\"table\": \"public.orders\", \"interactions\": [\"create\", \"update\"],
+              \"criteria\": \"NEW.status = ''paid''\"}]', 'paid orders');
+         SELECT outbox.create_destination('orders-a', 'urn:orders', 'kafka-at-least-once',
+           '{\"kafkaTopic\": \"orders\", \"bootstrapServers\": \"127.0.0.1:9\"}');
+         SELECT outbox.create_destination('orders-b', 'urn:orders', 'kafka-at-least-once',
+           '{\"kafkaTopic\": \"orders\", \"bootstrapServers\": \"127.0.0.1:9\"}', 'id-only');",
+    )
+    .expect("setup");
+}
+
+fn count(sql: &str) -> i64 {
+    Spi::get_one::<i64>(sql).expect("SPI").unwrap_or(0)
+}
+
+#[pg_test]
+fn create_topic_attaches_one_trigger_per_interaction_with_the_criteria() {
+    setup_orders();
+    let defs = Spi::get_one::<String>(
+        "SELECT string_agg(pg_get_triggerdef(oid), E'\\n' ORDER BY tgname) FROM pg_trigger
+          WHERE tgrelid = 'public.orders'::regclass AND NOT tgisinternal",
+    )
+    .unwrap()
+    .unwrap();
+    assert!(defs.contains("AFTER INSERT ON public.orders FOR EACH ROW WHEN ((new.status = 'paid'::text))"), "{defs}");
+    assert!(defs.contains("AFTER UPDATE ON public.orders"), "{defs}");
+    assert!(!defs.contains("DELETE"), "{defs}");
+    assert!(defs.contains("EXECUTE FUNCTION outbox._capture('1', 'id')") || defs.contains("outbox._capture('"), "{defs}");
+}
+
+#[pg_test]
+fn a_change_writes_one_event_per_destination_with_content_as_configured() {
+    setup_orders();
+    Spi::run("INSERT INTO public.orders VALUES (1, 'new'), (2, 'paid')").unwrap();
+    assert_eq!(count("SELECT count(*) FROM outbox.event"), 2);
+    let (key, interaction) = Spi::get_two::<String, String>(
+        "SELECT key, interaction FROM outbox.event WHERE destination_id = 'orders-a'",
+    )
+    .unwrap();
+    assert_eq!(key.as_deref(), Some("2"));
+    assert_eq!(interaction.as_deref(), Some("create"));
+    let full = Spi::get_one::<pgrx::JsonB>("SELECT row_data FROM outbox.event WHERE destination_id = 'orders-a'")
+        .unwrap()
+        .unwrap();
+    assert_eq!(full.0, serde_json::json!({"id": 2, "status": "paid"}));
+    // id-only destinations do not store the row.
+    assert_eq!(count("SELECT count(*) FROM outbox.event WHERE destination_id = 'orders-b' AND row_data IS NULL"), 1);
+}
+
+#[pg_test]
+fn a_rolled_back_savepoint_leaves_no_event() {
+    setup_orders();
+    assert!(error_of("INSERT INTO public.orders VALUES (3, 'paid'); SELECT 1/0").is_some());
+    assert_eq!(count("SELECT count(*) FROM outbox.event"), 0);
+}
+
+#[pg_test]
+fn drop_destination_reports_the_events_it_discarded() {
+    setup_orders();
+    Spi::run("INSERT INTO public.orders SELECT g, 'paid' FROM generate_series(1, 7) g").unwrap();
+    assert_eq!(count("SELECT outbox.drop_destination('orders-a')"), 7);
+    assert_eq!(count("SELECT count(*) FROM outbox.event"), 7); // orders-b keeps its own
+}
+
+#[pg_test]
+fn user_errors_carry_sqlstate_message_and_hint() {
+    setup_orders();
+    use PgSqlErrorCode::*;
+    let p = r#"'{"kafkaTopic": "t", "bootstrapServers": "h:1"}'"#;
+    let cases = [
+        ("SELECT outbox.create_topic('urn:orders', '[{\"table\": \"public.orders\"}]')", ERRCODE_DUPLICATE_OBJECT, "topic \"urn:orders\" already exists"),
+        ("SELECT outbox.create_topic('urn:x', '[{\"table\": \"public.nope\"}]')", ERRCODE_UNDEFINED_TABLE, "table \"public.nope\" does not exist"),
+        ("SELECT outbox.create_topic('urn:x', '[{\"table\": \"public.orders\", \"criteria\": \"NEW.nope\"}]')", ERRCODE_INVALID_OBJECT_DEFINITION, "invalid criteria for table \"public.orders\""),
+        ("SELECT outbox.create_topic('urn:x', '[{\"table\": \"public.orders\", \"criteria\": \"(SELECT true)\"}]')", ERRCODE_INVALID_OBJECT_DEFINITION, "invalid criteria"),
+        (&format!("SELECT outbox.create_destination('orders-a', 'urn:orders', 'kafka-at-least-once', {p})"), ERRCODE_DUPLICATE_OBJECT, "destination \"orders-a\" already exists"),
+        (&format!("SELECT outbox.create_destination('x', 'urn:nope', 'kafka-at-least-once', {p})"), ERRCODE_UNDEFINED_OBJECT, "topic \"urn:nope\" does not exist"),
+        (&format!("SELECT outbox.create_destination('x', 'urn:orders', 'webhook', {p})"), ERRCODE_INVALID_PARAMETER_VALUE, "unknown destination kind \"webhook\""),
+        (&format!("SELECT outbox.create_destination('x', 'urn:orders', 'kafka-at-least-once', {p}, 'all')"), ERRCODE_INVALID_PARAMETER_VALUE, "unknown content \"all\""),
+        ("SELECT outbox.create_destination('x', 'urn:orders', 'kafka-at-least-once', '{\"kafkaTopic\": \"t\", \"bootstrapServers\": \"h:1\", \"acks\": 1}')", ERRCODE_INVALID_PARAMETER_VALUE, "unknown parameter \"acks\""),
+        ("SELECT outbox.create_destination('x', 'urn:orders', 'kafka-at-least-once', '{\"bootstrapServers\": \"h:1\"}')", ERRCODE_INVALID_PARAMETER_VALUE, "destination \"x\" needs parameter \"kafkaTopic\""),
+        ("SELECT outbox.drop_topic('urn:orders')", ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST, "topic \"urn:orders\" still has destinations"),
+        ("SELECT outbox.drop_topic('urn:nope')", ERRCODE_UNDEFINED_OBJECT, "topic \"urn:nope\" does not exist"),
+        ("SELECT outbox.drop_destination('nope')", ERRCODE_UNDEFINED_OBJECT, "destination \"nope\" does not exist"),
+    ];
+    for (sql, code, message) in cases {
+        let (got_code, got_message, hint) = error_of(sql).unwrap_or_else(|| panic!("no error from {sql}"));
+        assert_eq!(got_code, code, "{sql}: {got_message}");
+        assert!(got_message.starts_with(message), "{sql}: {got_message:?}");
+        assert!(hint.is_some_and(|h| !h.is_empty()), "{sql}: no hint");
+    }
+    // Nothing half-created by the failures above.
+    assert_eq!(count("SELECT count(*) FROM outbox.topic"), 1);
+    assert_eq!(count("SELECT count(*) FROM outbox.destination"), 2);
+}

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 const RELOAD_EVERY: Duration = Duration::from_secs(10);
 /// How long SIGTERM waits for in-flight deliveries.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
+/// How long past deliveryTimeoutMs a batch may stay unacknowledged.
+const STUCK_GRACE: Duration = Duration::from_millis(1000);
 /// A destination writes at most one error line to the server log this often.
 const LOG_EVERY: Duration = Duration::from_secs(30);
 
@@ -74,6 +76,8 @@ struct Destination {
     producer: Option<KafkaProducer>,
     epoch: u64,
     in_flight: HashSet<i64>,
+    /// When the batch in flight was produced.
+    produced_at: Instant,
     acked: Vec<i64>,
     failed: Vec<(i64, String)>,
     retry_at: Option<Instant>,
@@ -179,6 +183,7 @@ impl Worker {
         }
         self.maybe_reload();
         self.take_reports();
+        self.expire_stuck_batches();
         self.record_outcomes();
         self.claim_and_produce();
         for d in self.destinations.values() {
@@ -192,11 +197,16 @@ impl Worker {
         let now = Instant::now();
         let mut timeout = Duration::from_millis(config::POLL_INTERVAL_MS.get() as u64);
         for d in self.destinations.values() {
+            if !d.in_flight.is_empty() {
+                let limit = Duration::from_millis(d.params.delivery_timeout_ms as u64) + STUCK_GRACE;
+                timeout = timeout.min(limit.saturating_sub(d.produced_at.elapsed()) + Duration::from_millis(1));
+            }
             if let Some(t) = d.retry_at {
                 timeout = timeout.min(t.saturating_duration_since(now) + Duration::from_millis(1));
             }
         }
-        let events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_POSTMASTER_DEATH | pg_sys::WL_SOCKET_READABLE;
+        let events =
+            pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_POSTMASTER_DEATH | pg_sys::WL_SOCKET_READABLE;
         let rc = unsafe {
             pg_sys::WaitLatchOrSocket(
                 pg_sys::MyLatch,
@@ -259,7 +269,10 @@ impl Worker {
         }
         for row in rows {
             if let Some(d) = self.destinations.get(&row.id) {
-                if d.parameters_text == row.parameters && d.topic_url == row.topic_url && d.content == Content::parse(&row.content) {
+                if d.parameters_text == row.parameters
+                    && d.topic_url == row.topic_url
+                    && d.content == Content::parse(&row.content)
+                {
                     continue;
                 }
                 // Changed: rebuild. What was in flight stays in the outbox and is sent again.
@@ -295,6 +308,7 @@ impl Worker {
                     producer: None,
                     epoch: 0,
                     in_flight: HashSet::new(),
+                    produced_at: Instant::now(),
                     acked: Vec::new(),
                     failed: Vec::new(),
                     retry_at: None,
@@ -315,7 +329,9 @@ impl Worker {
         let reports: Vec<Report> = self.rx.try_iter().collect();
         for report in reports {
             let epoch = match &report {
-                Report::Delivered { epoch, .. } | Report::Failed { epoch, .. } | Report::ClientError { epoch, .. } => *epoch,
+                Report::Delivered { epoch, .. } | Report::Failed { epoch, .. } | Report::ClientError { epoch, .. } => {
+                    *epoch
+                }
             };
             // Reports from a producer we already replaced are stale.
             let Some(d) = self.destinations.values_mut().find(|d| d.epoch == epoch && d.producer.is_some()) else {
@@ -343,6 +359,23 @@ impl Worker {
                     }
                 }
             }
+        }
+    }
+
+    /// A batch still unacknowledged well past the delivery timeout (librdkafka
+    /// does not always expire messages while no broker is reachable): count it
+    /// as failed and start over with a new producer. The events stay in the
+    /// outbox and are sent again.
+    fn expire_stuck_batches(&mut self) {
+        for d in self.destinations.values_mut() {
+            let limit = Duration::from_millis(d.params.delivery_timeout_ms as u64) + STUCK_GRACE;
+            if d.in_flight.is_empty() || d.produced_at.elapsed() < limit {
+                continue;
+            }
+            let error = format!("no acknowledgement within deliveryTimeoutMs ({} ms)", d.params.delivery_timeout_ms);
+            let expired: Vec<i64> = d.in_flight.drain().collect();
+            d.failed.extend(expired.into_iter().map(|id| (id, error.clone())));
+            d.producer = None;
         }
     }
 
@@ -417,6 +450,7 @@ impl Worker {
                     }
                 }
             }
+            d.produced_at = Instant::now();
             let target = Target { destination_id: &d.id, topic_url: &d.topic_url, content: d.content };
             let producer = d.producer.as_ref().expect("created above");
             let mut refused: Option<(i64, String)> = None;

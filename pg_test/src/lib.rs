@@ -1,0 +1,406 @@
+//! Test harness: a throwaway Postgres cluster with pg_outbox preloaded and a
+//! tansu broker, both on loopback, plus a Kafka consumer that reads a topic
+//! from the beginning. Used by the end-to-end tests and the demo.
+//!
+//! Everything lives under `$PG_OUTBOX_TEST_ROOT` (default `/tmp/pg_outbox/test`:
+//! the `postgres` user must be able to reach it, which a checkout under /root
+//! would not allow); scripts/test.sh stops whatever is left there at the end.
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// Where clusters, broker logs and pid files go.
+pub fn root() -> PathBuf {
+    let dir = std::env::var("PG_OUTBOX_TEST_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from("/tmp/pg_outbox/test"));
+    std::fs::create_dir_all(&dir).expect("create test root");
+    dir
+}
+
+/// A free TCP port on loopback (the OS picks; races are unlikely in tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// A name unique in this test run, for tables, topics and destinations.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}_{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst))
+}
+
+/// Wait until `f` returns Some, or panic after `timeout` with `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn run(cmd: &mut Command) -> std::process::Output {
+    cmd.output().unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"))
+}
+
+/// Run a command as the `postgres` OS user (Postgres refuses root).
+fn as_postgres(program: &str) -> Command {
+    let mut c = Command::new("sudo");
+    c.args(["-n", "-u", "postgres", program]);
+    c
+}
+
+/// A Postgres error as psql reports it with VERBOSITY verbose.
+#[derive(Debug, Clone)]
+pub struct SqlError {
+    pub sqlstate: String,
+    pub message: String,
+    pub hint: Option<String>,
+    pub raw: String,
+}
+
+/// A throwaway cluster with pg_outbox in shared_preload_libraries.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+impl Cluster {
+    /// initdb and start a cluster; `extra_conf` lines go into postgresql.conf.
+    pub fn start(name: &str, extra_conf: &[&str]) -> Cluster {
+        let dir = root().join(name);
+        if dir.exists() {
+            let _ = run(as_postgres(&format!("{PG_BIN}/pg_ctl")).args([
+                "-D",
+                dir.join("data").to_str().unwrap(),
+                "-m",
+                "immediate",
+                "stop",
+            ]));
+            std::fs::remove_dir_all(&dir).expect("remove old cluster dir");
+        }
+        std::fs::create_dir_all(&dir).unwrap();
+        run(Command::new("chown").args(["-R", "postgres", dir.to_str().unwrap()]));
+        let data = dir.join("data");
+        let out = run(as_postgres(&format!("{PG_BIN}/initdb")).args([
+            "-D",
+            data.to_str().unwrap(),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+        ]));
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let port = free_port();
+        let mut conf = format!(
+            "shared_preload_libraries = 'pg_outbox'\nport = {port}\nlisten_addresses = '127.0.0.1'\n\
+             unix_socket_directories = '{}'\nfsync = off\nlog_min_messages = log\n\
+             outbox.poll_interval = 1000\nmax_connections = 50\n",
+            dir.display()
+        );
+        for line in extra_conf {
+            conf.push_str(line);
+            conf.push('\n');
+        }
+        let conf_path = data.join("postgresql.conf");
+        let mut all = std::fs::read_to_string(&conf_path).unwrap();
+        all.push_str(&conf);
+        std::fs::write(&conf_path, all).unwrap();
+        let c = Cluster { dir, port };
+        c.pg_ctl_start();
+        c
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("postgres.log")
+    }
+
+    pub fn pg_ctl_start(&self) {
+        let out = run(as_postgres(&format!("{PG_BIN}/pg_ctl")).args([
+            "-D",
+            self.data().to_str().unwrap(),
+            "-l",
+            self.log_path().to_str().unwrap(),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        ]));
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            std::fs::read_to_string(self.log_path()).unwrap_or_default()
+        );
+    }
+
+    pub fn stop(&self, mode: &str) {
+        let _ = run(as_postgres(&format!("{PG_BIN}/pg_ctl")).args([
+            "-D",
+            self.data().to_str().unwrap(),
+            "-m",
+            mode,
+            "-w",
+            "stop",
+        ]));
+    }
+
+    /// PID of the postmaster.
+    pub fn postmaster_pid(&self) -> i32 {
+        let s = std::fs::read_to_string(self.data().join("postmaster.pid")).expect("postmaster.pid");
+        s.lines().next().unwrap().trim().parse().unwrap()
+    }
+
+    fn psql_cmd(&self, db: &str) -> Command {
+        let mut c = Command::new(format!("{PG_BIN}/psql"));
+        c.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose", "-h"])
+            .arg(&self.dir)
+            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", db]);
+        c
+    }
+
+    /// Run SQL in database `db`; Ok(stdout) or the error psql printed.
+    pub fn try_sql_in(&self, db: &str, sql: &str) -> Result<String, SqlError> {
+        let out = run(self.psql_cmd(db).args(["-c", sql]));
+        if out.status.success() {
+            return Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string());
+        }
+        let raw = String::from_utf8_lossy(&out.stderr).to_string();
+        Err(parse_error(&raw))
+    }
+
+    pub fn try_sql(&self, sql: &str) -> Result<String, SqlError> {
+        self.try_sql_in("postgres", sql)
+    }
+
+    /// Run SQL that must succeed.
+    pub fn sql(&self, sql: &str) -> String {
+        self.try_sql(sql).unwrap_or_else(|e| panic!("SQL failed: {sql}\n{}", e.raw))
+    }
+
+    /// Run SQL that must fail; returns the error.
+    pub fn sql_err(&self, sql: &str) -> SqlError {
+        match self.try_sql(sql) {
+            Ok(out) => panic!("SQL should have failed but returned {out:?}: {sql}"),
+            Err(e) => e,
+        }
+    }
+
+    pub fn count(&self, sql: &str) -> i64 {
+        self.sql(sql).trim().parse().unwrap_or_else(|_| panic!("not a number from {sql}"))
+    }
+
+    /// The jsonb row of outbox.destination_status for `id`.
+    pub fn status_row(&self, id: &str) -> serde_json::Value {
+        let s = self.sql(&format!("SELECT to_jsonb(s) FROM outbox.destination_status s WHERE id = '{id}'"));
+        serde_json::from_str(&s).unwrap_or_else(|e| panic!("bad status row {s:?}: {e}"))
+    }
+
+    /// Wait until the server accepts queries again (after a crash restart).
+    pub fn sql_wait_ready(&self) {
+        std::thread::sleep(Duration::from_millis(500));
+        wait_for("the server to accept queries", Duration::from_secs(60), || self.try_sql("SELECT 1").ok());
+    }
+
+    /// PID of the pg_outbox worker, if it runs.
+    pub fn worker_pid(&self) -> Option<i32> {
+        self.try_sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_outbox'")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.data().join("postmaster.pid").exists() {
+            self.stop("immediate");
+        }
+    }
+}
+
+fn parse_error(raw: &str) -> SqlError {
+    let mut sqlstate = String::new();
+    let mut message = String::new();
+    let mut hint = None;
+    for line in raw.lines() {
+        if let Some(rest) = line.strip_prefix("ERROR:  ") {
+            if let Some((code, msg)) = rest.split_once(": ") {
+                sqlstate = code.to_string();
+                message = msg.to_string();
+            }
+        } else if let Some(h) = line.strip_prefix("HINT:  ") {
+            hint = Some(h.to_string());
+        }
+    }
+    SqlError { sqlstate, message, hint, raw: raw.to_string() }
+}
+
+/// The tansu broker on a loopback port (memory storage).
+pub struct Broker {
+    pub port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+pub fn tansu_bin() -> String {
+    std::env::var("TANSU").unwrap_or_else(|_| {
+        let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+        format!("{home}/.cargo/bin/tansu")
+    })
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let port = free_port();
+        let mut b = Broker { port, child: None, log: root().join(format!("tansu-{port}.log")) };
+        b.resume();
+        b
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Start (again) on the same port.
+    pub fn resume(&mut self) {
+        assert!(self.child.is_none(), "broker already running");
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::File::create(&self.log).expect("broker log");
+        let child = Command::new(tansu_bin())
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("could not start tansu ({}): {e}", tansu_bin()));
+        std::fs::write(root().join(format!("tansu-{}.pid", self.port)), child.id().to_string()).unwrap();
+        self.child = Some(child);
+        let addr = format!("127.0.0.1:{}", self.port);
+        wait_for("the broker to listen", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(&addr).ok().map(|_| ())
+        });
+    }
+
+    /// Kill the broker (an outage).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: u32) {
+        let out = run(Command::new(tansu_bin()).args([
+            "topic",
+            "create",
+            name,
+            "--partitions",
+            &partitions.to_string(),
+            "--broker",
+            &format!("tcp://127.0.0.1:{}", self.port),
+        ]));
+        assert!(
+            out.status.success(),
+            "creating topic {name} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One message as consumed.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub payload: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.payload).unwrap_or_else(|e| panic!("payload is not JSON ({e}): {}", self.payload))
+    }
+}
+
+/// Read every partition of `topic` from the beginning until `quiet` passes with
+/// no new message (after at least `min` messages, or until `timeout`).
+pub fn consume(bootstrap: &str, topic: &str, min: usize, timeout: Duration, quiet: Duration) -> Vec<Received> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "pg_outbox_test")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("log_level", "3")
+        .create()
+        .expect("consumer");
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    let partitions = md.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+    assert!(partitions > 0, "topic {topic} has no partitions");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions as i32 {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).expect("assign");
+    let deadline = Instant::now() + timeout;
+    let mut last_new = Instant::now();
+    let mut out = Vec::new();
+    while Instant::now() < deadline {
+        if out.len() >= min && last_new.elapsed() >= quiet {
+            break;
+        }
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|x| {
+                            (
+                                x.key.to_string(),
+                                x.value.map(|v| String::from_utf8_lossy(v).to_string()).unwrap_or_default(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(Received {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(|k| String::from_utf8_lossy(k).to_string()),
+                payload: m.payload().map(|p| String::from_utf8_lossy(p).to_string()).unwrap_or_default(),
+                headers,
+            });
+            last_new = Instant::now();
+        }
+    }
+    out
+}

@@ -1,0 +1,337 @@
+//! End to end: a real Postgres with pg_outbox preloaded, a real tansu broker
+//! over TCP, and assertions on what arrived in Kafka and what stayed in Postgres.
+//! Tests share one cluster and broker and use their own tables and topics.
+
+use pg_outbox_test::{consume, unique, wait_for, Broker, Cluster, Received};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+struct Env {
+    pg: Cluster,
+    broker: Broker,
+}
+
+fn env() -> &'static Env {
+    static ENV: OnceLock<Env> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let broker = Broker::start();
+        let pg = Cluster::start("e2e", &[]);
+        pg.sql("CREATE EXTENSION pg_outbox");
+        Env { pg, broker }
+    })
+}
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A table, a topic over it, a Kafka topic and a destination.
+struct Setup {
+    table: String,
+    url: String,
+    dest: String,
+    kafka_topic: String,
+}
+
+fn setup(columns: &str, entry_extra: &str, content: &str) -> Setup {
+    let e = env();
+    let table = unique("t");
+    let url = format!("http://example.org/topics/{table}");
+    let dest = unique("d").replace('_', "-");
+    let kafka_topic = unique("k");
+    e.broker.create_topic(&kafka_topic, 3);
+    e.pg.sql(&format!("CREATE TABLE public.{table} ({columns})"));
+    e.pg.sql(&format!("SELECT outbox.create_topic('{url}', '[{{\"table\": \"public.{table}\"{entry_extra}}}]')"));
+    e.pg.sql(&format!(
+        "SELECT outbox.create_destination('{dest}', '{url}', 'kafka-at-least-once', \
+         '{{\"kafkaTopic\": \"{kafka_topic}\", \"bootstrapServers\": \"{}\"}}', '{content}')",
+        e.broker.bootstrap()
+    ));
+    Setup { table, url, dest, kafka_topic }
+}
+
+fn received(s: &Setup, n: usize) -> Vec<Received> {
+    let mut msgs = consume(&env().broker.bootstrap(), &s.kafka_topic, n, WAIT, Duration::from_millis(700));
+    msgs.sort_by_key(|m| m.header("event-number").and_then(|v| v.parse::<i64>().ok()).unwrap_or(0));
+    msgs
+}
+
+fn wait_drained(dest: &str) {
+    let pg = &env().pg;
+    wait_for("the outbox to drain", WAIT, || {
+        (pg.count(&format!("SELECT count(*) FROM outbox.event WHERE destination_id = '{dest}'")) == 0).then_some(())
+    });
+}
+
+/// Rebuild the documented Bundle from the values only the server knows
+/// (timestamp, event number) and compare byte for byte.
+fn expected_bundle(s: &Setup, m: &Received, reference: &str, second: Option<String>) -> String {
+    let v = m.json();
+    let ts = v["timestamp"].as_str().expect("timestamp");
+    let n = v["entry"][0]["resource"]["notificationEvent"][0]["eventNumber"].as_i64().expect("eventNumber");
+    let mut out = format!(
+        r#"{{"resourceType":"Bundle","type":"history","timestamp":"{ts}","entry":[{{"resource":{{"resourceType":"AidboxSubscriptionStatus","status":"active","type":"event-notification","notificationEvent":[{{"eventNumber":{n},"focus":{{"reference":"{reference}"}}}}],"topic":"{}","topic-destination":{{"reference":"AidboxTopicDestination/{}"}}}}}}"#,
+        s.url, s.dest
+    );
+    if let Some(second) = second {
+        out.push(',');
+        out.push_str(&second);
+    }
+    out.push_str("]}");
+    out
+}
+
+#[test]
+fn create_update_delete_arrive_as_documented_bundles_keyed_by_primary_key() {
+    let s = setup("id int PRIMARY KEY, status text", "", "full-resource");
+    let pg = &env().pg;
+    pg.sql(&format!("INSERT INTO {} VALUES (17, 'draft')", s.table));
+    pg.sql(&format!("UPDATE {} SET status = 'completed' WHERE id = 17", s.table));
+    pg.sql(&format!("DELETE FROM {} WHERE id = 17", s.table));
+    let msgs = received(&s, 3);
+    assert_eq!(msgs.len(), 3, "{msgs:#?}");
+    let t = &s.table;
+    let cases = [
+        (
+            "create",
+            format!(r#"{{"resource":{{"id": 17, "status": "draft"}},"request":{{"method":"POST","url":"/{t}"}}}}"#),
+        ),
+        (
+            "update",
+            format!(
+                r#"{{"resource":{{"id": 17, "status": "completed"}},"request":{{"method":"PUT","url":"/{t}/17"}}}}"#
+            ),
+        ),
+        (
+            "delete",
+            format!(
+                r#"{{"resource":{{"id": 17, "status": "completed"}},"request":{{"method":"DELETE","url":"/{t}/17"}}}}"#
+            ),
+        ),
+    ];
+    let mut numbers = Vec::new();
+    for (m, (interaction, second)) in msgs.iter().zip(cases) {
+        assert_eq!(m.key.as_deref(), Some("17"));
+        assert_eq!(m.payload, expected_bundle(&s, m, &format!("{t}/17"), Some(second)));
+        assert_eq!(m.header("interaction"), Some(interaction));
+        assert_eq!(m.header("topic-url"), Some(s.url.as_str()));
+        assert_eq!(m.header("destination-id"), Some(s.dest.as_str()));
+        assert_eq!(m.header("source-table"), Some(format!("public.{t}").as_str()));
+        let n: i64 = m.header("event-number").unwrap().parse().unwrap();
+        assert_eq!(m.json()["entry"][0]["resource"]["notificationEvent"][0]["eventNumber"].as_i64(), Some(n));
+        let ts = m.json()["timestamp"].as_str().unwrap().to_string();
+        assert!(ts.len() == 24 && ts.ends_with('Z') && ts.as_bytes()[10] == b'T', "timestamp {ts}");
+        numbers.push(n);
+    }
+    // Same key: same partition, in commit order.
+    assert!(msgs.iter().all(|m| m.partition == msgs[0].partition));
+    assert!(numbers.windows(2).all(|w| w[0] < w[1]));
+    assert!(msgs.windows(2).all(|w| w[0].offset < w[1].offset));
+    wait_drained(&s.dest);
+}
+
+#[test]
+fn criteria_filter_rows_and_interactions_filter_operations() {
+    let s = setup(
+        "id int PRIMARY KEY, status text",
+        r#", "interactions": ["create", "update"], "criteria": "NEW.status IN (''completed'', ''amended'')""#,
+        "id-only",
+    );
+    let pg = &env().pg;
+    pg.sql(&format!(
+        "INSERT INTO {t} VALUES (1, 'draft'), (2, 'completed'), (3, 'amended'), (4, 'in-progress'); \
+         UPDATE {t} SET status = 'completed' WHERE id = 1; \
+         UPDATE {t} SET status = 'draft' WHERE id = 2; \
+         DELETE FROM {t} WHERE id = 3",
+        t = s.table
+    ));
+    let msgs = received(&s, 3);
+    let got: Vec<(String, String)> =
+        msgs.iter().map(|m| (m.key.clone().unwrap(), m.header("interaction").unwrap().to_string())).collect();
+    assert_eq!(got, vec![("2".into(), "create".into()), ("3".into(), "create".into()), ("1".into(), "update".into())]);
+    wait_drained(&s.dest);
+}
+
+#[test]
+fn rollback_and_rolled_back_savepoint_send_nothing() {
+    let s = setup("id int PRIMARY KEY", "", "empty");
+    let pg = &env().pg;
+    let t = &s.table;
+    pg.sql(&format!("BEGIN; INSERT INTO {t} VALUES (1); ROLLBACK;"));
+    pg.sql(&format!(
+        "BEGIN; INSERT INTO {t} VALUES (2); SAVEPOINT a; INSERT INTO {t} VALUES (3); \
+         ROLLBACK TO SAVEPOINT a; INSERT INTO {t} VALUES (4); COMMIT;"
+    ));
+    let _ = pg.try_sql(&format!("BEGIN; INSERT INTO {t} VALUES (5); INSERT INTO {t} VALUES (5); COMMIT;"));
+    let msgs = received(&s, 2);
+    let keys: Vec<&str> = msgs.iter().map(|m| m.key.as_deref().unwrap()).collect();
+    assert_eq!(keys, vec!["2", "4"]);
+    // content "empty": only the notification entry.
+    for m in &msgs {
+        assert_eq!(m.payload, expected_bundle(&s, m, &format!("{t}/{}", m.key.as_deref().unwrap()), None));
+    }
+    wait_drained(&s.dest);
+}
+
+#[test]
+fn two_destinations_on_one_topic_each_receive_every_event() {
+    let s = setup("id int PRIMARY KEY, v text", "", "full-resource");
+    let e = env();
+    let second_topic = unique("k2");
+    e.broker.create_topic(&second_topic, 1);
+    let second_dest = unique("d2").replace('_', "-");
+    e.pg.sql(&format!(
+        "SELECT outbox.create_destination('{second_dest}', '{}', 'kafka-at-least-once', \
+         '{{\"kafkaTopic\": \"{second_topic}\", \"bootstrapServers\": \"{}\"}}', 'id-only')",
+        s.url,
+        e.broker.bootstrap()
+    ));
+    e.pg.sql(&format!("INSERT INTO {} SELECT g, 'x' || g FROM generate_series(1, 10) g", s.table));
+    let a = received(&s, 10);
+    let b = consume(&e.broker.bootstrap(), &second_topic, 10, WAIT, Duration::from_millis(700));
+    assert_eq!(a.len(), 10);
+    assert_eq!(b.len(), 10);
+    for m in &b {
+        assert_eq!(m.header("destination-id"), Some(second_dest.as_str()));
+        let second = &m.json()["entry"][1];
+        assert_eq!(second["fullUrl"], format!("{}/{}", s.table, m.key.as_deref().unwrap()));
+        assert!(second.get("resource").is_none(), "id-only carries no resource: {second}");
+    }
+    wait_drained(&s.dest);
+    wait_drained(&second_dest);
+}
+
+#[test]
+fn table_without_primary_key_gets_null_key_and_composite_key_is_a_json_array() {
+    let e = env();
+    let s = setup("a int, b text", "", "full-resource");
+    e.pg.sql(&format!("INSERT INTO {} VALUES (1, 'x')", s.table));
+    let msgs = received(&s, 1);
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].key, None);
+    assert_eq!(msgs[0].json()["entry"][0]["resource"]["notificationEvent"][0]["focus"]["reference"], s.table.as_str());
+
+    let c = setup("a int, b text, PRIMARY KEY (b, a)", "", "id-only");
+    e.pg.sql(&format!("INSERT INTO {} VALUES (7, 'x')", c.table));
+    let msgs = received(&c, 1);
+    assert_eq!(msgs[0].key.as_deref(), Some(r#"["x", 7]"#));
+}
+
+#[test]
+fn status_counts_deliveries_and_empties_the_queue() {
+    let s = setup("id int PRIMARY KEY", "", "empty");
+    let pg = &env().pg;
+    pg.sql(&format!("INSERT INTO {} SELECT generate_series(1, 250)", s.table));
+    assert_eq!(received(&s, 250).len(), 250);
+    wait_drained(&s.dest);
+    let row = wait_for("delivered = 250", WAIT, || {
+        let r = pg.status_row(&s.dest);
+        (r["messages_delivered"] == 250).then_some(r)
+    });
+    assert_eq!(row["status"], "active");
+    assert_eq!(row["messages_queued"], 0);
+    assert_eq!(row["messages_in_process"], 0);
+    assert_eq!(row["messages_delivery_attempts"], 0);
+    assert_eq!(row["topic"], s.url.as_str());
+    let status: serde_json::Value =
+        serde_json::from_str(&pg.sql(&format!("SELECT outbox.status('{}')", s.dest))).unwrap();
+    assert_eq!(status["resourceType"], "Parameters");
+    let names: Vec<&str> =
+        status["parameter"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "startTimestamp",
+            "status",
+            "messagesDelivered",
+            "messagesDeliveryAttempts",
+            "messagesInProcess",
+            "messagesQueued"
+        ]
+    );
+    assert_eq!(status["parameter"][2]["valueDecimal"], 250);
+    assert_eq!(status["parameter"][1]["valueString"], "active");
+}
+
+#[test]
+fn drop_topic_removes_its_triggers_and_refuses_while_destinations_exist() {
+    let s = setup("id int PRIMARY KEY", "", "empty");
+    let pg = &env().pg;
+    let triggers = format!("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.{}'::regclass", s.table);
+    assert_eq!(pg.count(&triggers), 3);
+    let err = pg.sql_err(&format!("SELECT outbox.drop_topic('{}')", s.url));
+    assert_eq!(err.sqlstate, "2BP01");
+    assert!(err.hint.unwrap().contains("cascade => true"));
+    // cascade drops the destinations too; nothing is captured afterwards.
+    pg.sql(&format!("SELECT outbox.drop_topic('{}', cascade => true)", s.url));
+    assert_eq!(pg.count(&triggers), 0);
+    assert_eq!(pg.count(&format!("SELECT count(*) FROM outbox.destination WHERE id = '{}'", s.dest)), 0);
+    assert_eq!(pg.count(&format!("SELECT count(*) FROM outbox.topic WHERE url = '{}'", s.url)), 0);
+    pg.sql(&format!("INSERT INTO {} VALUES (1)", s.table));
+    assert_eq!(pg.count(&format!("SELECT count(*) FROM outbox.event WHERE table_name = 'public.{}'", s.table)), 0);
+}
+
+/// Every user mistake: SQLSTATE, message naming the object, hint; nothing left behind.
+#[test]
+fn api_errors_have_sqlstate_message_and_hint_and_leave_nothing_behind() {
+    let e = env();
+    let pg = &e.pg;
+    let t = unique("err").replace('_', "x");
+    pg.sql(&format!("CREATE TABLE public.{t} (id int PRIMARY KEY, status text)"));
+    pg.sql(&format!("SELECT outbox.create_topic('u:{t}', '[{{\"table\": \"public.{t}\"}}]')"));
+    let b = e.broker.bootstrap();
+    let ok_params = format!(r#"{{"kafkaTopic": "x", "bootstrapServers": "{b}"}}"#);
+    let cases: Vec<(String, &str, &str)> = vec![
+        (format!("SELECT outbox.create_topic('u:{t}', '[{{\"table\": \"public.{t}\"}}]')"), "42710", "already exists"),
+        ("SELECT outbox.create_topic('', '[]')".into(), "22023", "must not be empty"),
+        (format!("SELECT outbox.create_topic('u2:{t}', '[]')"), "22023", "non-empty JSON array"),
+        (format!("SELECT outbox.create_topic('u2:{t}', '[{{\"table\": \"public.nope_{t}\"}}]')"), "42P01", "does not exist"),
+        (format!("SELECT outbox.create_topic('u2:{t}', '[{{\"table\": \"public.{t}\", \"interactions\": [\"upsert\"]}}]')"), "22023", "unknown interaction \"upsert\""),
+        (format!("SELECT outbox.create_topic('u2:{t}', '[{{\"table\": \"public.{t}\", \"colour\": 1}}]')"), "22023", "unknown key \"colour\""),
+        (format!("SELECT outbox.create_topic('u2:{t}', '[{{\"table\": \"public.{t}\", \"criteria\": \"NEW.nope = 1\"}}]')"), "42P17", "invalid criteria"),
+        (format!("SELECT outbox.create_topic('u2:{t}', '[{{\"table\": \"public.{t}\", \"criteria\": \"OLD.status = 1\"}}]')"), "42P17", "invalid criteria"),
+        (format!("SELECT outbox.create_topic('u2:{t}', '[{{\"table\": \"public.{t}\", \"criteria\": \"NEW.id\"}}]')"), "42P17", "invalid criteria"),
+        (format!("SELECT outbox.create_topic('u2:{t}', '[{{\"table\": \"public.{t}\", \"interactions\": [\"update\"], \"criteria\": \"true) EXECUTE FUNCTION pg_catalog.now(\"}}]')"), "42P17", "invalid criteria"),
+        (format!("SELECT outbox.create_topic('u2:{t}', '[{{\"table\": \"public.{t}\"}}, {{\"table\": \"public.{t}\"}}]')"), "22023", "appears twice"),
+        (format!("SELECT outbox.create_destination('d-{t}', 'nope', 'kafka-at-least-once', '{ok_params}')"), "42704", "topic \"nope\" does not exist"),
+        (format!("SELECT outbox.create_destination('d-{t}', 'u:{t}', 'kafka-sometimes', '{ok_params}')"), "22023", "unknown destination kind"),
+        (format!("SELECT outbox.create_destination('d-{t}', 'u:{t}', 'kafka-at-least-once', '{ok_params}', 'everything')"), "22023", "unknown content"),
+        (format!("SELECT outbox.create_destination('bad id!', 'u:{t}', 'kafka-at-least-once', '{ok_params}')"), "22023", "invalid destination id"),
+        (format!("SELECT outbox.create_destination('d-{t}', 'u:{t}', 'kafka-at-least-once', '{{\"bootstrapServers\": \"{b}\"}}')"), "22023", "needs parameter \"kafkaTopic\""),
+        (format!("SELECT outbox.create_destination('d-{t}', 'u:{t}', 'kafka-at-least-once', '{{\"kafkaTopic\": \"x\"}}')"), "22023", "needs parameter \"bootstrapServers\""),
+        (format!("SELECT outbox.create_destination('d-{t}', 'u:{t}', 'kafka-at-least-once', '{{\"kafkaTopic\": \"x\", \"bootstrapServers\": \"{b}\", \"lingerMs\": 5}}')"), "22023", "unknown parameter \"lingerMs\""),
+        (format!("SELECT outbox.create_destination('d-{t}', 'u:{t}', 'kafka-at-least-once', '{{\"kafkaTopic\": 7, \"bootstrapServers\": \"{b}\"}}')"), "22023", "must be a string"),
+        (format!("SELECT outbox.create_destination('d-{t}', 'u:{t}', 'kafka-at-least-once', '{{\"kafkaTopic\": \"x\", \"bootstrapServers\": \"{b}\", \"batchSize\": \"many\"}}')"), "22023", "must be an integer"),
+        (format!("SELECT outbox.create_destination('d-{t}', 'u:{t}', 'kafka-at-least-once', '{{\"kafkaTopic\": \"a b\", \"bootstrapServers\": \"{b}\"}}')"), "22023", "invalid Kafka topic name"),
+        (format!("SELECT outbox.create_destination('d-{t}', 'u:{t}', 'kafka-at-least-once', '{{\"kafkaTopic\": \"x\", \"bootstrapServers\": \"nohostport\"}}')"), "22023", "invalid bootstrapServers"),
+        (format!("SELECT outbox.create_destination('d-{t}', 'u:{t}', 'kafka-at-least-once', '{{\"kafkaTopic\": \"x\", \"bootstrapServers\": \"{b}\", \"saslJaasConfig\": \"x\"}}')"), "0A000", "not supported"),
+        ("SELECT outbox.drop_destination('no-such-destination')".into(), "42704", "destination \"no-such-destination\" does not exist"),
+        ("SELECT outbox.drop_topic('no-such-topic')".into(), "42704", "topic \"no-such-topic\" does not exist"),
+        ("SELECT outbox.status('no-such-destination')".into(), "42704", "does not exist"),
+    ];
+    for (sql, code, fragment) in &cases {
+        let err = pg.sql_err(sql);
+        assert_eq!(&err.sqlstate, code, "{sql}\n{}", err.raw);
+        assert!(err.message.contains(fragment), "{sql}: message {:?} lacks {fragment:?}", err.message);
+        assert!(err.hint.as_deref().is_some_and(|h| h.len() > 10), "{sql}: no hint\n{}", err.raw);
+    }
+    // Nothing half-created: only the first topic's three triggers, no second topic, no destination.
+    assert_eq!(pg.count(&format!("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.{t}'::regclass")), 3);
+    assert_eq!(pg.count(&format!("SELECT count(*) FROM outbox.topic WHERE url = 'u2:{t}'")), 0);
+    assert_eq!(pg.count(&format!("SELECT count(*) FROM outbox.destination WHERE id = 'd-{t}'")), 0);
+
+    // A wrong criteria on create with OLD gets a hint about interactions.
+    let err = pg.sql_err(&format!(
+        "SELECT outbox.create_topic('u3:{t}', '[{{\"table\": \"public.{t}\", \"criteria\": \"OLD.status <> NEW.status\"}}]')"
+    ));
+    assert!(err.hint.unwrap().contains("interactions"), "{}", err.raw);
+}
+
+#[test]
+fn create_extension_is_refused_outside_the_served_database() {
+    let pg = &env().pg;
+    let db = unique("otherdb");
+    pg.sql(&format!("CREATE DATABASE {db}"));
+    let err = pg.try_sql_in(&db, "CREATE EXTENSION pg_outbox").expect_err("must be refused");
+    assert_eq!(err.sqlstate, "55000", "{}", err.raw);
+    assert!(err.message.contains("can only be created in database \"postgres\""), "{}", err.raw);
+    assert!(err.hint.unwrap().contains("outbox.database"));
+}

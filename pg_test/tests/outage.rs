@@ -1,0 +1,136 @@
+//! Faults with their own cluster and broker: a broker outage, a worker crash,
+//! DROP EXTENSION, and CREATE EXTENSION without preloading.
+
+use pg_outbox_test::{consume, unique, wait_for, Broker, Cluster};
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn keys(bootstrap: &str, topic: &str, min: usize) -> BTreeSet<i64> {
+    consume(bootstrap, topic, min, WAIT, Duration::from_millis(1000))
+        .iter()
+        .map(|m| m.key.as_deref().unwrap().parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn broker_outage_keeps_events_queued_reports_errors_and_delivers_all_after() {
+    let mut broker = Broker::start();
+    let pg = Cluster::start(&unique("outage"), &["outbox.retry_max = 2000"]);
+    pg.sql("CREATE EXTENSION pg_outbox");
+    broker.create_topic("orders", 2);
+    pg.sql("CREATE TABLE orders (id int PRIMARY KEY, note text)");
+    pg.sql("SELECT outbox.create_topic('urn:orders', '[{\"table\": \"orders\"}]')");
+    pg.sql(&format!(
+        "SELECT outbox.create_destination('orders-kafka', 'urn:orders', 'kafka-at-least-once', \
+         '{{\"kafkaTopic\": \"orders\", \"bootstrapServers\": \"{}\", \"deliveryTimeoutMs\": 5000}}')",
+        broker.bootstrap()
+    ));
+    pg.sql("INSERT INTO orders SELECT g, 'before' FROM generate_series(1, 20) g");
+    assert_eq!(keys(&broker.bootstrap(), "orders", 20), (1..=20).collect());
+    wait_for("the first 20 acknowledged", WAIT, || (pg.count("SELECT count(*) FROM outbox.event") == 0).then_some(()));
+
+    broker.stop();
+    // Writers are not blocked while the broker is down.
+    let started = Instant::now();
+    for g in 21..=60 {
+        pg.sql(&format!("INSERT INTO orders VALUES ({g}, 'during')"));
+    }
+    let write_time = started.elapsed();
+    let row = wait_for("an error in status while the broker is down", WAIT, || {
+        let r = pg.status_row("orders-kafka");
+        (r["last_errors"].as_array().is_some_and(|a| !a.is_empty()) && r["messages_queued"] == 40).then_some(r)
+    });
+    assert_eq!(row["status"], "error", "{row}");
+    // Held long enough for the delivery timeout (5 s) to expire: the events are
+    // retried from the outbox, never dropped.
+    std::thread::sleep(Duration::from_secs(7));
+    let row = pg.status_row("orders-kafka");
+    assert_eq!(row["messages_queued"], 40, "{row}");
+    assert!(row["messages_delivery_attempts"].as_i64().unwrap() >= 1, "{row}");
+    let status = pg.sql("SELECT outbox.status('orders-kafka')");
+    assert!(status.contains("lastErrorDetail"), "{status}");
+
+    // tansu keeps topics in memory: a restarted broker starts empty.
+    broker.resume();
+    broker.create_topic("orders", 2);
+    let got = keys(&broker.bootstrap(), "orders", 40);
+    let want: BTreeSet<i64> = (21..=60).collect();
+    assert!(want.is_subset(&got), "missing after the outage: {:?}", want.difference(&got).collect::<Vec<_>>());
+    wait_for("the backlog to drain", WAIT, || (pg.count("SELECT count(*) FROM outbox.event") == 0).then_some(()));
+    let row = wait_for("status active again", WAIT, || {
+        let r = pg.status_row("orders-kafka");
+        (r["status"] == "active").then_some(r)
+    });
+    assert!(row["messages_delivered"].as_i64().unwrap() >= 60, "{row}");
+    assert!(write_time < Duration::from_secs(20), "40 single-row inserts took {write_time:?} during the outage");
+    pg.stop("fast");
+}
+
+#[test]
+fn killed_worker_is_restarted_and_delivers_what_was_committed() {
+    let broker = Broker::start();
+    broker.create_topic("items", 1);
+    let pg = Cluster::start(&unique("crash"), &[]);
+    pg.sql("CREATE EXTENSION pg_outbox");
+    pg.sql("CREATE TABLE items (id int PRIMARY KEY)");
+    pg.sql("SELECT outbox.create_topic('urn:items', '[{\"table\": \"items\"}]')");
+    pg.sql(&format!(
+        "SELECT outbox.create_destination('items', 'urn:items', 'kafka-at-least-once', \
+         '{{\"kafkaTopic\": \"items\", \"bootstrapServers\": \"{}\"}}', 'empty')",
+        broker.bootstrap()
+    ));
+    pg.sql("INSERT INTO items SELECT generate_series(1, 500)");
+    let pid = wait_for("the worker", WAIT, || pg.worker_pid());
+    std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    // The postmaster resets the cluster after a crashed child and restarts the worker.
+    pg.sql_wait_ready();
+    pg.sql("INSERT INTO items SELECT generate_series(501, 1000)");
+    let got = keys(&broker.bootstrap(), "items", 1000);
+    assert_eq!(got, (1..=1000).collect::<BTreeSet<i64>>());
+    let new_pid = wait_for("a new worker", WAIT, || pg.worker_pid().filter(|p| *p != pid));
+    assert_ne!(new_pid, pid);
+    wait_for("the outbox to drain", WAIT, || (pg.count("SELECT count(*) FROM outbox.event") == 0).then_some(()));
+    pg.stop("fast");
+}
+
+#[test]
+fn drop_extension_removes_triggers_and_recreating_works() {
+    let broker = Broker::start();
+    broker.create_topic("things", 1);
+    let pg = Cluster::start(&unique("dropext"), &[]);
+    let setup = |pg: &Cluster| {
+        pg.sql("CREATE EXTENSION pg_outbox");
+        pg.sql("SELECT outbox.create_topic('urn:things', '[{\"table\": \"things\"}]')");
+        pg.sql(&format!(
+            "SELECT outbox.create_destination('things', 'urn:things', 'kafka-at-least-once', \
+             '{{\"kafkaTopic\": \"things\", \"bootstrapServers\": \"{}\"}}', 'empty')",
+            broker.bootstrap()
+        ));
+    };
+    pg.sql("CREATE TABLE things (id int PRIMARY KEY)");
+    setup(&pg);
+    pg.sql("INSERT INTO things VALUES (1)");
+    assert_eq!(keys(&broker.bootstrap(), "things", 1), BTreeSet::from([1]));
+    pg.sql("DROP EXTENSION pg_outbox");
+    assert_eq!(pg.count("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'things'::regclass"), 0);
+    pg.sql("INSERT INTO things VALUES (2)"); // no trigger, no error
+    let worker = pg.worker_pid();
+    assert!(worker.is_some(), "the worker idles, it does not die");
+    setup(&pg);
+    pg.sql("INSERT INTO things VALUES (3)");
+    assert_eq!(keys(&broker.bootstrap(), "things", 2), BTreeSet::from([1, 3]));
+    pg.stop("fast");
+}
+
+#[test]
+fn create_extension_without_preloading_fails_with_a_hint() {
+    let pg = Cluster::start(&unique("nopreload"), &["shared_preload_libraries = ''"]);
+    let err = pg.try_sql("CREATE EXTENSION pg_outbox").expect_err("must fail");
+    assert_eq!(err.sqlstate, "55000", "{}", err.raw);
+    assert!(err.message.contains("shared_preload_libraries"), "{}", err.raw);
+    assert!(err.hint.unwrap().contains("shared_preload_libraries"));
+    assert_eq!(pg.count("SELECT count(*) FROM pg_namespace WHERE nspname = 'outbox'"), 0);
+    pg.stop("immediate");
+}

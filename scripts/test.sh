@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The test command: set up (idempotent), then run
+#   1. the end-to-end tests (pg_test/): real Postgres 15 with pg_outbox
+#      preloaded, real tansu brokers over TCP;
+#   2. the #[pg_test] API tests inside Postgres (cargo pgrx test).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+bash scripts/setup.sh
+
+# Clusters and brokers live under /tmp: the postgres user must reach them.
+export PG_OUTBOX_TEST_ROOT=/tmp/pg_outbox/test
+trap 'bash scripts/stop-all.sh "$PG_OUTBOX_TEST_ROOT"' EXIT
+bash scripts/stop-all.sh "$PG_OUTBOX_TEST_ROOT"
+rm -rf "$PG_OUTBOX_TEST_ROOT"
+mkdir -p /tmp/pg_outbox && chmod 755 /tmp/pg_outbox
+
+printf '\n== end-to-end tests (pg_test/)\n'
+cargo test -p pg_outbox_test -- --test-threads=4
+
+printf '\n== API tests inside Postgres (cargo pgrx test)\n'
+PGRX_DATA=/tmp/pg_outbox/pgrx
+rm -rf "$PGRX_DATA" && mkdir -p "$PGRX_DATA" && chown postgres "$PGRX_DATA"
+cargo pgrx test pg15 --runas postgres --pgdata "$PGRX_DATA/pg15"
+# cargo pgrx test installed a build with test functions: put the plain one back.
+cargo pgrx install --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null
