@@ -15,12 +15,18 @@ bash scripts/stop-all.sh "$PG_OUTBOX_TEST_ROOT"
 rm -rf "$PG_OUTBOX_TEST_ROOT"
 mkdir -p /tmp/pg_outbox && chmod 755 /tmp/pg_outbox
 
+LOG=/tmp/pg_outbox/test-output.log
+: >"$LOG"
+
 printf '\n== end-to-end tests (pg_test/)\n'
-cargo test -p pg_outbox_test -- --test-threads=4
+cargo test -p pg_outbox_test -- --test-threads=4 2>&1 | tee -a "$LOG"
 
 printf '\n== API tests inside Postgres (cargo pgrx test)\n'
 PGRX_DATA=/tmp/pg_outbox/pgrx
 rm -rf "$PGRX_DATA" && mkdir -p "$PGRX_DATA" && chown postgres "$PGRX_DATA"
-cargo pgrx test pg15 --runas postgres --pgdata "$PGRX_DATA/pg15"
+cargo pgrx test pg15 --runas postgres --pgdata "$PGRX_DATA/pg15" 2>&1 | tee -a "$LOG"
 # cargo pgrx test installed a build with test functions: put the plain one back.
 cargo pgrx install --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null
+
+# One closing line for both runs.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "\npg_outbox tests: %d passed, %d failed\n", p, f }' "$LOG"

@@ -50,11 +50,6 @@ BEGIN
 END
 $$;
 
--- Configuration survives pg_dump; the outbox itself is not configuration.
-SELECT pg_catalog.pg_extension_config_dump('outbox.topic', '');
-SELECT pg_catalog.pg_extension_config_dump('outbox.topic_table', '');
-SELECT pg_catalog.pg_extension_config_dump('outbox.destination', '');
-
 -- Only the extension owner (a superuser) configures; writers reach the outbox
 -- through the SECURITY DEFINER trigger function.
 REVOKE ALL ON ALL TABLES IN SCHEMA outbox FROM PUBLIC;
