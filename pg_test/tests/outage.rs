@@ -141,3 +141,22 @@ fn create_extension_without_preloading_fails_with_a_hint() {
     assert_eq!(pg.count("SELECT count(*) FROM pg_namespace WHERE nspname = 'outbox'"), 0);
     pg.stop("immediate");
 }
+
+#[test]
+fn fast_and_immediate_shutdowns_mid_stream_lose_nothing() {
+    let broker = Broker::start();
+    broker.create_topic("stream", 2);
+    let pg = Cluster::start(&unique("shutdown"), &[]);
+    pg.sql("CREATE TABLE stream (id int PRIMARY KEY)");
+    install(&pg, &broker, "stream", "", "empty");
+    pg.sql("INSERT INTO stream SELECT generate_series(1, 3000)");
+    pg.stop("fast"); // SIGTERM: the worker flushes what it can and exits
+    pg.pg_ctl_start();
+    pg.sql("INSERT INTO stream SELECT generate_series(3001, 6000)");
+    pg.stop("immediate"); // like kill -9 of the postmaster: crash recovery
+    pg.pg_ctl_start();
+    let got = keys(&broker.bootstrap(), "stream", 6000);
+    assert_eq!(got, (1..=6000).collect::<BTreeSet<i64>>());
+    wait_for("the outbox to drain", WAIT, || (pg.count("SELECT count(*) FROM outbox.event") == 0).then_some(()));
+    pg.stop("fast");
+}
