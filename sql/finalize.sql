@@ -12,6 +12,7 @@ SELECT d.id,
        coalesce(s.messages_delivery_attempts, 0) AS messages_delivery_attempts,
        coalesce(s.messages_in_process, 0) AS messages_in_process,
        coalesce(q.queued, 0) AS messages_queued,
+       coalesce(s.messages_lost, 0) AS messages_lost,
        coalesce(s.last_errors, '[]'::jsonb) AS last_errors
   FROM outbox.destination d
   LEFT JOIN outbox._destination_stats() s ON s.id = d.id
@@ -37,10 +38,17 @@ BEGIN
     END IF;
     v_params := v_params
         || jsonb_build_object('name', 'status', 'valueString', s.status)
-        || jsonb_build_object('name', 'messagesDelivered', 'valueDecimal', s.messages_delivered)
-        || jsonb_build_object('name', 'messagesDeliveryAttempts', 'valueDecimal', s.messages_delivery_attempts)
-        || jsonb_build_object('name', 'messagesInProcess', 'valueDecimal', s.messages_in_process)
-        || jsonb_build_object('name', 'messagesQueued', 'valueDecimal', s.messages_queued);
+        || jsonb_build_object('name', 'messagesDelivered', 'valueDecimal', s.messages_delivered);
+    IF s.kind = 'kafka-best-effort' THEN
+        v_params := v_params
+            || jsonb_build_object('name', 'messagesInProcess', 'valueDecimal', s.messages_in_process)
+            || jsonb_build_object('name', 'messagesLost', 'valueDecimal', s.messages_lost);
+    ELSE
+        v_params := v_params
+            || jsonb_build_object('name', 'messagesDeliveryAttempts', 'valueDecimal', s.messages_delivery_attempts)
+            || jsonb_build_object('name', 'messagesInProcess', 'valueDecimal', s.messages_in_process)
+            || jsonb_build_object('name', 'messagesQueued', 'valueDecimal', s.messages_queued);
+    END IF;
     v_params := v_params || coalesce((
         SELECT jsonb_agg(jsonb_build_object('name', 'lastErrorDetail', 'part', jsonb_build_array(
                    jsonb_build_object('name', 'message', 'valueString', e ->> 'message'),

@@ -54,14 +54,22 @@ CREATE TABLE outbox.event (
 CREATE INDEX event_destination_idx ON outbox.event (destination_id, id);
 
 -- The row trigger. TG_ARGV[0] is the topic id, TG_ARGV[1..] the primary-key
--- columns of the table (none: the event has a NULL key).
+-- columns of the table (none: the event has a NULL key). At-least-once
+-- destinations get an outbox row in this transaction; best-effort ones get the
+-- event in backend memory, handed to the shared queue on COMMIT.
 CREATE FUNCTION outbox._capture() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $capture$
 DECLARE
+    m   integer;
     r   jsonb;
     k   text;
     act text;
+    tbl text;
 BEGIN
+    m := outbox._topic_mask(TG_ARGV[0]::integer);
+    IF m = 0 THEN
+        RETURN NULL;  -- no destination (yet)
+    END IF;
     IF TG_OP = 'DELETE' THEN
         r := to_jsonb(OLD);
         act := 'delete';
@@ -78,15 +86,20 @@ BEGIN
         SELECT jsonb_agg(r -> TG_ARGV[i] ORDER BY i)::text INTO k
           FROM generate_series(1, TG_NARGS - 1) AS i;
     END IF;
-    INSERT INTO outbox.event (destination_id, topic_id, table_name, interaction, key, row_data)
-    SELECT d.id, TG_ARGV[0]::integer, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, act, k,
-           CASE WHEN d.content = 'full-resource' THEN r END
-      FROM outbox.destination d
-      JOIN outbox.topic t ON t.url = d.topic_url
-     WHERE t.id = TG_ARGV[0]::integer
-       AND d.kind = 'kafka-at-least-once';
-    IF FOUND THEN
-        PERFORM outbox._wake_on_commit();
+    tbl := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+    IF m & 2 <> 0 THEN
+        PERFORM outbox._buffer_best_effort(TG_ARGV[0]::integer, tbl, act, k, r::text);
+    END IF;
+    IF m & 1 <> 0 THEN
+        INSERT INTO outbox.event (destination_id, topic_id, table_name, interaction, key, row_data)
+        SELECT d.id, TG_ARGV[0]::integer, tbl, act, k, CASE WHEN d.content = 'full-resource' THEN r END
+          FROM outbox.destination d
+          JOIN outbox.topic t ON t.url = d.topic_url
+         WHERE t.id = TG_ARGV[0]::integer
+           AND d.kind = 'kafka-at-least-once';
+        IF FOUND THEN
+            PERFORM outbox._wake_on_commit();
+        END IF;
     END IF;
     RETURN NULL;
 END
@@ -322,11 +335,7 @@ BEGIN
     END IF;
     IF kind IS NULL OR kind NOT IN ('kafka-at-least-once', 'kafka-best-effort') THEN
         PERFORM outbox._fail('22023', format('unknown destination kind "%s" for destination "%s"', coalesce(kind, ''), id),
-            'Use ''kafka-at-least-once''.');
-    END IF;
-    IF kind = 'kafka-best-effort' THEN
-        PERFORM outbox._fail('0A000', format('destination kind "kafka-best-effort" is not supported yet (destination "%s")', id),
-            'Use ''kafka-at-least-once''.');
+            'Use ''kafka-at-least-once'' (stored with the change, never lost) or ''kafka-best-effort'' (in memory, cheaper, may be lost).');
     END IF;
     IF content IS NULL OR content NOT IN ('full-resource', 'id-only', 'empty') THEN
         PERFORM outbox._fail('22023', format('unknown content "%s" for destination "%s"', coalesce(content, ''), id),

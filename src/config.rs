@@ -15,6 +15,9 @@ pub static RETRY_MIN_MS: GucSetting<i32> = GucSetting::<i32>::new(500);
 /// Longest retry delay, in milliseconds (reload).
 pub static RETRY_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 
+/// Shared memory for the best-effort queue, in kB (postmaster start).
+pub static BEST_EFFORT_QUEUE_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
+
 pub const DATABASE_DEFAULT: &str = "postgres";
 
 pub fn register() {
@@ -25,6 +28,16 @@ pub fn register() {
         &DATABASE,
         GucContext::Postmaster,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.best_effort_queue_size",
+        c"Shared memory for events of best-effort destinations waiting for the worker.",
+        c"Events that do not fit are dropped and counted in messages_lost.",
+        &BEST_EFFORT_QUEUE_KB,
+        64,
+        1024 * 1024,
+        GucContext::Postmaster,
+        GucFlags::UNIT_KB,
     );
     GucRegistry::define_int_guc(
         c"outbox.poll_interval",

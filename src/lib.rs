@@ -5,6 +5,7 @@
 //! - `api`: the Rust half of the SQL API (parameter checks, preload check);
 //! - `capture`: what the row trigger needs from Rust (wake the worker on commit);
 //! - `status`: counters and last errors in shared memory, read by the status view;
+//! - `ring`: the best-effort queue in shared memory;
 //! - `store`: the outbox table as the worker sees it (claim, acknowledge, fail);
 //! - `kafka`: producer configuration and message building (no Postgres calls);
 //! - `worker`: the background worker loop.
@@ -18,6 +19,7 @@ mod capture;
 mod config;
 mod error;
 mod kafka;
+mod ring;
 mod status;
 mod store;
 mod worker;
@@ -45,6 +47,7 @@ pub extern "C-unwind" fn _PG_init() {
     config::register();
     PRELOADED.store(true, std::sync::atomic::Ordering::Relaxed);
     status::init_shmem();
+    ring::init();
     worker::register();
 }
 

@@ -171,6 +171,19 @@ pub fn record_outcome(r: SlotRef, delivered: u64, failed: u64, in_process: u64) 
     }
 }
 
+/// Count best-effort events lost, by destination id (writers, on commit).
+pub fn add_lost(id: &str, n: u64) {
+    let mut s = SLOTS.exclusive();
+    if let Some(slot) = s.slots.iter_mut().find(|x| x.used && x.id() == id) {
+        slot.lost += n;
+    }
+}
+
+/// Count best-effort events lost (the worker: expired or refused).
+pub fn add_lost_slot(r: SlotRef, n: u64) {
+    SLOTS.exclusive().slots[r.0].lost += n;
+}
+
 pub fn set_state(r: SlotRef, state: State) {
     SLOTS.exclusive().slots[r.0].state = state as u8;
 }
@@ -194,7 +207,8 @@ pub fn record_error(r: SlotRef, message: &str) {
     slot.n_errors = (slot.n_errors + 1).min(MAX_ERRORS as u8);
 }
 
-fn format_ts(us: i64) -> String {
+/// Postgres timestamp (µs since 2000-01-01) as ISO 8601 UTC with milliseconds.
+pub fn format_ts(us: i64) -> String {
     // Postgres epoch is 2000-01-01; 946684800 s after the Unix epoch.
     let unix_ms = us.div_euclid(1000) + 946_684_800_000;
     let secs = unix_ms.div_euclid(1000);

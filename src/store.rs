@@ -10,6 +10,7 @@ use pgrx::spi::SpiResult;
 /// A destination as configured in `outbox.destination`.
 pub struct DestinationRow {
     pub id: String,
+    pub kind: String,
     pub topic_url: String,
     pub content: String,
     pub parameters: String,
@@ -21,12 +22,11 @@ pub fn extension_present() -> SpiResult<bool> {
         .unwrap_or(false))
 }
 
-/// The at-least-once destinations.
+/// Every destination.
 pub fn destinations() -> SpiResult<Vec<DestinationRow>> {
     Spi::connect(|client| {
         let rows = client.select(
-            "SELECT id, topic_url, content, parameters::text FROM outbox.destination \
-             WHERE kind = 'kafka-at-least-once' ORDER BY id",
+            "SELECT id, topic_url, content, parameters::text, kind FROM outbox.destination ORDER BY id",
             None,
             &[],
         )?;
@@ -37,6 +37,7 @@ pub fn destinations() -> SpiResult<Vec<DestinationRow>> {
                 topic_url: row.get(2)?.unwrap_or_default(),
                 content: row.get(3)?.unwrap_or_default(),
                 parameters: row.get(4)?.unwrap_or_default(),
+                kind: row.get(5)?.unwrap_or_default(),
             });
         }
         Ok(out)

@@ -4,6 +4,7 @@
 
 use crate::config;
 use crate::kafka::{self, Content, KafkaProducer, Params, Report, Target};
+use crate::ring;
 use crate::status::{self, SlotRef, State};
 use crate::store;
 use crossbeam_channel::{unbounded, Receiver, Sender};
@@ -11,7 +12,7 @@ use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTi
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use rdkafka::producer::Producer;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::os::fd::RawFd;
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
@@ -22,6 +23,8 @@ const RELOAD_EVERY: Duration = Duration::from_secs(10);
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
 /// How long past deliveryTimeoutMs a batch may stay unacknowledged.
 const STUCK_GRACE: Duration = Duration::from_millis(1000);
+/// Best-effort events taken from the shared queue per pass.
+const BEST_EFFORT_PER_TURN: usize = 10_000;
 /// A destination writes at most one error line to the server log this often.
 const LOG_EVERY: Duration = Duration::from_secs(30);
 
@@ -70,16 +73,23 @@ struct Destination {
     id: String,
     topic_url: String,
     content: Content,
+    /// kafka-best-effort: events come from the shared queue, failures are lost.
+    best_effort: bool,
     parameters_text: String,
     params: Params,
     slot: SlotRef,
     producer: Option<KafkaProducer>,
     epoch: u64,
     in_flight: HashSet<i64>,
-    /// When the batch in flight was produced.
-    produced_at: Instant,
+    /// (produced at, event) in produce order, to expire what is never acknowledged.
+    produced: VecDeque<(Instant, i64)>,
+    /// At-least-once outcomes waiting to be recorded in the outbox.
     acked: Vec<i64>,
     failed: Vec<(i64, String)>,
+    /// Best-effort outcomes waiting to be counted.
+    delivered_best_effort: u64,
+    lost_best_effort: u64,
+    lost_reason: Option<String>,
     retry_at: Option<Instant>,
     backoff: Duration,
     /// (messages suppressed since, time of the last log line)
@@ -87,6 +97,30 @@ struct Destination {
 }
 
 impl Destination {
+    fn new(row: store::DestinationRow, params: Params, slot: SlotRef) -> Destination {
+        Destination {
+            content: Content::parse(&row.content),
+            best_effort: row.kind == "kafka-best-effort",
+            id: row.id,
+            topic_url: row.topic_url,
+            parameters_text: row.parameters,
+            params,
+            slot,
+            producer: None,
+            epoch: 0,
+            in_flight: HashSet::new(),
+            produced: VecDeque::new(),
+            acked: Vec::new(),
+            failed: Vec::new(),
+            delivered_best_effort: 0,
+            lost_best_effort: 0,
+            lost_reason: None,
+            retry_at: None,
+            backoff: Duration::ZERO,
+            last_logged: None,
+        }
+    }
+
     /// Note an error: in status always, in the server log when it is new.
     fn error(&mut self, message: &str) {
         status::record_error(self.slot, message);
@@ -114,11 +148,72 @@ impl Destination {
         self.retry_at = Some(Instant::now() + self.backoff);
     }
 
+    /// An at-least-once destination may claim its next batch.
     fn ready(&self, now: Instant) -> bool {
-        self.in_flight.is_empty()
+        !self.best_effort
+            && self.in_flight.is_empty()
             && self.acked.is_empty()
             && self.failed.is_empty()
             && self.retry_at.is_none_or(|t| t <= now)
+    }
+
+    /// Longest an event may wait for its acknowledgement.
+    fn ack_limit(&self) -> Duration {
+        Duration::from_millis(self.params.delivery_timeout_ms as u64) + STUCK_GRACE
+    }
+
+    /// When the oldest event in flight expires (forgetting acknowledged ones).
+    fn oldest_deadline(&mut self) -> Option<Instant> {
+        while let Some((at, id)) = self.produced.front() {
+            if self.in_flight.contains(id) {
+                return Some(*at + self.ack_limit());
+            }
+            self.produced.pop_front();
+        }
+        None
+    }
+
+    /// Everything in flight failed with `error`: at-least-once events are
+    /// retried from the outbox, best-effort events are lost.
+    fn fail_in_flight(&mut self, error: &str) {
+        let ids: Vec<i64> = self.in_flight.drain().collect();
+        self.produced.clear();
+        if self.best_effort {
+            self.lost_best_effort += ids.len() as u64;
+            self.lost_reason = Some(error.to_string());
+        } else {
+            self.failed.extend(ids.into_iter().map(|id| (id, error.to_string())));
+        }
+    }
+
+    /// Make sure a producer exists; on failure note the error and back off.
+    fn ensure_producer(&mut self, next_epoch: &mut u64, tx: &Sender<Report>, wake_write: RawFd) -> bool {
+        if self.producer.is_some() {
+            return true;
+        }
+        match kafka::create_producer(&self.params, &self.id, *next_epoch, tx.clone(), wake_write) {
+            Ok(p) => {
+                self.producer = Some(p);
+                self.epoch = *next_epoch;
+                *next_epoch += 1;
+                true
+            }
+            Err(e) => {
+                self.error(&format!("could not create the Kafka producer: {e}"));
+                self.back_off();
+                false
+            }
+        }
+    }
+
+    /// Produce one event; false if librdkafka refused it at once.
+    fn send(&mut self, ev: &kafka::Event) -> Result<(), String> {
+        let target = Target { destination_id: &self.id, topic_url: &self.topic_url, content: self.content };
+        let producer = self.producer.as_ref().ok_or("no producer")?;
+        kafka::send(producer, &self.params.kafka_topic, &target, ev).map_err(|e| e.to_string())?;
+        self.in_flight.insert(ev.id);
+        self.produced.push_back((Instant::now(), ev.id));
+        Ok(())
     }
 }
 
@@ -183,26 +278,23 @@ impl Worker {
         }
         self.maybe_reload();
         self.take_reports();
-        self.expire_stuck_batches();
+        self.expire_unacknowledged();
         self.record_outcomes();
         self.claim_and_produce();
+        self.drain_best_effort();
         for d in self.destinations.values() {
             status::record_outcome(d.slot, 0, 0, d.in_flight.len() as u64);
         }
     }
 
-    /// Sleep until a commit sets the latch, a producer has reports, a retry is
-    /// due, or the poll interval passed.
+    /// Sleep until a commit sets the latch, a producer has reports, a retry or
+    /// an expiry is due, or the poll interval passed.
     fn wait(&mut self) {
         let now = Instant::now();
         let mut timeout = Duration::from_millis(config::POLL_INTERVAL_MS.get() as u64);
-        for d in self.destinations.values() {
-            if !d.in_flight.is_empty() {
-                let limit = Duration::from_millis(d.params.delivery_timeout_ms as u64) + STUCK_GRACE;
-                timeout = timeout.min(limit.saturating_sub(d.produced_at.elapsed()) + Duration::from_millis(1));
-            }
-            if let Some(t) = d.retry_at {
-                timeout = timeout.min(t.saturating_duration_since(now) + Duration::from_millis(1));
+        for d in self.destinations.values_mut() {
+            for due in [d.oldest_deadline(), d.retry_at].into_iter().flatten() {
+                timeout = timeout.min(due.saturating_duration_since(now) + Duration::from_millis(1));
             }
         }
         let events =
@@ -269,13 +361,14 @@ impl Worker {
         }
         for row in rows {
             if let Some(d) = self.destinations.get(&row.id) {
-                if d.parameters_text == row.parameters
+                let same = d.parameters_text == row.parameters
                     && d.topic_url == row.topic_url
                     && d.content == Content::parse(&row.content)
-                {
+                    && d.best_effort == (row.kind == "kafka-best-effort");
+                if same {
                     continue;
                 }
-                // Changed: rebuild. What was in flight stays in the outbox and is sent again.
+                // Changed: rebuild. At-least-once events in flight stay in the outbox and are sent again.
                 if let Some(d) = self.destinations.remove(&row.id) {
                     status::release_slot(d.slot);
                 }
@@ -296,26 +389,7 @@ impl Worker {
                 );
                 continue;
             };
-            self.destinations.insert(
-                row.id.clone(),
-                Destination {
-                    content: Content::parse(&row.content),
-                    id: row.id,
-                    topic_url: row.topic_url,
-                    parameters_text: row.parameters,
-                    params,
-                    slot,
-                    producer: None,
-                    epoch: 0,
-                    in_flight: HashSet::new(),
-                    produced_at: Instant::now(),
-                    acked: Vec::new(),
-                    failed: Vec::new(),
-                    retry_at: None,
-                    backoff: Duration::ZERO,
-                    last_logged: None,
-                },
-            );
+            self.destinations.insert(row.id.clone(), Destination::new(row, params, slot));
         }
     }
 
@@ -340,21 +414,28 @@ impl Worker {
             match report {
                 Report::Delivered { event_id, .. } => {
                     if d.in_flight.remove(&event_id) {
-                        d.acked.push(event_id);
+                        if d.best_effort {
+                            d.delivered_best_effort += 1;
+                        } else {
+                            d.acked.push(event_id);
+                        }
                     }
                 }
                 Report::Failed { event_id, error, .. } => {
                     if d.in_flight.remove(&event_id) {
-                        d.failed.push((event_id, error));
+                        if d.best_effort {
+                            d.lost_best_effort += 1;
+                            d.lost_reason = Some(error);
+                        } else {
+                            d.failed.push((event_id, error));
+                        }
                     }
                 }
                 Report::ClientError { error, fatal, .. } => {
                     d.error(&error);
                     if fatal {
-                        // A fatal idempotence error: this producer is done. Its
-                        // in-flight events count as failed and are sent again.
-                        let lost: Vec<i64> = d.in_flight.drain().collect();
-                        d.failed.extend(lost.into_iter().map(|id| (id, error.clone())));
+                        // A fatal idempotence error: this producer is done.
+                        d.fail_in_flight(&error);
                         d.producer = None;
                     }
                 }
@@ -362,26 +443,39 @@ impl Worker {
         }
     }
 
-    /// A batch still unacknowledged well past the delivery timeout (librdkafka
-    /// does not always expire messages while no broker is reachable): count it
-    /// as failed and start over with a new producer. The events stay in the
-    /// outbox and are sent again.
-    fn expire_stuck_batches(&mut self) {
+    /// Events still unacknowledged past the delivery timeout (librdkafka does
+    /// not expire messages while no broker is reachable): count them as failed
+    /// and start over with a new producer, which drops the old one's queue.
+    fn expire_unacknowledged(&mut self) {
+        let now = Instant::now();
         for d in self.destinations.values_mut() {
-            let limit = Duration::from_millis(d.params.delivery_timeout_ms as u64) + STUCK_GRACE;
-            if d.in_flight.is_empty() || d.produced_at.elapsed() < limit {
-                continue;
+            if d.oldest_deadline().is_some_and(|due| due <= now) {
+                let error =
+                    format!("no acknowledgement within deliveryTimeoutMs ({} ms)", d.params.delivery_timeout_ms);
+                d.fail_in_flight(&error);
+                d.producer = None;
             }
-            let error = format!("no acknowledgement within deliveryTimeoutMs ({} ms)", d.params.delivery_timeout_ms);
-            let expired: Vec<i64> = d.in_flight.drain().collect();
-            d.failed.extend(expired.into_iter().map(|id| (id, error.clone())));
-            d.producer = None;
         }
     }
 
-    /// Delete what Kafka acknowledged; keep failed events with their error.
+    /// At-least-once: delete what Kafka acknowledged, keep failed events with
+    /// their error. Best-effort: count delivered and lost.
     fn record_outcomes(&mut self) {
         for d in self.destinations.values_mut() {
+            if d.best_effort {
+                let (delivered, lost) = (d.delivered_best_effort, d.lost_best_effort);
+                if delivered == 0 && lost == 0 {
+                    continue;
+                }
+                d.delivered_best_effort = 0;
+                d.lost_best_effort = 0;
+                status::record_outcome(d.slot, delivered, 0, d.in_flight.len() as u64);
+                status::add_lost_slot(d.slot, lost);
+                if let Some(reason) = d.lost_reason.take() {
+                    d.error(&format!("{lost} event(s) lost: {reason}"));
+                }
+                continue;
+            }
             if d.acked.is_empty() && d.failed.is_empty() {
                 continue;
             }
@@ -410,6 +504,7 @@ impl Worker {
         }
     }
 
+    /// At-least-once: claim the next batch of each ready destination and produce it.
     fn claim_and_produce(&mut self) {
         if !self.extension_present {
             return;
@@ -429,47 +524,64 @@ impl Worker {
                     continue;
                 }
             };
-            if events.is_empty() {
+            let Some(d) = self.destinations.get_mut(&id) else { continue };
+            if events.is_empty() || !d.ensure_producer(&mut self.next_epoch, &self.tx, self.wake_write) {
                 continue;
             }
-            let (tx, wake_write) = (self.tx.clone(), self.wake_write);
-            let epoch = self.next_epoch;
-            let Some(d) = self.destinations.get_mut(&id) else { continue };
             d.retry_at = None;
-            if d.producer.is_none() {
-                match kafka::create_producer(&d.params, &d.id, epoch, tx, wake_write) {
-                    Ok(p) => {
-                        d.producer = Some(p);
-                        d.epoch = epoch;
-                        self.next_epoch += 1;
-                    }
-                    Err(e) => {
-                        d.error(&format!("could not create the Kafka producer: {e}"));
-                        d.back_off();
-                        continue;
-                    }
-                }
-            }
-            d.produced_at = Instant::now();
-            let target = Target { destination_id: &d.id, topic_url: &d.topic_url, content: d.content };
-            let producer = d.producer.as_ref().expect("created above");
-            let mut refused: Option<(i64, String)> = None;
             for ev in &events {
-                match kafka::send(producer, &d.params.kafka_topic, &target, ev) {
-                    Ok(()) => {
-                        d.in_flight.insert(ev.id);
-                    }
-                    Err(e) => {
-                        // Stop here: what follows must not overtake this event.
-                        refused = Some((ev.id, e.to_string()));
-                        break;
-                    }
+                if let Err(error) = d.send(ev) {
+                    // Stop here: what follows must not overtake this event.
+                    d.failed.push((ev.id, format!("produce refused: {error}")));
+                    break;
                 }
             }
-            if let Some((event_id, error)) = refused {
-                d.failed.push((event_id, format!("produce refused: {error}")));
+            if let Some(p) = &d.producer {
+                p.poll(Duration::ZERO);
             }
-            producer.poll(Duration::ZERO);
+        }
+    }
+
+    /// Best-effort: produce what writers handed to the shared queue.
+    fn drain_best_effort(&mut self) {
+        let mut reloaded = false;
+        loop {
+            let records = ring::pop(BEST_EFFORT_PER_TURN);
+            if records.is_empty() {
+                return;
+            }
+            for record in records {
+                let Some(ev) = ring::BestEffortEvent::decode(&record) else { continue };
+                if !self.destinations.contains_key(&ev.destination_id) && !reloaded {
+                    // Created moments ago: look at the configuration once more.
+                    self.last_reload = None;
+                    self.maybe_reload();
+                    reloaded = true;
+                }
+                // Unknown here means dropped since: the event goes with it.
+                let Some(d) = self.destinations.get_mut(&ev.destination_id).filter(|d| d.best_effort) else {
+                    continue;
+                };
+                if !d.ensure_producer(&mut self.next_epoch, &self.tx, self.wake_write) {
+                    d.lost_best_effort += 1;
+                    d.lost_reason = Some("no Kafka producer".into());
+                    continue;
+                }
+                let event = kafka::Event {
+                    id: ev.number as i64,
+                    table: ev.table,
+                    interaction: ev.interaction,
+                    key: ev.key,
+                    row: ev.row,
+                    timestamp: status::format_ts(ev.timestamp_us),
+                };
+                if let Err(error) = d.send(&event) {
+                    d.lost_best_effort += 1;
+                    d.lost_reason = Some(format!("produce refused: {error}"));
+                }
+            }
+            self.take_reports();
+            self.record_outcomes();
         }
     }
 

@@ -404,3 +404,20 @@ pub fn consume(bootstrap: &str, topic: &str, min: usize, timeout: Duration, quie
     }
     out
 }
+
+/// The documented Bundle for a received message, rebuilt from the values only
+/// the server knows (timestamp, event number), so tests can compare byte for byte.
+pub fn expected_bundle(m: &Received, url: &str, dest: &str, reference: &str, second: Option<&str>) -> String {
+    let v = m.json();
+    let ts = v["timestamp"].as_str().expect("timestamp");
+    let n = v["entry"][0]["resource"]["notificationEvent"][0]["eventNumber"].as_i64().expect("eventNumber");
+    let mut out = format!(
+        r#"{{"resourceType":"Bundle","type":"history","timestamp":"{ts}","entry":[{{"resource":{{"resourceType":"AidboxSubscriptionStatus","status":"active","type":"event-notification","notificationEvent":[{{"eventNumber":{n},"focus":{{"reference":"{reference}"}}}}],"topic":"{url}","topic-destination":{{"reference":"AidboxTopicDestination/{dest}"}}}}}}"#
+    );
+    if let Some(second) = second {
+        out.push(',');
+        out.push_str(second);
+    }
+    out.push_str("]}");
+    out
+}

@@ -61,22 +61,8 @@ fn wait_drained(dest: &str) {
     });
 }
 
-/// Rebuild the documented Bundle from the values only the server knows
-/// (timestamp, event number) and compare byte for byte.
 fn expected_bundle(s: &Setup, m: &Received, reference: &str, second: Option<String>) -> String {
-    let v = m.json();
-    let ts = v["timestamp"].as_str().expect("timestamp");
-    let n = v["entry"][0]["resource"]["notificationEvent"][0]["eventNumber"].as_i64().expect("eventNumber");
-    let mut out = format!(
-        r#"{{"resourceType":"Bundle","type":"history","timestamp":"{ts}","entry":[{{"resource":{{"resourceType":"AidboxSubscriptionStatus","status":"active","type":"event-notification","notificationEvent":[{{"eventNumber":{n},"focus":{{"reference":"{reference}"}}}}],"topic":"{}","topic-destination":{{"reference":"AidboxTopicDestination/{}"}}}}}}"#,
-        s.url, s.dest
-    );
-    if let Some(second) = second {
-        out.push(',');
-        out.push_str(&second);
-    }
-    out.push_str("]}");
-    out
+    pg_outbox_test::expected_bundle(m, &s.url, &s.dest, reference, second.as_deref())
 }
 
 #[test]

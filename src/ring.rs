@@ -1,0 +1,248 @@
+//! The best-effort queue: a bounded byte ring in shared memory, sized by
+//! `outbox.best_effort_queue_size`. Writers push their transaction's events on
+//! COMMIT (never waiting: what does not fit is refused and counted lost); the
+//! worker pops them. Nothing here touches a table or the WAL.
+//!
+//! Record layout: `u32 length`, then the encoded event (see `BestEffortEvent`).
+
+use crate::config;
+use pgrx::pg_sys;
+use std::ffi::CStr;
+
+const NAME: &CStr = c"pg_outbox_best_effort_queue";
+
+#[repr(C)]
+struct Header {
+    lock: *mut pg_sys::LWLock,
+    capacity: u64,
+    /// Bytes ever written / read; `head - tail` bytes are in use.
+    head: u64,
+    tail: u64,
+    /// Next event number handed out on push.
+    next_number: u64,
+}
+
+static mut RING: *mut Header = std::ptr::null_mut();
+
+fn capacity_bytes() -> usize {
+    config::BEST_EFFORT_QUEUE_KB.get() as usize * 1024
+}
+
+fn shmem_size() -> usize {
+    std::mem::size_of::<Header>() + capacity_bytes()
+}
+
+static mut PREV_REQUEST: pg_sys::shmem_request_hook_type = None;
+static mut PREV_STARTUP: pg_sys::shmem_startup_hook_type = None;
+
+/// Called from `_PG_init` under shared_preload_libraries.
+pub fn init() {
+    unsafe {
+        #[cfg(any(feature = "pg13", feature = "pg14"))]
+        request();
+        #[cfg(not(any(feature = "pg13", feature = "pg14")))]
+        {
+            PREV_REQUEST = pg_sys::shmem_request_hook;
+            pg_sys::shmem_request_hook = Some(on_request);
+        }
+        PREV_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(on_startup);
+    }
+}
+
+unsafe fn request() {
+    unsafe {
+        pg_sys::RequestAddinShmemSpace(shmem_size());
+        pg_sys::RequestNamedLWLockTranche(NAME.as_ptr(), 1);
+    }
+}
+
+#[cfg(not(any(feature = "pg13", feature = "pg14")))]
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_request() {
+    unsafe {
+        if let Some(prev) = PREV_REQUEST {
+            prev();
+        }
+        request();
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_startup() {
+    unsafe {
+        if let Some(prev) = PREV_STARTUP {
+            prev();
+        }
+        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock; // AddinShmemInitLock
+        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let header = pg_sys::ShmemInitStruct(NAME.as_ptr(), shmem_size(), &mut found).cast::<Header>();
+        if !found {
+            header.write(Header {
+                lock: &raw mut (*pg_sys::GetNamedLWLockTranche(NAME.as_ptr())).lock,
+                capacity: capacity_bytes() as u64,
+                head: 0,
+                tail: 0,
+                // Start numbering at the server's start time in microseconds, so
+                // numbers keep increasing across restarts.
+                next_number: (pg_sys::GetCurrentTimestamp() as u64).max(1),
+            });
+        }
+        RING = header;
+        pg_sys::LWLockRelease(init_lock);
+    }
+}
+
+struct Guard(*mut pg_sys::LWLock);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        unsafe { pg_sys::LWLockRelease(self.0) };
+    }
+}
+
+/// The ring, locked for this scope (None when not preloaded).
+fn locked() -> Option<(&'static mut Header, &'static mut [u8], Guard)> {
+    unsafe {
+        let h = RING;
+        if h.is_null() {
+            return None;
+        }
+        pg_sys::LWLockAcquire((*h).lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let data = std::slice::from_raw_parts_mut(h.add(1).cast::<u8>(), (*h).capacity as usize);
+        Some((&mut *h, data, Guard((*h).lock)))
+    }
+}
+
+fn write_at(data: &mut [u8], pos: u64, bytes: &[u8]) {
+    let cap = data.len();
+    let start = (pos % cap as u64) as usize;
+    let first = bytes.len().min(cap - start);
+    data[start..start + first].copy_from_slice(&bytes[..first]);
+    data[..bytes.len() - first].copy_from_slice(&bytes[first..]);
+}
+
+fn read_at(data: &[u8], pos: u64, out: &mut [u8]) {
+    let cap = data.len();
+    let start = (pos % cap as u64) as usize;
+    let first = out.len().min(cap - start);
+    let n = out.len();
+    out[..first].copy_from_slice(&data[start..start + first]);
+    out[first..].copy_from_slice(&data[..n - first]);
+}
+
+/// Largest event the queue can take at all.
+pub fn max_event_bytes() -> usize {
+    capacity_bytes().saturating_sub(4)
+}
+
+/// Push encoded events (their first 8 bytes are overwritten with the event
+/// number). Returns, per event, whether it was queued. Never waits for space.
+pub fn push(events: &mut [Vec<u8>]) -> Vec<bool> {
+    let Some((h, data, _guard)) = locked() else {
+        return vec![false; events.len()];
+    };
+    events
+        .iter_mut()
+        .map(|ev| {
+            let need = 4 + ev.len() as u64;
+            if need > h.capacity - (h.head - h.tail) {
+                return false;
+            }
+            ev[..8].copy_from_slice(&h.next_number.to_le_bytes());
+            h.next_number += 1;
+            write_at(data, h.head, &(ev.len() as u32).to_le_bytes());
+            write_at(data, h.head + 4, ev);
+            h.head += need;
+            true
+        })
+        .collect()
+}
+
+/// Take up to `max` events, oldest first.
+pub fn pop(max: usize) -> Vec<Vec<u8>> {
+    let Some((h, data, _guard)) = locked() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    while h.tail < h.head && out.len() < max {
+        let mut len = [0u8; 4];
+        read_at(data, h.tail, &mut len);
+        let len = u32::from_le_bytes(len) as usize;
+        let mut ev = vec![0u8; len];
+        read_at(data, h.tail + 4, &mut ev);
+        h.tail += 4 + len as u64;
+        out.push(ev);
+    }
+    out
+}
+
+/// One best-effort event as it travels through the queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BestEffortEvent {
+    pub number: u64,
+    pub destination_id: String,
+    pub table: String,
+    pub interaction: String,
+    pub key: Option<String>,
+    pub row: Option<String>,
+    /// Transaction start, microseconds since 2000-01-01 (Postgres epoch).
+    pub timestamp_us: i64,
+}
+
+fn put_str(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        None => out.extend_from_slice(&u32::MAX.to_le_bytes()),
+        Some(s) => {
+            out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+    }
+}
+
+fn get_str(buf: &[u8], pos: &mut usize) -> Option<Option<String>> {
+    let len = u32::from_le_bytes(buf.get(*pos..*pos + 4)?.try_into().ok()?);
+    *pos += 4;
+    if len == u32::MAX {
+        return Some(None);
+    }
+    let s = std::str::from_utf8(buf.get(*pos..*pos + len as usize)?).ok()?.to_string();
+    *pos += len as usize;
+    Some(Some(s))
+}
+
+impl BestEffortEvent {
+    /// Encode; the first 8 bytes (the number) are filled in by `push`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(
+            48 + self.destination_id.len()
+                + self.table.len()
+                + self.key.as_ref().map_or(0, |k| k.len())
+                + self.row.as_ref().map_or(0, |r| r.len()),
+        );
+        out.extend_from_slice(&self.number.to_le_bytes());
+        out.extend_from_slice(&self.timestamp_us.to_le_bytes());
+        put_str(&mut out, Some(&self.destination_id));
+        put_str(&mut out, Some(&self.table));
+        put_str(&mut out, Some(&self.interaction));
+        put_str(&mut out, self.key.as_deref());
+        put_str(&mut out, self.row.as_deref());
+        out
+    }
+
+    pub fn decode(buf: &[u8]) -> Option<BestEffortEvent> {
+        let number = u64::from_le_bytes(buf.get(0..8)?.try_into().ok()?);
+        let timestamp_us = i64::from_le_bytes(buf.get(8..16)?.try_into().ok()?);
+        let mut pos = 16;
+        Some(BestEffortEvent {
+            number,
+            timestamp_us,
+            destination_id: get_str(buf, &mut pos)??,
+            table: get_str(buf, &mut pos)??,
+            interaction: get_str(buf, &mut pos)??,
+            key: get_str(buf, &mut pos)?,
+            row: get_str(buf, &mut pos)?,
+        })
+    }
+}
