@@ -59,11 +59,10 @@ END
 $$;
 
 -- Only the extension owner (a superuser) configures; writers reach the outbox
--- through the SECURITY DEFINER trigger function.
+-- through the trigger, which writes it as the extension owner.
 REVOKE ALL ON ALL TABLES IN SCHEMA outbox FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA outbox FROM PUBLIC;
 GRANT USAGE ON SCHEMA outbox TO PUBLIC;
-GRANT EXECUTE ON FUNCTION outbox._capture() TO PUBLIC;
 
 -- Refuse to install where the worker cannot serve us.
 SELECT outbox._require_preload_and_database();

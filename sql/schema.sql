@@ -37,8 +37,9 @@ CREATE INDEX destination_topic_url_idx ON outbox.destination (topic_url);
 
 -- The outbox: one row per (change, at-least-once destination), written in the
 -- writer's transaction, deleted by the worker once Kafka acknowledged it.
--- Only src/store.rs (the worker side) and outbox._capture() (the enqueue side)
--- know this layout.
+-- Only src/store.rs (the worker side) and src/capture.rs (the row trigger
+-- outbox._capture(), the enqueue side) know this layout. row_data is the row
+-- as row_to_json() gives it (columns in table order), only for full-resource.
 CREATE TABLE outbox.event (
     id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     destination_id text NOT NULL,
@@ -46,64 +47,12 @@ CREATE TABLE outbox.event (
     table_name     text NOT NULL,
     interaction    text NOT NULL,
     key            text,
-    row_data       jsonb,
+    row_data       json,
     created_at     timestamptz NOT NULL DEFAULT now(),
     attempts       integer NOT NULL DEFAULT 0,
     last_error     text
 );
 CREATE INDEX event_destination_idx ON outbox.event (destination_id, id);
-
--- The row trigger. TG_ARGV[0] is the topic id, TG_ARGV[1..] the primary-key
--- columns of the table (none: the event has a NULL key). At-least-once
--- destinations get an outbox row in this transaction; best-effort ones get the
--- event in backend memory, handed to the shared queue on COMMIT.
-CREATE FUNCTION outbox._capture() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $capture$
-DECLARE
-    m   integer;
-    r   jsonb;
-    k   text;
-    act text;
-    tbl text;
-BEGIN
-    m := outbox._topic_mask(TG_ARGV[0]::integer);
-    IF m = 0 THEN
-        RETURN NULL;  -- no destination (yet)
-    END IF;
-    IF TG_OP = 'DELETE' THEN
-        r := to_jsonb(OLD);
-        act := 'delete';
-    ELSIF TG_OP = 'UPDATE' THEN
-        r := to_jsonb(NEW);
-        act := 'update';
-    ELSE
-        r := to_jsonb(NEW);
-        act := 'create';
-    END IF;
-    IF TG_NARGS = 2 THEN
-        k := r ->> TG_ARGV[1];
-    ELSIF TG_NARGS > 2 THEN
-        SELECT jsonb_agg(r -> TG_ARGV[i] ORDER BY i)::text INTO k
-          FROM generate_series(1, TG_NARGS - 1) AS i;
-    END IF;
-    tbl := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
-    IF m & 2 <> 0 THEN
-        PERFORM outbox._buffer_best_effort(TG_ARGV[0]::integer, tbl, act, k, r::text);
-    END IF;
-    IF m & 1 <> 0 THEN
-        INSERT INTO outbox.event (destination_id, topic_id, table_name, interaction, key, row_data)
-        SELECT d.id, TG_ARGV[0]::integer, tbl, act, k, CASE WHEN d.content = 'full-resource' THEN r END
-          FROM outbox.destination d
-          JOIN outbox.topic t ON t.url = d.topic_url
-         WHERE t.id = TG_ARGV[0]::integer
-           AND d.kind = 'kafka-at-least-once';
-        IF FOUND THEN
-            PERFORM outbox._wake_on_commit();
-        END IF;
-    END IF;
-    RETURN NULL;
-END
-$capture$;
 
 CREATE FUNCTION outbox._fail(code text, message text, hint text DEFAULT NULL, detail text DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql AS $$
@@ -138,6 +87,8 @@ DECLARE
     v_args      text;
     v_tgoid     oid;
     v_key       text;
+    v_qualified text;
+    v_tgargs    text[];
 BEGIN
     IF jsonb_typeof(p_entry) IS DISTINCT FROM 'object' THEN
         PERFORM outbox._fail('22023', format('invalid trigger entry for topic "%s": %s', p_url, p_entry),
@@ -182,8 +133,8 @@ BEGIN
         SELECT array_agg(DISTINCT x ORDER BY x) INTO v_inter
           FROM jsonb_array_elements_text(p_entry -> 'interactions') AS x;
         FOREACH v_i IN ARRAY v_inter LOOP
-            IF v_i NOT IN ('create', 'update', 'delete') THEN
-                PERFORM outbox._fail('22023', format('unknown interaction "%s" for table "%s"', v_i, v_table),
+            IF v_i IS NULL OR v_i NOT IN ('create', 'update', 'delete') THEN
+                PERFORM outbox._fail('22023', format('unknown interaction "%s" for table "%s"', coalesce(v_i, 'null'), v_table),
                     'Interactions are "create" (INSERT), "update" (UPDATE) and "delete" (DELETE).');
             END IF;
         END LOOP;
@@ -208,10 +159,12 @@ BEGIN
         RAISE NOTICE 'table "%" has no primary key: its events get a NULL Kafka key', v_table
             USING HINT = 'Add a primary key to keep each row''s changes in one partition, in order.';
     END IF;
-    v_args := quote_literal(p_topic_id::text);
-    IF cardinality(v_keys) > 0 THEN
-        v_args := v_args || ', ' || (SELECT string_agg(quote_literal(x), ', ') FROM unnest(v_keys) AS x);
-    END IF;
+    SELECT n.nspname || '.' || c.relname INTO v_qualified
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = v_oid;
+    -- Trigger arguments: topic id, the watched table (partitions inherit the
+    -- trigger and report their parent), then the primary-key columns.
+    v_tgargs := ARRAY[p_topic_id::text, v_qualified] || v_keys;
+    v_args := (SELECT string_agg(quote_literal(x), ', ') FROM unnest(v_tgargs) AS x);
 
     FOREACH v_i IN ARRAY v_inter LOOP
         v_event := CASE v_i WHEN 'create' THEN 'INSERT' WHEN 'update' THEN 'UPDATE' ELSE 'DELETE' END;
@@ -235,9 +188,12 @@ BEGIN
                 format('Interaction "%s" (%s trigger).', v_i, v_event));
         END;
         SELECT t.oid INTO v_tgoid FROM pg_trigger t WHERE t.tgrelid = v_oid AND t.tgname = v_name;
-        -- The criteria went into DDL text: make sure it did not smuggle in another function.
+        -- The criteria went into DDL text: make sure it did not smuggle in
+        -- another function or other arguments.
         IF NOT FOUND OR (SELECT tgfoid FROM pg_trigger WHERE oid = v_tgoid) <> 'outbox._capture()'::regprocedure
-           OR (SELECT tgnargs FROM pg_trigger WHERE oid = v_tgoid) <> 1 + cardinality(v_keys) THEN
+           OR (SELECT tgnargs FROM pg_trigger WHERE oid = v_tgoid) <> cardinality(v_tgargs)
+           OR (SELECT encode(tgargs, 'escape') FROM pg_trigger WHERE oid = v_tgoid)
+              <> array_to_string(v_tgargs, E'\\000') || E'\\000' THEN
             PERFORM outbox._fail('42P17', format('invalid criteria for table "%s" in topic "%s"', v_table, p_url),
                 'The criteria must be a single boolean SQL expression.');
         END IF;

@@ -1,14 +1,19 @@
-//! What the row trigger (`outbox._capture`, PL/pgSQL) needs from Rust:
-//! - a per-backend cache of each topic's destinations, invalidated by the
-//!   configuration generation in shared memory;
-//! - best-effort events kept in backend memory and handed to the shared queue
-//!   on COMMIT only (a rolled-back savepoint drops its own events);
-//! - one worker wake-up per committing transaction that captured anything.
+//! Capture: the row trigger `outbox._capture()`, in Rust.
+//! - It runs as the writing user: the row becomes JSON (`row_to_json`) with the
+//!   writer's rights, so a type's cast to json never runs as the extension owner.
+//! - Only the outbox INSERT runs as the extension owner (writers have no rights
+//!   on the outbox tables).
+//! - A per-backend cache of each topic's destinations is invalidated by the
+//!   configuration generation in shared memory.
+//! - Best-effort events are kept in backend memory and handed to the shared
+//!   queue on COMMIT only (a rolled-back savepoint drops its own events).
+//! - One worker wake-up per committing transaction that captured anything.
 
 use crate::kafka::Content;
 use crate::ring::{self, BestEffortEvent};
 use crate::status;
 use pgrx::prelude::*;
+use pgrx::{PgBuiltInOids, PgOid};
 use std::cell::RefCell;
 use std::collections::HashMap;
 
@@ -35,6 +40,10 @@ struct State {
     pending_bytes: usize,
     /// Best-effort events already dropped in this transaction, by destination.
     dropped: HashMap<String, u64>,
+    /// The extension owner, who writes the outbox.
+    owner: pg_sys::Oid,
+    /// The outbox INSERT, prepared once per backend and configuration.
+    insert_plan: Option<pgrx::spi::OwnedPreparedStatement>,
 }
 
 thread_local! {
@@ -77,49 +86,111 @@ fn load_routes() -> HashMap<i32, Route> {
     routes
 }
 
-fn route(topic_id: i32) -> Route {
-    let generation = status::config_generation();
-    let fresh = STATE.with(|s| {
-        let s = s.borrow();
-        s.routes.is_some() && s.generation == generation && !s.dirty
-    });
-    if !fresh {
-        let routes = load_routes();
-        STATE.with(|s| {
-            let mut s = s.borrow_mut();
-            s.routes = Some(routes);
-            s.generation = generation;
-            s.dirty = false;
-        });
-    }
-    STATE.with(|s| s.borrow().routes.as_ref().and_then(|r| r.get(&topic_id).cloned()).unwrap_or_default())
+fn extension_owner() -> pg_sys::Oid {
+    Spi::get_one::<pg_sys::Oid>("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pg_outbox'")
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| pgrx::error!("pg_outbox: the extension is not installed in this database"))
 }
 
-/// Bit 1: the topic has at-least-once destinations; bit 2: best-effort ones.
-#[pg_extern(volatile, parallel_unsafe)]
-fn _topic_mask(topic_id: i32) -> i32 {
-    let r = route(topic_id);
-    i32::from(r.at_least_once) | (i32::from(!r.best_effort.is_empty()) << 1)
+/// Run `f` as the extension owner. On an ERROR, (sub)transaction abort
+/// restores the writer's identity.
+fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    let (mut user, mut context) = (pg_sys::Oid::INVALID, 0);
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(owner, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+    }
+    let r = f();
+    unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
+    r
+}
+
+/// Make sure the cached routes are current; returns the extension owner.
+fn refresh() -> pg_sys::Oid {
+    let generation = status::config_generation();
+    let cached = STATE.with(|s| {
+        let s = s.borrow();
+        (s.routes.is_some() && s.generation == generation && !s.dirty).then_some(s.owner)
+    });
+    if let Some(owner) = cached {
+        return owner;
+    }
+    let owner = extension_owner();
+    let routes = as_owner(owner, load_routes);
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        s.routes = Some(routes);
+        s.generation = generation;
+        s.dirty = false;
+        s.owner = owner;
+        s.insert_plan = None;
+    });
+    owner
+}
+
+const INSERT_EVENTS: &str =
+    "INSERT INTO outbox.event (destination_id, topic_id, table_name, interaction, key, row_data) \
+     SELECT d.id, $1, $2, $3, $4, CASE WHEN d.content = 'full-resource' THEN $5 END \
+       FROM outbox.destination d JOIN outbox.topic t ON t.url = d.topic_url \
+      WHERE t.id = $1 AND d.kind = 'kafka-at-least-once'";
+
+/// Enqueue one outbox row per at-least-once destination of the topic, in this
+/// transaction, as the extension owner. Returns how many rows were written.
+fn enqueue(owner: pg_sys::Oid, topic_id: i32, table: &str, interaction: &str, key: Option<&str>, row: &str) -> u64 {
+    as_owner(owner, || {
+        Spi::connect_mut(|client| {
+            let plan = STATE.with(|s| s.borrow_mut().insert_plan.take());
+            let plan = match plan {
+                Some(p) => p,
+                None => client
+                    .prepare_mut(
+                        INSERT_EVENTS,
+                        &[
+                            PgOid::BuiltIn(PgBuiltInOids::INT4OID),
+                            PgOid::BuiltIn(PgBuiltInOids::TEXTOID),
+                            PgOid::BuiltIn(PgBuiltInOids::TEXTOID),
+                            PgOid::BuiltIn(PgBuiltInOids::TEXTOID),
+                            PgOid::BuiltIn(PgBuiltInOids::JSONOID),
+                        ],
+                    )?
+                    .keep(),
+            };
+            let args: [pgrx::datum::DatumWithOid; 5] =
+                [topic_id.into(), table.into(), interaction.into(), key.into(), unsafe {
+                    pgrx::datum::DatumWithOid::new(row.into_datum().expect("text datum"), pg_sys::JSONOID)
+                }];
+            client.update(&plan, None, &args)?;
+            let written = unsafe { pg_sys::SPI_processed };
+            STATE.with(|s| s.borrow_mut().insert_plan = Some(plan));
+            Ok::<_, pgrx::spi::SpiError>(written)
+        })
+        .unwrap_or_else(|e| pgrx::error!("pg_outbox: writing the outbox failed: {e}"))
+    })
 }
 
 /// Keep a change for the topic's best-effort destinations until COMMIT.
-#[pg_extern(volatile, parallel_unsafe)]
-fn _buffer_best_effort(topic_id: i32, table: &str, interaction: &str, key: Option<&str>, row: Option<&str>) {
-    let r = route(topic_id);
+fn buffer_best_effort(
+    destinations: &[(String, Content)],
+    table: &str,
+    interaction: &str,
+    key: Option<&str>,
+    row: &str,
+) {
     let subid = unsafe { pg_sys::GetCurrentSubTransactionId() };
     let timestamp_us = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
     let limit = ring::max_event_bytes();
     STATE.with(|s| {
         let mut s = s.borrow_mut();
         ensure_callbacks(&mut s);
-        for (dest, content) in &r.best_effort {
+        for (dest, content) in destinations {
             let ev = BestEffortEvent {
                 number: 0,
                 destination_id: dest.clone(),
                 table: table.to_string(),
                 interaction: interaction.to_string(),
                 key: key.map(str::to_string),
-                row: if *content == Content::FullResource { row.map(str::to_string) } else { None },
+                row: (*content == Content::FullResource).then(|| row.to_string()),
                 timestamp_us,
             }
             .encode();
@@ -134,14 +205,95 @@ fn _buffer_best_effort(topic_id: i32, table: &str, interaction: &str, key: Optio
     });
 }
 
-/// Called by the trigger after it enqueued at-least-once events.
-#[pg_extern(volatile, parallel_unsafe)]
-fn _wake_on_commit() {
-    STATE.with(|s| {
-        let mut s = s.borrow_mut();
-        ensure_callbacks(&mut s);
-        s.wake = true;
+/// Types whose text form is a JSON number or boolean as it is.
+fn json_bare(type_oid: pg_sys::Oid) -> bool {
+    [
+        pg_sys::INT2OID,
+        pg_sys::INT4OID,
+        pg_sys::INT8OID,
+        pg_sys::NUMERICOID,
+        pg_sys::FLOAT4OID,
+        pg_sys::FLOAT8OID,
+        pg_sys::OIDOID,
+    ]
+    .contains(&type_oid)
+}
+
+/// The Kafka key: the primary key's text form; a JSON array for several columns.
+unsafe fn row_key(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc, columns: &[String]) -> Option<String> {
+    let value = |name: &str| -> (Option<String>, pg_sys::Oid) {
+        let c = std::ffi::CString::new(name).expect("column name");
+        let attnum = unsafe { pg_sys::SPI_fnumber(desc, c.as_ptr()) };
+        if attnum <= 0 {
+            pgrx::error!("pg_outbox: key column \"{name}\" is missing");
+        }
+        let text = unsafe { pg_sys::SPI_getvalue(tuple, desc, attnum) };
+        let type_oid = unsafe { pg_sys::SPI_gettypeid(desc, attnum) };
+        let text = (!text.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(text) }.to_string_lossy().into_owned());
+        (text, type_oid)
+    };
+    match columns {
+        [] => None,
+        [one] => value(one).0,
+        many => {
+            let parts: Vec<String> = many
+                .iter()
+                .map(|c| match value(c) {
+                    (None, _) => "null".to_string(),
+                    (Some(t), oid) if json_bare(oid) => t,
+                    (Some(t), oid) if oid == pg_sys::BOOLOID => (t == "t").to_string(),
+                    (Some(t), _) => serde_json::to_string(&t).expect("string"),
+                })
+                .collect();
+            Some(format!("[{}]", parts.join(", ")))
+        }
+    }
+}
+
+/// The row trigger the API attaches: `outbox._capture(topic_id, table, key columns...)`.
+#[pg_trigger]
+fn _capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
+    let args = trigger.extra_args()?;
+    let (Some(topic_id), Some(table)) = (args.first().and_then(|a| a.parse::<i32>().ok()), args.get(1)) else {
+        pgrx::error!("pg_outbox: outbox._capture() needs a topic id and a table name as trigger arguments");
+    };
+    let owner = refresh();
+    let (at_least_once, best_effort) = STATE.with(|s| {
+        let s = s.borrow();
+        let r = s.routes.as_ref().and_then(|r| r.get(&topic_id));
+        (r.is_some_and(|r| r.at_least_once), r.map(|r| r.best_effort.clone()).unwrap_or_default())
     });
+    if !at_least_once && best_effort.is_empty() {
+        return Ok(None); // no destination (yet)
+    }
+    let td = trigger.trigger_data();
+    let op = td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
+    let (tuple, interaction) = if op == pg_sys::TRIGGER_EVENT_INSERT {
+        (td.tg_trigtuple, "create")
+    } else if op == pg_sys::TRIGGER_EVENT_UPDATE {
+        (td.tg_newtuple, "update")
+    } else {
+        (td.tg_trigtuple, "delete")
+    };
+    let (row, key) = unsafe {
+        let desc = (*td.tg_relation).rd_att;
+        let composite = pg_sys::heap_copy_tuple_as_datum(tuple, desc);
+        let json = pgrx::fcinfo::direct_function_call_as_datum(pg_sys::row_to_json, &[Some(composite)])
+            .expect("row_to_json returns a value");
+        let row = String::from_datum(json, false).expect("json text");
+        (row, row_key(tuple, desc, &args[2..]))
+    };
+    if !best_effort.is_empty() {
+        buffer_best_effort(&best_effort, table, interaction, key.as_deref(), &row);
+    }
+    if at_least_once && enqueue(owner, topic_id, table, interaction, key.as_deref(), &row) > 0 {
+        STATE.with(|s| {
+            let mut s = s.borrow_mut();
+            ensure_callbacks(&mut s);
+            s.wake = true;
+        });
+    }
+    Ok(None)
 }
 
 /// Called by the configuration functions: writers and the worker reload.

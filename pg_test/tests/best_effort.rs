@@ -43,9 +43,9 @@ fn best_effort_and_at_least_once_on_one_topic_each_get_the_same_messages() {
     assert_eq!(be.len(), 3, "{be:#?}");
     assert_eq!(alo.len(), 3, "{alo:#?}");
     let seconds = [
-        r#"{"resource":{"id": 7, "status": "draft"},"request":{"method":"POST","url":"/forms"}}"#,
-        r#"{"resource":{"id": 7, "status": "done"},"request":{"method":"PUT","url":"/forms/7"}}"#,
-        r#"{"resource":{"id": 7, "status": "done"},"request":{"method":"DELETE","url":"/forms/7"}}"#,
+        r#"{"resource":{"id":7,"status":"draft"},"request":{"method":"POST","url":"/forms"}}"#,
+        r#"{"resource":{"id":7,"status":"done"},"request":{"method":"PUT","url":"/forms/7"}}"#,
+        r#"{"resource":{"id":7,"status":"done"},"request":{"method":"DELETE","url":"/forms/7"}}"#,
     ];
     for ((b, a), second) in be.iter().zip(&alo).zip(seconds) {
         assert_eq!(b.payload, expected_bundle(b, "urn:forms", "forms-be", "forms/7", Some(second)));

@@ -78,18 +78,16 @@ fn create_update_delete_arrive_as_documented_bundles_keyed_by_primary_key() {
     let cases = [
         (
             "create",
-            format!(r#"{{"resource":{{"id": 17, "status": "draft"}},"request":{{"method":"POST","url":"/{t}"}}}}"#),
+            format!(r#"{{"resource":{{"id":17,"status":"draft"}},"request":{{"method":"POST","url":"/{t}"}}}}"#),
         ),
         (
             "update",
-            format!(
-                r#"{{"resource":{{"id": 17, "status": "completed"}},"request":{{"method":"PUT","url":"/{t}/17"}}}}"#
-            ),
+            format!(r#"{{"resource":{{"id":17,"status":"completed"}},"request":{{"method":"PUT","url":"/{t}/17"}}}}"#),
         ),
         (
             "delete",
             format!(
-                r#"{{"resource":{{"id": 17, "status": "completed"}},"request":{{"method":"DELETE","url":"/{t}/17"}}}}"#
+                r#"{{"resource":{{"id":17,"status":"completed"}},"request":{{"method":"DELETE","url":"/{t}/17"}}}}"#
             ),
         ),
     ];
@@ -320,4 +318,66 @@ fn create_extension_is_refused_outside_the_served_database() {
     assert_eq!(err.sqlstate, "55000", "{}", err.raw);
     assert!(err.message.contains("can only be created in database \"postgres\""), "{}", err.raw);
     assert!(err.hint.unwrap().contains("outbox.database"));
+}
+
+#[test]
+fn writers_need_no_rights_on_the_outbox_and_their_casts_run_as_themselves() {
+    let e = env();
+    let pg = &e.pg;
+    let t = unique("w");
+    let role = unique("writer");
+    let kafka_topic = unique("kw");
+    e.broker.create_topic(&kafka_topic, 1);
+    pg.sql(&format!(
+        "CREATE ROLE {role} LOGIN; CREATE TYPE {t}_mood AS ENUM ('ok'); CREATE TABLE {t}_seen (who text); \
+         GRANT INSERT ON {t}_seen TO PUBLIC; \
+         CREATE FUNCTION {t}_json({t}_mood) RETURNS json LANGUAGE plpgsql AS \
+           $$ BEGIN INSERT INTO {t}_seen VALUES (current_user); RETURN '\"cast\"'::json; END $$; \
+         CREATE CAST ({t}_mood AS json) WITH FUNCTION {t}_json({t}_mood); \
+         CREATE TABLE {t} (id int PRIMARY KEY, m {t}_mood); GRANT INSERT ON {t} TO {role}; \
+         SELECT outbox.create_topic('urn:{t}', '[{{\"table\": \"{t}\"}}]'); \
+         SELECT outbox.create_destination('{}', 'urn:{t}', 'kafka-at-least-once', \
+           '{{\"kafkaTopic\": \"{kafka_topic}\", \"bootstrapServers\": \"{}\"}}');",
+        t.replace('_', "-"),
+        e.broker.bootstrap()
+    ));
+    pg.sql(&format!("SET ROLE {role}; INSERT INTO {t} VALUES (1, 'ok');"));
+    // The cast to json ran as the writer, not as the extension owner.
+    assert_eq!(pg.sql(&format!("SELECT string_agg(who, ',') FROM {t}_seen")), role);
+    let msgs = consume(&e.broker.bootstrap(), &kafka_topic, 1, WAIT, Duration::from_millis(500));
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].json()["entry"][1]["resource"], serde_json::json!({"id": 1, "m": "cast"}));
+    // And the writer cannot reach the outbox or the trigger function itself.
+    let err = pg.sql_err(&format!("SET ROLE {role}; SELECT count(*) FROM outbox.event"));
+    assert_eq!(err.sqlstate, "42501", "{}", err.raw);
+}
+
+#[test]
+fn partitioned_table_events_name_the_partitioned_table() {
+    let e = env();
+    let pg = &e.pg;
+    let t = unique("part");
+    let kafka_topic = unique("kp");
+    e.broker.create_topic(&kafka_topic, 1);
+    pg.sql(&format!(
+        "CREATE TABLE {t} (id int PRIMARY KEY, v text) PARTITION BY RANGE (id); \
+         CREATE TABLE {t}_low PARTITION OF {t} FOR VALUES FROM (0) TO (100); \
+         SELECT outbox.create_topic('urn:{t}', '[{{\"table\": \"{t}\"}}]'); \
+         SELECT outbox.create_destination('{}', 'urn:{t}', 'kafka-at-least-once', \
+           '{{\"kafkaTopic\": \"{kafka_topic}\", \"bootstrapServers\": \"{}\"}}', 'id-only'); \
+         CREATE TABLE {t}_high PARTITION OF {t} FOR VALUES FROM (100) TO (200); \
+         INSERT INTO {t} VALUES (1, 'a'), (150, 'b');",
+        t.replace('_', "-"),
+        e.broker.bootstrap()
+    ));
+    let msgs = consume(&e.broker.bootstrap(), &kafka_topic, 2, WAIT, Duration::from_millis(500));
+    let mut refs: Vec<String> = msgs
+        .iter()
+        .map(|m| {
+            assert_eq!(m.header("source-table"), Some(format!("public.{t}").as_str()));
+            m.json()["entry"][1]["fullUrl"].as_str().unwrap().to_string()
+        })
+        .collect();
+    refs.sort();
+    assert_eq!(refs, vec![format!("{t}/1"), format!("{t}/150")]);
 }
