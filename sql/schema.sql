@@ -297,6 +297,10 @@ BEGIN
         PERFORM outbox._fail('22023', format('unknown content "%s" for destination "%s"', coalesce(content, ''), id),
             'Use ''full-resource'', ''id-only'' or ''empty''.');
     END IF;
+    IF (SELECT count(*) FROM outbox.destination) >= 128 THEN
+        PERFORM outbox._fail('54000', format('cannot create destination "%s": at most 128 destinations', id),
+            'Drop destinations you no longer need; the worker keeps their counters in 128 shared-memory slots.');
+    END IF;
     v_params := outbox._check_parameters(id, parameters);
     INSERT INTO outbox.destination (id, topic_url, kind, content, parameters)
     VALUES (create_destination.id, create_destination.topic, create_destination.kind,

@@ -180,7 +180,8 @@ impl Params {
             bootstrap_servers,
             compression_type,
             batch_size: get_int(obj, "batchSize", dest, 0, i32::MAX as i64)?,
-            delivery_timeout_ms: get_int(obj, "deliveryTimeoutMs", dest, 1, i32::MAX as i64)?
+            // librdkafka needs it above linger.ms (5).
+            delivery_timeout_ms: get_int(obj, "deliveryTimeoutMs", dest, 100, i32::MAX as i64)?
                 .unwrap_or(DEFAULT_DELIVERY_TIMEOUT_MS),
             max_request_size: get_int(obj, "maxRequestSize", dest, 1000, 1_000_000_000)?,
             request_timeout_ms: get_int(obj, "requestTimeoutMs", dest, 1, 900_000)?,

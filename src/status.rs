@@ -194,7 +194,9 @@ pub fn record_error(r: SlotRef, message: &str) {
     if slot.n_errors > 0 {
         // The same error again (a broker that stays down): refresh its time only.
         let newest = &mut slot.errors[(slot.next_error as usize + MAX_ERRORS - 1) % MAX_ERRORS];
-        if &newest.msg[..newest.len as usize] == message.as_bytes() {
+        let mut probe = [0u8; ERR_LEN];
+        let n = copy_str(&mut probe, message);
+        if newest.msg[..newest.len as usize] == probe[..n] {
             newest.at_us = now_us();
             return;
         }

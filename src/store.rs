@@ -4,6 +4,7 @@
 //! enqueue side is the row trigger in src/capture.rs.
 
 use crate::kafka::Event;
+use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
 
@@ -16,10 +17,17 @@ pub struct DestinationRow {
     pub parameters: String,
 }
 
-/// Is the extension installed in this database?
-pub fn extension_present() -> SpiResult<bool> {
-    Ok(Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_outbox')")?
-        .unwrap_or(false))
+/// The extension's pg_extension oid, if it is installed in this database.
+pub fn extension_oid() -> SpiResult<Option<pg_sys::Oid>> {
+    Spi::get_one::<pg_sys::Oid>("SELECT (SELECT oid FROM pg_catalog.pg_extension WHERE extname = 'pg_outbox')")
+}
+
+/// Remove events whose destination no longer exists.
+pub fn delete_orphans() -> SpiResult<()> {
+    Spi::run(
+        "DELETE FROM outbox.event e WHERE NOT EXISTS \
+           (SELECT 1 FROM outbox.destination d WHERE d.id = e.destination_id)",
+    )
 }
 
 /// Every destination.
@@ -70,26 +78,31 @@ pub fn claim(destination_id: &str, limit: i64) -> SpiResult<Vec<Event>> {
 }
 
 /// Kafka acknowledged these events: they leave the outbox.
-pub fn acknowledge(ids: &[i64]) -> SpiResult<()> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    Spi::connect_mut(|client| {
-        client.update("DELETE FROM outbox.event WHERE id = ANY($1)", None, &[ids.to_vec().into()])?;
-        Ok(())
-    })
-}
-
-/// A delivery attempt of these events failed: they stay, with the error.
-pub fn record_failure(ids: &[i64], error: &str) -> SpiResult<()> {
+pub fn acknowledge(destination_id: &str, ids: &[i64]) -> SpiResult<()> {
     if ids.is_empty() {
         return Ok(());
     }
     Spi::connect_mut(|client| {
         client.update(
-            "UPDATE outbox.event SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1)",
+            "DELETE FROM outbox.event WHERE destination_id = $1 AND id = ANY($2)",
             None,
-            &[ids.to_vec().into(), error.into()],
+            &[destination_id.into(), ids.to_vec().into()],
+        )?;
+        Ok(())
+    })
+}
+
+/// A delivery attempt of these events failed: they stay, with the error.
+pub fn record_failure(destination_id: &str, ids: &[i64], error: &str) -> SpiResult<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    Spi::connect_mut(|client| {
+        client.update(
+            "UPDATE outbox.event SET attempts = attempts + 1, last_error = $3 \
+              WHERE destination_id = $1 AND id = ANY($2)",
+            None,
+            &[destination_id.into(), ids.to_vec().into(), error.into()],
         )?;
         Ok(())
     })

@@ -92,6 +92,8 @@ struct Destination {
     lost_reason: Option<String>,
     retry_at: Option<Instant>,
     backoff: Duration,
+    /// Some event of the batch in flight failed.
+    batch_failed: bool,
     /// (messages suppressed since, time of the last log line)
     last_logged: Option<(u64, Instant)>,
 }
@@ -117,6 +119,7 @@ impl Destination {
             lost_reason: None,
             retry_at: None,
             backoff: Duration::ZERO,
+            batch_failed: false,
             last_logged: None,
         }
     }
@@ -227,7 +230,12 @@ struct Worker {
     seen_generation: u64,
     last_reload: Option<Instant>,
     extension_present: bool,
+    /// pg_extension oid of the installation being served.
+    extension: Option<pg_sys::Oid>,
+    /// Events of dropped destinations were removed since the worker started.
+    swept: bool,
     terminating: bool,
+    postmaster_died: bool,
 }
 
 #[pg_guard]
@@ -253,21 +261,35 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
         seen_generation: u64::MAX,
         last_reload: None,
         extension_present: false,
+        extension: None,
+        swept: false,
         terminating: false,
+        postmaster_died: false,
     };
     // Whatever a previous incarnation had in flight is still in the outbox.
     status::release_all();
     status::publish_worker_latch(unsafe { pg_sys::MyLatch });
+    // However the worker exits, commits must stop setting its latch.
+    unsafe { pg_sys::before_shmem_exit(Some(withdraw_latch), pg_sys::Datum::from(0)) };
 
     while !worker.terminating {
         worker.turn();
         worker.wait();
+    }
+    if worker.postmaster_died {
+        // Nothing to flush into: the server is gone.
+        unsafe { pg_sys::proc_exit(1) };
     }
     worker.shut_down();
     status::publish_worker_latch(std::ptr::null_mut());
     pgrx::log!("pg_outbox worker stopped");
     // Exit code 1: the postmaster restarts us unless the server is shutting down.
     unsafe { pg_sys::proc_exit(1) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn withdraw_latch(_code: i32, _arg: pg_sys::Datum) {
+    status::publish_worker_latch(std::ptr::null_mut());
 }
 
 impl Worker {
@@ -293,7 +315,8 @@ impl Worker {
         let now = Instant::now();
         let mut timeout = Duration::from_millis(config::POLL_INTERVAL_MS.get() as u64);
         for d in self.destinations.values_mut() {
-            for due in [d.oldest_deadline(), d.retry_at].into_iter().flatten() {
+            let retry = d.retry_at.filter(|_| d.in_flight.is_empty());
+            for due in [d.oldest_deadline(), retry].into_iter().flatten() {
                 timeout = timeout.min(due.saturating_duration_since(now) + Duration::from_millis(1));
             }
         }
@@ -311,9 +334,15 @@ impl Worker {
         unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
         let mut buf = [0u8; 256];
         while unsafe { libc::read(self.wake_read, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
-        if rc & pg_sys::WL_POSTMASTER_DEATH as i32 != 0 || BackgroundWorker::sigterm_received() {
+        if rc & pg_sys::WL_POSTMASTER_DEATH as i32 != 0 {
+            self.postmaster_died = true;
             self.terminating = true;
         }
+        if BackgroundWorker::sigterm_received() {
+            self.terminating = true;
+        }
+        // Absorb procsignal barriers and the like even while idle.
+        pgrx::check_for_interrupts!();
     }
 
     fn maybe_reload(&mut self) {
@@ -323,20 +352,31 @@ impl Worker {
             return;
         }
         let loaded = in_transaction("reading the configuration", || {
-            if !store::extension_present()? {
+            let Some(extension) = store::extension_oid()? else {
                 return Ok(None);
-            }
-            store::destinations().map(Some)
+            };
+            store::destinations().map(|rows| Some((extension, rows)))
         });
         self.last_reload = Some(Instant::now());
         match loaded {
-            Some(Ok(Some(rows))) => {
+            Some(Ok(Some((extension, rows)))) => {
                 self.seen_generation = generation;
-                if !self.extension_present {
+                if self.extension != Some(extension) {
+                    // Created (again): nothing of a former incarnation carries over,
+                    // event ids start anew.
+                    self.apply_configuration(Vec::new());
+                    self.extension = Some(extension);
                     pgrx::log!("pg_outbox worker: serving {} destination(s)", rows.len());
                 }
                 self.extension_present = true;
+                let before = self.destinations.len();
                 self.apply_configuration(rows);
+                if self.destinations.len() < before || !self.swept {
+                    // A writer that read a destination just before it was dropped
+                    // may have left events for it: remove them.
+                    self.swept = in_transaction("removing events of dropped destinations", store::delete_orphans)
+                        .is_some_and(|r| r.is_ok());
+                }
             }
             Some(Ok(None)) => {
                 self.seen_generation = generation;
@@ -344,6 +384,7 @@ impl Worker {
                     pgrx::log!("pg_outbox worker: extension dropped, idle until it is created again");
                 }
                 self.extension_present = false;
+                self.extension = None;
                 self.apply_configuration(Vec::new());
             }
             Some(Err(e)) => pgrx::warning!("pg_outbox worker: reading the configuration failed: {e}"),
@@ -484,8 +525,8 @@ impl Worker {
             let failed_ids: Vec<i64> = failed.iter().map(|(id, _)| *id).collect();
             let first_error = failed.first().map(|(_, e)| e.clone()).unwrap_or_default();
             let done = in_transaction("recording deliveries", || -> pgrx::spi::SpiResult<()> {
-                store::acknowledge(&acked)?;
-                store::record_failure(&failed_ids, &first_error)
+                store::acknowledge(&d.id, &acked)?;
+                store::record_failure(&d.id, &failed_ids, &first_error)
             });
             if !matches!(done, Some(Ok(()))) {
                 // Not recorded: the events are still in the outbox and will be
@@ -494,12 +535,14 @@ impl Worker {
                 continue;
             }
             status::record_outcome(d.slot, acked.len() as u64, failed_ids.len() as u64, d.in_flight.len() as u64);
-            if failed_ids.is_empty() {
-                d.backoff = Duration::ZERO;
-                d.retry_at = None;
-            } else {
+            if !failed_ids.is_empty() {
+                d.batch_failed = true;
                 d.error(&format!("delivery of {} event(s) failed: {first_error}", failed_ids.len()));
                 d.back_off();
+            } else if d.in_flight.is_empty() && !d.batch_failed {
+                // The whole batch went through: the next one need not wait.
+                d.backoff = Duration::ZERO;
+                d.retry_at = None;
             }
         }
     }
@@ -529,6 +572,7 @@ impl Worker {
                 continue;
             }
             d.retry_at = None;
+            d.batch_failed = false;
             for ev in &events {
                 if let Err(error) = d.send(ev) {
                     // Stop here: what follows must not overtake this event.
