@@ -108,6 +108,15 @@ fn killed_worker_is_restarted_and_delivers_what_was_committed() {
     let new_pid = wait_for("a new worker", WAIT, || pg.worker_pid().filter(|p| *p != pid));
     assert_ne!(new_pid, pid);
     wait_for("the outbox to drain", WAIT, || (pg.count("SELECT count(*) FROM outbox.event") == 0).then_some(()));
+
+    // A terminated worker (SIGTERM, no crash) is restarted within seconds too.
+    pg.sql(&format!("SELECT pg_terminate_backend({new_pid})"));
+    pg.sql("INSERT INTO items SELECT generate_series(1001, 1100)");
+    let third = wait_for("the worker back after pg_terminate_backend", Duration::from_secs(20), || {
+        pg.worker_pid().filter(|p| *p != new_pid)
+    });
+    assert_ne!(third, new_pid);
+    assert_eq!(keys(&broker.bootstrap(), "items", 1100), (1..=1100).collect::<BTreeSet<i64>>());
     pg.stop("fast");
 }
 
