@@ -64,7 +64,8 @@ fn create_topic_attaches_one_trigger_per_interaction_with_the_criteria() {
     assert!(defs.contains("AFTER INSERT ON public.orders FOR EACH ROW WHEN ((new.status = 'paid'::text))"), "{defs}");
     assert!(defs.contains("AFTER UPDATE ON public.orders"), "{defs}");
     assert!(!defs.contains("DELETE"), "{defs}");
-    assert!(defs.contains("EXECUTE FUNCTION outbox._capture('1', 'public.orders', 'id')"), "{defs}");
+    let topic_id = count("SELECT id FROM outbox.topic WHERE url = 'urn:orders'");
+    assert!(defs.contains(&format!("EXECUTE FUNCTION outbox._capture('{topic_id}', 'public.orders', 'id')")), "{defs}");
 }
 
 #[pg_test]
@@ -134,4 +135,17 @@ fn user_errors_carry_sqlstate_message_and_hint() {
     // Nothing half-created by the failures above.
     assert_eq!(count("SELECT count(*) FROM outbox.topic"), 1);
     assert_eq!(count("SELECT count(*) FROM outbox.destination"), 2);
+}
+
+#[pg_test]
+fn best_effort_destinations_write_nothing_to_the_outbox() {
+    setup_orders();
+    Spi::run(
+        "SELECT outbox.create_destination('orders-be', 'urn:orders', 'kafka-best-effort',
+           '{\"kafkaTopic\": \"orders\", \"bootstrapServers\": \"127.0.0.1:9\"}')",
+    )
+    .unwrap();
+    Spi::run("INSERT INTO public.orders VALUES (5, 'paid')").unwrap();
+    assert_eq!(count("SELECT count(*) FROM outbox.event"), 2); // the two at-least-once destinations
+    assert_eq!(count("SELECT count(*) FROM outbox.event WHERE destination_id = 'orders-be'"), 0);
 }
