@@ -23,6 +23,8 @@ const RELOAD_EVERY: Duration = Duration::from_secs(10);
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
 /// How long past deliveryTimeoutMs a batch may stay unacknowledged.
 const STUCK_GRACE: Duration = Duration::from_millis(1000);
+/// Pause after a busy pass, in microseconds (bounds wake-ups under load).
+const BUSY_PAUSE_US: libc::c_long = 1000;
 /// Best-effort events taken from the shared queue per pass.
 const BEST_EFFORT_PER_TURN: usize = 10_000;
 /// A destination writes at most one error line to the server log this often.
@@ -236,6 +238,8 @@ struct Worker {
     swept: bool,
     terminating: bool,
     postmaster_died: bool,
+    /// The last pass had work to do.
+    busy: bool,
 }
 
 #[pg_guard]
@@ -265,6 +269,7 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
         swept: false,
         terminating: false,
         postmaster_died: false,
+        busy: false,
     };
     // Whatever a previous incarnation had in flight is still in the outbox.
     status::release_all();
@@ -312,6 +317,11 @@ impl Worker {
     /// Sleep until a commit sets the latch, a producer has reports, a retry or
     /// an expiry is due, or the poll interval passed.
     fn wait(&mut self) {
+        if std::mem::take(&mut self.busy) {
+            // Under load, let commits accumulate for a moment: one pass then
+            // serves many events, and writers find the latch already set.
+            unsafe { pg_sys::pg_usleep(BUSY_PAUSE_US) };
+        }
         let now = Instant::now();
         let mut timeout = Duration::from_millis(config::POLL_INTERVAL_MS.get() as u64);
         for d in self.destinations.values_mut() {
@@ -571,6 +581,7 @@ impl Worker {
             if events.is_empty() || !d.ensure_producer(&mut self.next_epoch, &self.tx, self.wake_write) {
                 continue;
             }
+            self.busy = true;
             d.retry_at = None;
             d.batch_failed = false;
             for ev in &events {
@@ -594,6 +605,7 @@ impl Worker {
             if records.is_empty() {
                 return;
             }
+            self.busy = true;
             for record in records {
                 let Some(ev) = ring::BestEffortEvent::decode(&record) else { continue };
                 if !self.destinations.contains_key(&ev.destination_id) && !reloaded {
