@@ -38,8 +38,10 @@ struct State {
     /// Best-effort events of this transaction: (subtransaction, destination, encoded).
     pending: Vec<(pg_sys::SubTransactionId, String, Vec<u8>)>,
     pending_bytes: usize,
-    /// Best-effort events already dropped in this transaction, by destination.
-    dropped: HashMap<String, u64>,
+    /// Best-effort events already dropped in this transaction: (subtransaction, destination).
+    dropped: Vec<(pg_sys::SubTransactionId, String)>,
+    /// The routes were read with a snapshot that must not outlive this transaction.
+    reload_after_transaction: bool,
     /// The extension owner, who writes the outbox.
     owner: pg_sys::Oid,
     /// The outbox INSERT, prepared once per backend and configuration.
@@ -64,7 +66,10 @@ fn load_routes() -> HashMap<i32, Route> {
     let mut routes: HashMap<i32, Route> = HashMap::new();
     Spi::connect(|client| {
         let rows = client.select(
-            "SELECT t.id, d.id, d.kind, d.content FROM outbox.destination d JOIN outbox.topic t ON t.url = d.topic_url",
+            // Runs as the extension owner with the writer's search_path:
+            // operators are schema-qualified so none of the writer's can run.
+            "SELECT t.id, d.id, d.kind, d.content \
+               FROM outbox.destination d JOIN outbox.topic t ON t.url OPERATOR(pg_catalog.=) d.topic_url",
             None,
             &[],
         )?;
@@ -87,10 +92,12 @@ fn load_routes() -> HashMap<i32, Route> {
 }
 
 fn extension_owner() -> pg_sys::Oid {
-    Spi::get_one::<pg_sys::Oid>("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pg_outbox'")
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| pgrx::error!("pg_outbox: the extension is not installed in this database"))
+    Spi::get_one::<pg_sys::Oid>(
+        "SELECT extowner FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'pg_outbox'",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| pgrx::error!("pg_outbox: the extension is not installed in this database"))
 }
 
 /// Run `f` as the extension owner. On an ERROR, (sub)transaction abort
@@ -99,7 +106,10 @@ fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     let (mut user, mut context) = (pg_sys::Oid::INVALID, 0);
     unsafe {
         pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(owner, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            context | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32,
+        );
     }
     let r = f();
     unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
@@ -118,22 +128,31 @@ fn refresh() -> pg_sys::Oid {
     }
     let owner = extension_owner();
     let routes = as_owner(owner, load_routes);
+    // Under REPEATABLE READ and SERIALIZABLE the query saw the transaction's
+    // snapshot, which may predate the generation read above: trust it for this
+    // transaction only. Without shared memory (not preloaded) never trust it.
+    let this_transaction_only =
+        unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 || !crate::preloaded();
     STATE.with(|s| {
         let mut s = s.borrow_mut();
+        ensure_callbacks(&mut s);
         s.routes = Some(routes);
         s.generation = generation;
         s.dirty = false;
+        s.reload_after_transaction = this_transaction_only;
         s.owner = owner;
         s.insert_plan = None;
     });
     owner
 }
 
+/// Runs as the extension owner with the writer's search_path: every operator
+/// is schema-qualified, so no operator of the writer's can run as the owner.
 const INSERT_EVENTS: &str =
     "INSERT INTO outbox.event (destination_id, topic_id, table_name, interaction, key, row_data) \
-     SELECT d.id, $1, $2, $3, $4, CASE WHEN d.content = 'full-resource' THEN $5 END \
-       FROM outbox.destination d JOIN outbox.topic t ON t.url = d.topic_url \
-      WHERE t.id = $1 AND d.kind = 'kafka-at-least-once'";
+     SELECT d.id, $1, $2, $3, $4, CASE WHEN d.content OPERATOR(pg_catalog.=) 'full-resource' THEN $5 END \
+       FROM outbox.destination d JOIN outbox.topic t ON t.url OPERATOR(pg_catalog.=) d.topic_url \
+      WHERE t.id OPERATOR(pg_catalog.=) $1 AND d.kind OPERATOR(pg_catalog.=) 'kafka-at-least-once'";
 
 /// Enqueue one outbox row per at-least-once destination of the topic, in this
 /// transaction, as the extension owner. Returns how many rows were written.
@@ -196,7 +215,7 @@ fn buffer_best_effort(
             .encode();
             // More than the whole queue could take: drop now rather than hold it.
             if s.pending_bytes + ev.len() + 4 > limit {
-                *s.dropped.entry(dest.clone()).or_default() += 1;
+                s.dropped.push((subid, dest.clone()));
                 continue;
             }
             s.pending_bytes += ev.len() + 4;
@@ -308,6 +327,9 @@ fn _changed_on_commit() {
 }
 
 fn reset(s: &mut State) {
+    if std::mem::take(&mut s.reload_after_transaction) {
+        s.dirty = true;
+    }
     s.config_changed = false;
     s.wake = false;
     s.pending.clear();
@@ -323,13 +345,17 @@ fn hand_over(s: &mut State) -> bool {
     }
     let mut encoded: Vec<Vec<u8>> = s.pending.iter_mut().map(|(_, _, ev)| std::mem::take(ev)).collect();
     let accepted = ring::push(&mut encoded);
+    let mut lost: HashMap<&str, u64> = HashMap::new();
     for ((_, dest, _), ok) in s.pending.iter().zip(&accepted) {
         if !ok {
-            *s.dropped.entry(dest.clone()).or_default() += 1;
+            *lost.entry(dest.as_str()).or_default() += 1;
         }
     }
-    for (dest, n) in &s.dropped {
-        status::add_lost(dest, *n);
+    for (_, dest) in &s.dropped {
+        *lost.entry(dest.as_str()).or_default() += 1;
+    }
+    for (dest, n) in lost {
+        status::add_lost(dest, n);
     }
     accepted.iter().any(|ok| *ok)
 }
@@ -340,33 +366,35 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
     STATE.with(|cell| {
         let Ok(mut s) = cell.try_borrow_mut() else { return };
         match event {
-            XACT_EVENT_PRE_COMMIT => {
-                if s.config_changed {
-                    // Before the change is visible, and again after: a writer
-                    // that reloads in between sees the second bump too.
-                    status::bump_config_generation();
-                }
-            }
+            // Before the change is visible, and again after: a writer that
+            // reloads in between sees the second bump too.
+            XACT_EVENT_PRE_COMMIT if s.config_changed => status::bump_config_generation(),
             XACT_EVENT_COMMIT => {
-                let pushed = hand_over(&mut s);
-                if s.config_changed {
-                    status::bump_config_generation();
-                }
-                if pushed || s.wake || s.config_changed {
-                    status::wake_worker();
-                }
+                // After the commit an ERROR would be a PANIC: contain any panic.
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let pushed = hand_over(&mut s);
+                    if s.config_changed {
+                        status::bump_config_generation();
+                    }
+                    if pushed || s.wake || s.config_changed {
+                        status::wake_worker();
+                    }
+                }));
                 reset(&mut s);
-            }
-            XACT_EVENT_PRE_PREPARE => {
-                if !s.pending.is_empty() {
-                    drop(s);
-                    crate::error::UserError::new(
-                        PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                        "cannot PREPARE a transaction that captured changes for best-effort destinations",
-                    )
-                    .hint("Best-effort events are handed over on COMMIT; use a plain COMMIT, or at-least-once destinations.")
-                    .raise();
+                if outcome.is_err() {
+                    pgrx::warning!("pg_outbox: handing over this transaction's best-effort events failed");
                 }
+            }
+            XACT_EVENT_PRE_PREPARE if !s.pending.is_empty() => {
+                drop(s);
+                crate::error::UserError::new(
+                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                    "cannot PREPARE a transaction that captured changes for best-effort destinations",
+                )
+                .hint(
+                    "Best-effort events are handed over on COMMIT; use a plain COMMIT, or at-least-once destinations.",
+                )
+                .raise();
             }
             XACT_EVENT_ABORT | XACT_EVENT_PREPARE => {
                 if s.config_changed {
@@ -394,6 +422,7 @@ unsafe extern "C-unwind" fn on_subxact(
         // Subtransaction ids grow: the aborted one and its children are >= my_subid.
         let before = s.pending.len();
         s.pending.retain(|(subid, _, _)| *subid < my_subid);
+        s.dropped.retain(|(subid, _)| *subid < my_subid);
         if s.pending.len() != before {
             s.pending_bytes = s.pending.iter().map(|(_, _, ev)| ev.len() + 4).sum();
         }

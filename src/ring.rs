@@ -160,20 +160,36 @@ pub fn push(events: &mut [Vec<u8>]) -> Vec<bool> {
         .collect()
 }
 
-/// Take up to `max` events, oldest first.
-pub fn pop(max: usize) -> Vec<Vec<u8>> {
-    let Some((h, data, _guard)) = locked() else {
-        return Vec::new();
+/// Take up to `max` events (and about `max_bytes`), oldest first. Under the
+/// lock only one copy of the bytes is made; the records are split after it.
+pub fn pop(max: usize, max_bytes: usize) -> Vec<Vec<u8>> {
+    let (raw, count) = {
+        let Some((h, data, _guard)) = locked() else {
+            return Vec::new();
+        };
+        let mut end = h.tail;
+        let mut count = 0;
+        while end < h.head && count < max {
+            let mut len = [0u8; 4];
+            read_at(data, end, &mut len);
+            let next = end + 4 + u32::from_le_bytes(len) as u64;
+            if count > 0 && next - h.tail > max_bytes as u64 {
+                break;
+            }
+            end = next;
+            count += 1;
+        }
+        let mut raw = vec![0u8; (end - h.tail) as usize];
+        read_at(data, h.tail, &mut raw);
+        h.tail = end;
+        (raw, count)
     };
-    let mut out = Vec::new();
-    while h.tail < h.head && out.len() < max {
-        let mut len = [0u8; 4];
-        read_at(data, h.tail, &mut len);
-        let len = u32::from_le_bytes(len) as usize;
-        let mut ev = vec![0u8; len];
-        read_at(data, h.tail + 4, &mut ev);
-        h.tail += 4 + len as u64;
-        out.push(ev);
+    let mut out = Vec::with_capacity(count);
+    let mut at = 0;
+    while at + 4 <= raw.len() {
+        let len = u32::from_le_bytes(raw[at..at + 4].try_into().expect("4 bytes")) as usize;
+        out.push(raw[at + 4..at + 4 + len].to_vec());
+        at += 4 + len;
     }
     out
 }

@@ -16,6 +16,8 @@ const ERR_LEN: usize = 300;
 pub enum State {
     Active = 1,
     Error = 2,
+    /// No running worker serves the destination (yet).
+    Stopped = 3,
 }
 
 #[derive(Copy, Clone)]
@@ -90,6 +92,9 @@ pub fn init_shmem() {
 
 /// Set the worker's latch, if a worker is running. Safe in commit callbacks.
 pub fn wake_worker() {
+    if !crate::preloaded() {
+        return;
+    }
     let latch = CONTROL.get().latch.load(Ordering::Acquire);
     if latch != 0 {
         unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
@@ -97,10 +102,17 @@ pub fn wake_worker() {
 }
 
 pub fn bump_config_generation() {
+    if !crate::preloaded() {
+        return;
+    }
     CONTROL.get().config_generation.fetch_add(1, Ordering::AcqRel);
 }
 
+/// The configuration generation (0 when not preloaded: callers must not cache).
 pub fn config_generation() -> u64 {
+    if !crate::preloaded() {
+        return 0;
+    }
     CONTROL.get().config_generation.load(Ordering::Acquire)
 }
 
@@ -133,28 +145,59 @@ impl Slot {
 #[derive(Clone, Copy, Debug)]
 pub struct SlotRef(usize);
 
-/// Claim a slot for a destination the worker starts serving (None: all in use).
-pub fn claim_slot(id: &str) -> Option<SlotRef> {
-    let mut s = SLOTS.exclusive();
+fn find_or_take(s: &mut Slots, id: &str) -> Option<usize> {
+    if let Some(i) = s.slots.iter().position(|x| x.used && x.id() == id) {
+        return Some(i);
+    }
     let i = s.slots.iter().position(|x| !x.used)?;
     let slot = &mut s.slots[i];
     *slot = EMPTY_SLOT;
     slot.used = true;
     slot.id_len = copy_str(&mut slot.id, id) as u8;
+    slot.state = State::Stopped as u8;
+    Some(i)
+}
+
+/// The worker starts serving a destination (None: all slots in use). Counters
+/// that writers already kept for it (best-effort losses) carry over.
+pub fn claim_slot(id: &str) -> Option<SlotRef> {
+    let mut s = SLOTS.exclusive();
+    let i = find_or_take(&mut s, id)?;
+    let slot = &mut s.slots[i];
     slot.start_us = now_us();
     slot.state = State::Active as u8;
     Some(SlotRef(i))
 }
 
+/// The destination is gone: forget its counters.
 pub fn release_slot(r: SlotRef) {
     SLOTS.exclusive().slots[r.0] = EMPTY_SLOT;
 }
 
-/// Forget every slot (worker start: nothing is in process any more).
-pub fn release_all() {
+/// The worker stops serving a destination; its counters stay visible.
+pub fn mark_stopped(r: SlotRef) {
     let mut s = SLOTS.exclusive();
-    for slot in s.slots.iter_mut() {
-        *slot = EMPTY_SLOT;
+    let slot = &mut s.slots[r.0];
+    slot.state = State::Stopped as u8;
+    slot.in_process = 0;
+}
+
+/// Worker start: whatever a previous worker had in process is not any more.
+pub fn worker_started() {
+    let mut s = SLOTS.exclusive();
+    for slot in s.slots.iter_mut().filter(|x| x.used) {
+        slot.state = State::Stopped as u8;
+        slot.in_process = 0;
+    }
+}
+
+/// Forget the slots of destinations that no longer exist.
+pub fn retain_only(ids: &std::collections::HashSet<&str>) {
+    let mut s = SLOTS.exclusive();
+    for slot in s.slots.iter_mut().filter(|x| x.used) {
+        if !ids.contains(slot.id()) {
+            *slot = EMPTY_SLOT;
+        }
     }
 }
 
@@ -171,11 +214,15 @@ pub fn record_outcome(r: SlotRef, delivered: u64, failed: u64, in_process: u64) 
     }
 }
 
-/// Count best-effort events lost, by destination id (writers, on commit).
+/// Count best-effort events lost, by destination id (writers, on commit),
+/// also while no worker serves the destination.
 pub fn add_lost(id: &str, n: u64) {
+    if !crate::preloaded() {
+        return;
+    }
     let mut s = SLOTS.exclusive();
-    if let Some(slot) = s.slots.iter_mut().find(|x| x.used && x.id() == id) {
-        slot.lost += n;
+    if let Some(i) = find_or_take(&mut s, id) {
+        s.slots[i].lost += n;
     }
 }
 
@@ -242,7 +289,7 @@ fn _destination_stats() -> TableIterator<
     (
         name!(id, String),
         name!(status, String),
-        name!(start_timestamp, TimestampWithTimeZone),
+        name!(start_timestamp, Option<TimestampWithTimeZone>),
         name!(messages_delivered, i64),
         name!(messages_delivery_attempts, i64),
         name!(messages_in_process, i64),
@@ -268,9 +315,14 @@ fn _destination_stats() -> TableIterator<
                     })
                 })
                 .collect();
-            let state = if s.state == State::Error as u8 { "error" } else { "active" };
-            let start = TimestampWithTimeZone::try_from(pg_sys::TimestampTz::from(s.start_us))
-                .unwrap_or_else(|_| TimestampWithTimeZone::try_from(0i64).expect("epoch"));
+            let state = match s.state {
+                x if x == State::Error as u8 => "error",
+                x if x == State::Stopped as u8 => "stopped",
+                _ => "active",
+            };
+            let start = (s.start_us != 0)
+                .then(|| TimestampWithTimeZone::try_from(pg_sys::TimestampTz::from(s.start_us)).ok())
+                .flatten();
             (
                 s.id().to_string(),
                 state.to_string(),

@@ -25,8 +25,9 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
 const STUCK_GRACE: Duration = Duration::from_millis(1000);
 /// Pause after a busy pass, in microseconds (bounds wake-ups under load).
 const BUSY_PAUSE_US: libc::c_long = 1000;
-/// Best-effort events taken from the shared queue per pass.
+/// Best-effort events (and bytes) taken from the shared queue per pass.
 const BEST_EFFORT_PER_TURN: usize = 10_000;
+const BEST_EFFORT_BYTES_PER_TURN: usize = 4 << 20;
 /// A destination writes at most one error line to the server log this often.
 const LOG_EVERY: Duration = Duration::from_secs(30);
 
@@ -272,7 +273,7 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
         busy: false,
     };
     // Whatever a previous incarnation had in flight is still in the outbox.
-    status::release_all();
+    status::worker_started();
     status::publish_worker_latch(unsafe { pg_sys::MyLatch });
     // However the worker exits, commits must stop setting its latch.
     unsafe { pg_sys::before_shmem_exit(Some(withdraw_latch), pg_sys::Datum::from(0)) };
@@ -410,6 +411,7 @@ impl Worker {
                 status::release_slot(d.slot);
             }
         }
+        status::retain_only(&wanted);
         for row in rows {
             if let Some(d) = self.destinations.get(&row.id) {
                 let same = d.parameters_text == row.parameters
@@ -419,10 +421,9 @@ impl Worker {
                 if same {
                     continue;
                 }
-                // Changed: rebuild. At-least-once events in flight stay in the outbox and are sent again.
-                if let Some(d) = self.destinations.remove(&row.id) {
-                    status::release_slot(d.slot);
-                }
+                // Changed: rebuild (counters carry over). At-least-once events in
+                // flight stay in the outbox and are sent again.
+                self.destinations.remove(&row.id);
             }
             let value: serde_json::Value = serde_json::from_str(&row.parameters).unwrap_or(serde_json::Value::Null);
             let params = match Params::parse(&row.id, &value) {
@@ -600,8 +601,9 @@ impl Worker {
     /// Best-effort: produce what writers handed to the shared queue.
     fn drain_best_effort(&mut self) {
         let mut reloaded = false;
-        loop {
-            let records = ring::pop(BEST_EFFORT_PER_TURN);
+        // One bounded batch per pass, so nothing else waits behind a busy queue.
+        {
+            let records = ring::pop(BEST_EFFORT_PER_TURN, BEST_EFFORT_BYTES_PER_TURN);
             if records.is_empty() {
                 return;
             }
@@ -618,7 +620,8 @@ impl Worker {
                 let Some(d) = self.destinations.get_mut(&ev.destination_id).filter(|d| d.best_effort) else {
                     continue;
                 };
-                if !d.ensure_producer(&mut self.next_epoch, &self.tx, self.wake_write) {
+                let waiting = d.producer.is_none() && d.retry_at.is_some_and(|t| t > Instant::now());
+                if waiting || !d.ensure_producer(&mut self.next_epoch, &self.tx, self.wake_write) {
                     d.lost_best_effort += 1;
                     d.lost_reason = Some("no Kafka producer".into());
                     continue;
@@ -654,7 +657,7 @@ impl Worker {
         self.take_reports();
         self.record_outcomes();
         for d in std::mem::take(&mut self.destinations).into_values() {
-            status::release_slot(d.slot);
+            status::mark_stopped(d.slot);
         }
     }
 }

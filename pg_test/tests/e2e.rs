@@ -343,8 +343,18 @@ fn writers_need_no_rights_on_the_outbox_and_their_casts_run_as_themselves() {
         t.replace('_', "-"),
         e.broker.bootstrap()
     ));
-    pg.sql(&format!("SET ROLE {role}; INSERT INTO {t} VALUES (1, 'ok');"));
-    // The cast to json ran as the writer, not as the extension owner.
+    // The writer also plants an `=` operator for text ahead of pg_catalog's.
+    pg.sql(&format!(
+        "CREATE SCHEMA {t}_evil AUTHORIZATION {role}; SET ROLE {role}; \
+         CREATE FUNCTION {t}_evil.eq(text, text) RETURNS boolean LANGUAGE plpgsql AS \
+           $$ BEGIN INSERT INTO public.{t}_seen VALUES ('operator as ' || current_user); RETURN $1 OPERATOR(pg_catalog.=) $2; END $$; \
+         CREATE OPERATOR {t}_evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = {t}_evil.eq);"
+    ));
+    pg.sql(&format!(
+        "SET ROLE {role}; SET search_path = {t}_evil, pg_catalog, public; INSERT INTO {t} VALUES (1, 'ok');"
+    ));
+    // The cast to json ran as the writer, and the planted operator never ran
+    // (the outbox is written as the extension owner with qualified operators).
     assert_eq!(pg.sql(&format!("SELECT string_agg(who, ',') FROM {t}_seen")), role);
     let msgs = consume(&e.broker.bootstrap(), &kafka_topic, 1, WAIT, Duration::from_millis(500));
     assert_eq!(msgs.len(), 1);
