@@ -88,6 +88,9 @@ fn best_effort_sends_nothing_for_rollbacks_and_rolled_back_savepoints_and_writes
          INSERT INTO t VALUES (5); SAVEPOINT c; INSERT INTO t VALUES (6); RELEASE SAVEPOINT c; COMMIT;",
     );
     let _ = pg.try_sql("BEGIN; INSERT INTO t VALUES (7); INSERT INTO t VALUES (7); COMMIT;");
+    let err = pg.sql_err("BEGIN; INSERT INTO t VALUES (8); PREPARE TRANSACTION 'p8';");
+    assert_eq!(err.sqlstate, "0A000", "{}", err.raw);
+    assert!(err.message.contains("cannot PREPARE"), "{}", err.raw);
     let msgs = consume(&broker.bootstrap(), "be", 3, WAIT, Duration::from_millis(1000));
     assert_eq!(keys(&msgs), BTreeSet::from([2, 5, 6]));
     assert_eq!(msgs.len(), 3);
