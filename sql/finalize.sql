@@ -13,11 +13,14 @@ SELECT d.id,
        coalesce(s.messages_in_process, 0) AS messages_in_process,
        coalesce(q.queued, 0) AS messages_queued,
        coalesce(s.messages_lost, 0) AS messages_lost,
+       coalesce(dl.dead, 0) AS messages_dead_lettered,
        coalesce(s.last_errors, '[]'::jsonb) AS last_errors
   FROM outbox.destination d
   LEFT JOIN outbox._destination_stats() s ON s.id = d.id
   LEFT JOIN (SELECT e.destination_id, count(*) AS queued
-               FROM outbox.event e GROUP BY e.destination_id) q ON q.destination_id = d.id;
+               FROM outbox.event e GROUP BY e.destination_id) q ON q.destination_id = d.id
+  LEFT JOIN (SELECT l.destination_id, count(*) AS dead
+               FROM outbox.dead_letter l GROUP BY l.destination_id) dl ON dl.destination_id = d.id;
 
 -- Aidbox's $status, as FHIR Parameters.
 CREATE FUNCTION outbox.status(destination_id text) RETURNS jsonb
@@ -47,7 +50,8 @@ BEGIN
         v_params := v_params
             || jsonb_build_object('name', 'messagesDeliveryAttempts', 'valueDecimal', s.messages_delivery_attempts)
             || jsonb_build_object('name', 'messagesInProcess', 'valueDecimal', s.messages_in_process)
-            || jsonb_build_object('name', 'messagesQueued', 'valueDecimal', s.messages_queued);
+            || jsonb_build_object('name', 'messagesQueued', 'valueDecimal', s.messages_queued)
+            || jsonb_build_object('name', 'messagesDeadLettered', 'valueDecimal', s.messages_dead_lettered);
     END IF;
     v_params := v_params || coalesce((
         SELECT jsonb_agg(jsonb_build_object('name', 'lastErrorDetail', 'part', jsonb_build_array(

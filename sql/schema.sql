@@ -54,6 +54,23 @@ CREATE TABLE outbox.event (
 );
 CREATE INDEX event_destination_idx ON outbox.event (destination_id, id);
 
+-- Events Kafka will never accept as they are (too large, invalid): moved here by
+-- the worker so they do not hold back the events behind them.
+CREATE TABLE outbox.dead_letter (
+    id             bigint PRIMARY KEY,
+    destination_id text NOT NULL,
+    topic_id       integer NOT NULL,
+    table_name     text NOT NULL,
+    interaction    text NOT NULL,
+    key            text,
+    row_data       json,
+    created_at     timestamptz NOT NULL,
+    attempts       integer NOT NULL,
+    error          text NOT NULL,
+    dead_at        timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX dead_letter_destination_idx ON outbox.dead_letter (destination_id, id);
+
 CREATE FUNCTION outbox._fail(code text, message text, hint text DEFAULT NULL, detail text DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
@@ -310,6 +327,50 @@ BEGIN
 END
 $$;
 
+-- Put dead letters back into the outbox (same event numbers); all of the
+-- destination's, or those listed. Returns how many.
+CREATE FUNCTION outbox.retry_dead_letters(destination_id text, ids bigint[] DEFAULT NULL)
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM outbox.destination d WHERE d.id = retry_dead_letters.destination_id) THEN
+        PERFORM outbox._fail('42704', format('destination "%s" does not exist', coalesce(destination_id, '')),
+            'SELECT id FROM outbox.destination lists the destinations.');
+    END IF;
+    WITH moved AS (
+        DELETE FROM outbox.dead_letter l
+         WHERE l.destination_id = retry_dead_letters.destination_id
+           AND (ids IS NULL OR l.id = ANY (ids))
+        RETURNING l.*)
+    INSERT INTO outbox.event (id, destination_id, topic_id, table_name, interaction, key, row_data, created_at, attempts, last_error)
+    OVERRIDING SYSTEM VALUE
+    SELECT m.id, m.destination_id, m.topic_id, m.table_name, m.interaction, m.key, m.row_data, m.created_at, m.attempts, m.error
+      FROM moved m;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM outbox._wake_on_commit();
+    RETURN n;
+END
+$$;
+
+-- Delete dead letters; all of the destination's, or those listed. Returns how many.
+CREATE FUNCTION outbox.discard_dead_letters(destination_id text, ids bigint[] DEFAULT NULL)
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM outbox.destination d WHERE d.id = discard_dead_letters.destination_id) THEN
+        PERFORM outbox._fail('42704', format('destination "%s" does not exist', coalesce(destination_id, '')),
+            'SELECT id FROM outbox.destination lists the destinations.');
+    END IF;
+    DELETE FROM outbox.dead_letter l
+     WHERE l.destination_id = discard_dead_letters.destination_id
+       AND (ids IS NULL OR l.id = ANY (ids));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
 CREATE FUNCTION outbox.drop_destination(id text)
 RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
@@ -322,6 +383,7 @@ BEGIN
     END IF;
     DELETE FROM outbox.event e WHERE e.destination_id = drop_destination.id;
     GET DIAGNOSTICS v_discarded = ROW_COUNT;
+    DELETE FROM outbox.dead_letter l WHERE l.destination_id = drop_destination.id;
     PERFORM outbox._changed_on_commit();
     RETURN v_discarded;
 END

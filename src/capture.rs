@@ -315,6 +315,16 @@ fn _capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, All
     Ok(None)
 }
 
+/// Wake the worker when this transaction commits (outbox.retry_dead_letters).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _wake_on_commit() {
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        ensure_callbacks(&mut s);
+        s.wake = true;
+    });
+}
+
 /// Called by the configuration functions: writers and the worker reload.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _changed_on_commit() {

@@ -220,9 +220,24 @@ impl Params {
 /// What the producer's callbacks report to the worker's main thread.
 #[derive(Debug)]
 pub enum Report {
-    Delivered { epoch: u64, event_id: i64 },
-    Failed { epoch: u64, event_id: i64, error: String },
-    ClientError { epoch: u64, error: String, fatal: bool },
+    Delivered {
+        epoch: u64,
+        event_id: i64,
+    },
+    /// `poison`: Kafka will never take this event as it is (see `is_poison`).
+    /// `stale`: the producer's idempotence state is refused (see `is_stale_producer`).
+    Failed {
+        epoch: u64,
+        event_id: i64,
+        error: String,
+        poison: bool,
+        stale: bool,
+    },
+    ClientError {
+        epoch: u64,
+        error: String,
+        fatal: bool,
+    },
 }
 
 /// Producer context: forwards everything to the worker through a channel.
@@ -248,13 +263,46 @@ impl ProducerContext for Context {
     fn delivery(&self, result: &DeliveryResult<'_>, event_id: Box<i64>) {
         let report = match result {
             Ok(_) => Report::Delivered { epoch: self.epoch, event_id: *event_id },
-            Err((e, _)) => Report::Failed { epoch: self.epoch, event_id: *event_id, error: e.to_string() },
+            Err((e, _)) => Report::Failed {
+                epoch: self.epoch,
+                event_id: *event_id,
+                error: e.to_string(),
+                poison: is_poison(e),
+                stale: is_stale_producer(e),
+            },
         };
         let _ = self.tx.send(report);
     }
 }
 
 pub type KafkaProducer = BaseProducer<Context>;
+
+/// Errors after which this producer's idempotence state is refused (fenced by
+/// a newer one, sequence lost after a broker restart): only a new producer helps.
+pub fn is_stale_producer(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode::*;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            Fatal
+                | ProducerFenced
+                | OutOfOrderSequenceNumber
+                | UnknownProducerId
+                | InvalidProducerEpoch
+                | InvalidProducerIdMapping
+        )
+    )
+}
+
+/// Errors that resending the same event can never fix: the event itself is
+/// refused (too large, invalid). Such an event goes to the dead-letter table.
+pub fn is_poison(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode::*;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(InvalidMessage | InvalidMessageSize | MessageSizeTooLarge | MessageBatchTooLarge | InvalidRecord)
+    )
+}
 
 /// Create a producer whose main queue writes a byte to `wake_fd` whenever it
 /// goes from empty to non-empty, so the worker can sleep on its latch and that

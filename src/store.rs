@@ -92,6 +92,22 @@ pub fn acknowledge(destination_id: &str, ids: &[i64]) -> SpiResult<()> {
     })
 }
 
+/// Kafka will never take this event: move it to outbox.dead_letter.
+pub fn dead_letter(destination_id: &str, id: i64, error: &str) -> SpiResult<()> {
+    Spi::connect_mut(|client| {
+        client.update(
+            "WITH moved AS (DELETE FROM outbox.event WHERE destination_id = $1 AND id = $2 RETURNING *) \
+             INSERT INTO outbox.dead_letter (id, destination_id, topic_id, table_name, interaction, key, row_data, \
+                                             created_at, attempts, error) \
+             SELECT id, destination_id, topic_id, table_name, interaction, key, row_data, created_at, attempts + 1, $3 \
+               FROM moved",
+            None,
+            &[destination_id.into(), id.into(), error.into()],
+        )?;
+        Ok(())
+    })
+}
+
 /// A delivery attempt of these events failed: they stay, with the error.
 pub fn record_failure(destination_id: &str, ids: &[i64], error: &str) -> SpiResult<()> {
     if ids.is_empty() {

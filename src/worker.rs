@@ -89,6 +89,10 @@ struct Destination {
     /// At-least-once outcomes waiting to be recorded in the outbox.
     acked: Vec<i64>,
     failed: Vec<(i64, String)>,
+    /// Events Kafka will never take, bound for outbox.dead_letter.
+    poisoned: Vec<(i64, String)>,
+    /// The producer must be replaced (fatal or fenced).
+    replace_producer: bool,
     /// Best-effort outcomes waiting to be counted.
     delivered_best_effort: u64,
     lost_best_effort: u64,
@@ -117,6 +121,8 @@ impl Destination {
             produced: VecDeque::new(),
             acked: Vec::new(),
             failed: Vec::new(),
+            poisoned: Vec::new(),
+            replace_producer: false,
             delivered_best_effort: 0,
             lost_best_effort: 0,
             lost_reason: None,
@@ -160,6 +166,7 @@ impl Destination {
             && self.in_flight.is_empty()
             && self.acked.is_empty()
             && self.failed.is_empty()
+            && self.poisoned.is_empty()
             && self.retry_at.is_none_or(|t| t <= now)
     }
 
@@ -212,11 +219,12 @@ impl Destination {
         }
     }
 
-    /// Produce one event; false if librdkafka refused it at once.
-    fn send(&mut self, ev: &kafka::Event) -> Result<(), String> {
+    /// Produce one event. Err((error, poison)) if librdkafka refused it at once.
+    fn send(&mut self, ev: &kafka::Event) -> Result<(), (String, bool)> {
         let target = Target { destination_id: &self.id, topic_url: &self.topic_url, content: self.content };
-        let producer = self.producer.as_ref().ok_or("no producer")?;
-        kafka::send(producer, &self.params.kafka_topic, &target, ev).map_err(|e| e.to_string())?;
+        let producer = self.producer.as_ref().ok_or(("no producer".to_string(), false))?;
+        kafka::send(producer, &self.params.kafka_topic, &target, ev)
+            .map_err(|e| (e.to_string(), kafka::is_poison(&e)))?;
         self.in_flight.insert(ev.id);
         self.produced.push_back((Instant::now(), ev.id));
         Ok(())
@@ -473,11 +481,16 @@ impl Worker {
                         }
                     }
                 }
-                Report::Failed { event_id, error, .. } => {
+                Report::Failed { event_id, error, poison, stale, .. } => {
+                    if stale {
+                        d.replace_producer = true;
+                    }
                     if d.in_flight.remove(&event_id) {
                         if d.best_effort {
                             d.lost_best_effort += 1;
                             d.lost_reason = Some(error);
+                        } else if poison {
+                            d.poisoned.push((event_id, error));
                         } else {
                             d.failed.push((event_id, error));
                         }
@@ -486,11 +499,20 @@ impl Worker {
                 Report::ClientError { error, fatal, .. } => {
                     d.error(&error);
                     if fatal {
-                        // A fatal idempotence error: this producer is done.
-                        d.fail_in_flight(&error);
-                        d.producer = None;
+                        d.replace_producer = true;
                     }
                 }
+            }
+        }
+        for d in self.destinations.values_mut() {
+            let fatal = d.producer.as_ref().and_then(|p| p.client().fatal_error());
+            if std::mem::take(&mut d.replace_producer) || fatal.is_some() {
+                // This producer is done (fatal or fenced): what it has in flight
+                // failed, a new producer takes over.
+                let reason =
+                    fatal.map_or("the producer was fenced or lost its idempotence state".to_string(), |(_, m)| m);
+                d.fail_in_flight(&reason);
+                d.producer = None;
             }
         }
     }
@@ -528,16 +550,21 @@ impl Worker {
                 }
                 continue;
             }
-            if d.acked.is_empty() && d.failed.is_empty() {
+            if d.acked.is_empty() && d.failed.is_empty() && d.poisoned.is_empty() {
                 continue;
             }
             let acked = std::mem::take(&mut d.acked);
             let failed = std::mem::take(&mut d.failed);
+            let poisoned = std::mem::take(&mut d.poisoned);
             let failed_ids: Vec<i64> = failed.iter().map(|(id, _)| *id).collect();
             let first_error = failed.first().map(|(_, e)| e.clone()).unwrap_or_default();
             let done = in_transaction("recording deliveries", || -> pgrx::spi::SpiResult<()> {
                 store::acknowledge(&d.id, &acked)?;
-                store::record_failure(&d.id, &failed_ids, &first_error)
+                store::record_failure(&d.id, &failed_ids, &first_error)?;
+                for (id, error) in &poisoned {
+                    store::dead_letter(&d.id, *id, error)?;
+                }
+                Ok(())
             });
             if !matches!(done, Some(Ok(()))) {
                 // Not recorded: the events are still in the outbox and will be
@@ -545,7 +572,15 @@ impl Worker {
                 d.back_off();
                 continue;
             }
-            status::record_outcome(d.slot, acked.len() as u64, failed_ids.len() as u64, d.in_flight.len() as u64);
+            status::record_outcome(
+                d.slot,
+                acked.len() as u64,
+                (failed_ids.len() + poisoned.len()) as u64,
+                d.in_flight.len() as u64,
+            );
+            if let Some((_, error)) = poisoned.first() {
+                d.error(&format!("{} event(s) moved to outbox.dead_letter: {error}", poisoned.len()));
+            }
             if !failed_ids.is_empty() {
                 d.batch_failed = true;
                 d.error(&format!("delivery of {} event(s) failed: {first_error}", failed_ids.len()));
@@ -586,10 +621,15 @@ impl Worker {
             d.retry_at = None;
             d.batch_failed = false;
             for ev in &events {
-                if let Err(error) = d.send(ev) {
-                    // Stop here: what follows must not overtake this event.
-                    d.failed.push((ev.id, format!("produce refused: {error}")));
-                    break;
+                match d.send(ev) {
+                    Ok(()) => {}
+                    // Never acceptable: set it aside, the others go on.
+                    Err((error, true)) => d.poisoned.push((ev.id, format!("produce refused: {error}"))),
+                    Err((error, false)) => {
+                        // Stop here: what follows must not overtake this event.
+                        d.failed.push((ev.id, format!("produce refused: {error}")));
+                        break;
+                    }
                 }
             }
             if let Some(p) = &d.producer {
@@ -634,7 +674,7 @@ impl Worker {
                     row: ev.row,
                     timestamp: status::format_ts(ev.timestamp_us),
                 };
-                if let Err(error) = d.send(&event) {
+                if let Err((error, _)) = d.send(&event) {
                     d.lost_best_effort += 1;
                     d.lost_reason = Some(format!("produce refused: {error}"));
                 }

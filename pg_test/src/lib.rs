@@ -77,6 +77,8 @@ pub struct SqlError {
 pub struct Cluster {
     pub dir: PathBuf,
     pub port: u16,
+    /// Started by this handle (and stopped when it is dropped).
+    owned: bool,
 }
 
 impl Cluster {
@@ -121,9 +123,14 @@ impl Cluster {
         let mut all = std::fs::read_to_string(&conf_path).unwrap();
         all.push_str(&conf);
         std::fs::write(&conf_path, all).unwrap();
-        let c = Cluster { dir, port };
+        let c = Cluster { dir, port, owned: true };
         c.pg_ctl_start();
         c
+    }
+
+    /// Another handle on a running cluster (for other threads); never stops it.
+    pub fn attach(dir: PathBuf, port: u16) -> Cluster {
+        Cluster { dir, port, owned: false }
     }
 
     pub fn data(&self) -> PathBuf {
@@ -162,6 +169,25 @@ impl Cluster {
             "-w",
             "stop",
         ]));
+    }
+
+    /// A power cut: SIGKILL the postmaster and all its children. The stale
+    /// lock files are removed once they are gone (a killed postmaster stays
+    /// a zombie under this container's init, which would look alive).
+    pub fn kill_hard(&self) {
+        let pm = self.postmaster_pid();
+        run(Command::new("pkill").args(["-9", "-P", &pm.to_string()]));
+        run(Command::new("kill").args(["-9", &pm.to_string()]));
+        wait_for("the postmaster to die", Duration::from_secs(30), || {
+            let status = std::fs::read_to_string(format!("/proc/{pm}/status")).unwrap_or_default();
+            (status.is_empty() || status.contains("State:\tZ")).then_some(())
+        });
+        wait_for("its children to die", Duration::from_secs(30), || {
+            let out = run(Command::new("pgrep").args(["-P", &pm.to_string()]));
+            String::from_utf8_lossy(&out.stdout).trim().is_empty().then_some(())
+        });
+        let _ = std::fs::remove_file(self.data().join("postmaster.pid"));
+        let _ = std::fs::remove_file(self.dir.join(format!(".s.PGSQL.{}.lock", self.port)));
     }
 
     /// PID of the postmaster.
@@ -231,7 +257,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if self.data().join("postmaster.pid").exists() {
+        if self.owned && self.data().join("postmaster.pid").exists() {
             self.stop("immediate");
         }
     }
@@ -297,6 +323,20 @@ impl Broker {
         wait_for("the broker to listen", Duration::from_secs(30), || {
             std::net::TcpStream::connect(&addr).ok().map(|_| ())
         });
+    }
+
+    /// Freeze the broker (SIGSTOP): it keeps its data but answers nothing.
+    pub fn freeze(&self) {
+        if let Some(c) = &self.child {
+            run(Command::new("kill").args(["-STOP", &c.id().to_string()]));
+        }
+    }
+
+    /// Thaw a frozen broker (SIGCONT).
+    pub fn thaw(&self) {
+        if let Some(c) = &self.child {
+            run(Command::new("kill").args(["-CONT", &c.id().to_string()]));
+        }
     }
 
     /// Kill the broker (an outage).

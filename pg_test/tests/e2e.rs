@@ -230,7 +230,8 @@ fn status_counts_deliveries_and_empties_the_queue() {
             "messagesDelivered",
             "messagesDeliveryAttempts",
             "messagesInProcess",
-            "messagesQueued"
+            "messagesQueued",
+            "messagesDeadLettered"
         ]
     );
     assert_eq!(status["parameter"][2]["valueDecimal"], 250);
