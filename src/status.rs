@@ -78,6 +78,8 @@ pub struct Control {
     latch: AtomicUsize,
     /// Bumped on every committed configuration change.
     config_generation: AtomicU64,
+    /// A fault the worker injects into its next pass (tests): 1 error, 2 panic.
+    fault: std::sync::atomic::AtomicU32,
 }
 
 unsafe impl PGRXSharedMemory for Control {}
@@ -114,6 +116,29 @@ pub fn config_generation() -> u64 {
         return 0;
     }
     CONTROL.get().config_generation.load(Ordering::Acquire)
+}
+
+/// Take the fault the worker should inject into this pass (0: none).
+pub fn take_fault() -> u32 {
+    CONTROL.get().fault.swap(0, Ordering::AcqRel)
+}
+
+/// Make the worker's next pass fail: `error` (a Postgres ERROR inside a
+/// transaction) or `panic` (a Rust panic outside any transaction). For testing
+/// that faults are survived; superuser only.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _inject_worker_fault(kind: &str) {
+    let code = match kind {
+        "error" => 1,
+        "panic" => 2,
+        _ => crate::error::UserError::invalid(format!("unknown worker fault \"{kind}\""))
+            .hint("Use 'error' or 'panic'.")
+            .raise(),
+    };
+    if crate::preloaded() {
+        CONTROL.get().fault.store(code, Ordering::Release);
+        wake_worker();
+    }
 }
 
 /// Called by the worker: publish (or withdraw, with null) its latch.

@@ -309,6 +309,13 @@ unsafe extern "C-unwind" fn withdraw_latch(_code: i32, _arg: pg_sys::Datum) {
 impl Worker {
     /// One pass of the loop.
     fn turn(&mut self) {
+        match status::take_fault() {
+            1 => {
+                let _ = in_transaction("an injected fault", || Spi::run("SELECT 1 / 0"));
+            }
+            2 => panic!("pg_outbox worker: injected panic"),
+            _ => {}
+        }
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }

@@ -111,7 +111,7 @@ impl Cluster {
         let port = free_port();
         let mut conf = format!(
             "shared_preload_libraries = 'pg_outbox'\nport = {port}\nlisten_addresses = '127.0.0.1'\n\
-             unix_socket_directories = '{}'\nfsync = off\nlog_min_messages = log\n\
+             unix_socket_directories = '{}'\nfsync = off\n\
              outbox.poll_interval = 1000\nmax_connections = 50\n",
             dir.display()
         );
