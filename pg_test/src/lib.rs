@@ -128,6 +128,35 @@ impl Cluster {
         c
     }
 
+    /// A streaming replica of `primary` (pg_basebackup -R), started.
+    pub fn replica_of(primary: &Cluster, name: &str) -> Cluster {
+        let dir = root().join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        run(Command::new("chown").args(["-R", "postgres", dir.to_str().unwrap()]));
+        let data = dir.join("data");
+        let out = run(as_postgres(&format!("{PG_BIN}/pg_basebackup"))
+            .args(["-D", data.to_str().unwrap(), "-R", "-X", "stream", "-U", "postgres", "-h"])
+            .arg(&primary.dir)
+            .args(["-p", &primary.port.to_string()]));
+        assert!(out.status.success(), "pg_basebackup failed: {}", String::from_utf8_lossy(&out.stderr));
+        let port = free_port();
+        let conf_path = data.join("postgresql.conf");
+        let mut all = std::fs::read_to_string(&conf_path).unwrap();
+        all.push_str(&format!("port = {port}\nunix_socket_directories = '{}'\nhot_standby = on\n", dir.display()));
+        std::fs::write(&conf_path, all).unwrap();
+        let c = Cluster { dir, port, owned: true };
+        c.pg_ctl_start();
+        c
+    }
+
+    /// Promote a replica to primary.
+    pub fn promote(&self) {
+        let out =
+            run(as_postgres(&format!("{PG_BIN}/pg_ctl")).args(["-D", self.data().to_str().unwrap(), "-w", "promote"]));
+        assert!(out.status.success(), "promote failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     /// Another handle on a running cluster (for other threads); never stops it.
     pub fn attach(dir: PathBuf, port: u16) -> Cluster {
         Cluster { dir, port, owned: false }

@@ -472,3 +472,32 @@ fn destinations_created_and_dropped_under_concurrent_writers_then_drop_extension
     assert!(again.iter().any(|m| m.key.as_deref() == Some("-1")));
     pg.stop("fast");
 }
+
+#[test]
+fn promoted_replica_delivers_what_was_pending_on_the_old_primary() {
+    let (broker, pg) = setup("g_primary", &["wal_level = replica"]);
+    broker.create_topic("alo", 1);
+    install(&pg, &broker, "alo", "kafka-at-least-once", "");
+    let replica = Cluster::replica_of(&pg, &unique("g_replica"));
+    assert_eq!(replica.worker_pid(), None, "no worker while in recovery");
+    pg.sql("INSERT INTO stream SELECT g, 'x' FROM generate_series(1, 100) g");
+    drained(&pg);
+    // The broker freezes: the next rows stay pending in the old primary's outbox.
+    broker.freeze();
+    pg.sql("INSERT INTO stream SELECT g, 'x' FROM generate_series(101, 300) g");
+    let pending = pg.count("SELECT count(*) FROM outbox.event");
+    assert!(pending > 0);
+    wait_for("the replica to replay", WAIT, || {
+        (replica.try_sql("SELECT count(*) FROM stream").ok()?.trim() == "300").then_some(())
+    });
+    pg.kill_hard(); // the primary is lost
+    replica.promote();
+    broker.thaw();
+    wait_for("the promoted replica's worker", WAIT, || replica.worker_pid());
+    drained(&replica);
+    let msgs = consume(&broker.bootstrap(), "alo", 300, WAIT, Duration::from_secs(2));
+    let t = tally(&(1..=300).collect(), &msgs);
+    eprintln!("guarantees: replica promotion: {pending} events pending on the old primary at its loss");
+    assert_at_least_once("replica promotion", &t);
+    replica.stop("fast");
+}
