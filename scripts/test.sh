@@ -19,7 +19,7 @@ LOG=/tmp/pg_outbox/test-output.log
 : >"$LOG"
 
 printf '\n== end-to-end tests (pg_test/)\n'
-cargo test -p pg_outbox_test -- --test-threads=4 2>&1 | tee -a "$LOG"
+cargo test -p pg_outbox_test -- --test-threads=4 --nocapture 2>&1 | tee -a "$LOG"
 
 printf '\n== benchmark, short mode (proves it runs; asserts nothing about speed)\n'
 cargo run -q -p pg_outbox_test --bin outbox-bench -- --seconds 1 --rounds 1
@@ -31,5 +31,6 @@ cargo pgrx test pg15 --runas postgres --pgdata "$PGRX_DATA/pg15" 2>&1 | tee -a "
 # cargo pgrx test installed a build with test functions: put the plain one back.
 cargo pgrx install --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null
 
-# One closing line for both runs.
+# The guarantee figures (README "Guarantees"), then one closing line for both runs.
+grep -h '^guarantees:' "$LOG" || true
 awk '/^test result:/ { p += $4; f += $6 } END { printf "\npg_outbox tests: %d passed, %d failed\n", p, f }' "$LOG"
