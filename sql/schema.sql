@@ -375,6 +375,7 @@ CREATE FUNCTION outbox.drop_destination(id text)
 RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
     v_discarded bigint;
+    v_dead      bigint;
 BEGIN
     DELETE FROM outbox.destination d WHERE d.id = drop_destination.id;
     IF NOT FOUND THEN
@@ -384,6 +385,8 @@ BEGIN
     DELETE FROM outbox.event e WHERE e.destination_id = drop_destination.id;
     GET DIAGNOSTICS v_discarded = ROW_COUNT;
     DELETE FROM outbox.dead_letter l WHERE l.destination_id = drop_destination.id;
+    GET DIAGNOSTICS v_dead = ROW_COUNT;
+    v_discarded := v_discarded + v_dead;
     PERFORM outbox._changed_on_commit();
     RETURN v_discarded;
 END

@@ -295,13 +295,11 @@ pub fn is_stale_producer(e: &KafkaError) -> bool {
 }
 
 /// Errors that resending the same event can never fix: the event itself is
-/// refused (too large, invalid). Such an event goes to the dead-letter table.
+/// refused (too large, invalid). A broker reports them for a whole batch, so
+/// the worker isolates the culprit before anything goes to the dead letters.
 pub fn is_poison(e: &KafkaError) -> bool {
     use rdkafka::types::RDKafkaErrorCode::*;
-    matches!(
-        e.rdkafka_error_code(),
-        Some(InvalidMessage | InvalidMessageSize | MessageSizeTooLarge | MessageBatchTooLarge | InvalidRecord)
-    )
+    matches!(e.rdkafka_error_code(), Some(InvalidMessageSize | MessageSizeTooLarge | InvalidRecord))
 }
 
 /// Create a producer whose main queue writes a byte to `wake_fd` whenever it

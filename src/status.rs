@@ -128,6 +128,14 @@ pub fn take_fault() -> u32 {
 /// that faults are survived; superuser only.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _inject_worker_fault(kind: &str) {
+    if !unsafe { pg_sys::superuser() } {
+        crate::error::UserError::new(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "only superusers may inject worker faults",
+        )
+        .hint("outbox._inject_worker_fault() exists for pg_outbox's own tests.")
+        .raise()
+    }
     let code = match kind {
         "error" => 1,
         "panic" => 2,

@@ -93,6 +93,12 @@ struct Destination {
     poisoned: Vec<(i64, String)>,
     /// The producer must be replaced (fatal or fenced).
     replace_producer: bool,
+    /// A broker refused a batch as poison: send one event at a time up to this
+    /// event id, so only the culprit goes to the dead letters.
+    isolate_until: i64,
+    /// Size and last event id of the batch in flight.
+    batch_len: usize,
+    batch_last: i64,
     /// Best-effort outcomes waiting to be counted.
     delivered_best_effort: u64,
     lost_best_effort: u64,
@@ -123,6 +129,9 @@ impl Destination {
             failed: Vec::new(),
             poisoned: Vec::new(),
             replace_producer: false,
+            isolate_until: 0,
+            batch_len: 0,
+            batch_last: 0,
             delivered_best_effort: 0,
             lost_best_effort: 0,
             lost_reason: None,
@@ -496,8 +505,13 @@ impl Worker {
                         if d.best_effort {
                             d.lost_best_effort += 1;
                             d.lost_reason = Some(error);
-                        } else if poison {
+                        } else if poison && d.batch_len == 1 {
+                            // Sent alone: it is the culprit.
                             d.poisoned.push((event_id, error));
+                        } else if poison {
+                            // Somewhere in this batch: retry one at a time.
+                            d.isolate_until = d.isolate_until.max(d.batch_last);
+                            d.failed.push((event_id, error));
                         } else {
                             d.failed.push((event_id, error));
                         }
@@ -567,12 +581,17 @@ impl Worker {
             let first_error = failed.first().map(|(_, e)| e.clone()).unwrap_or_default();
             let done = in_transaction("recording deliveries", || -> pgrx::spi::SpiResult<()> {
                 store::acknowledge(&d.id, &acked)?;
-                store::record_failure(&d.id, &failed_ids, &first_error)?;
-                for (id, error) in &poisoned {
-                    store::dead_letter(&d.id, *id, error)?;
-                }
-                Ok(())
+                store::record_failure(&d.id, &failed_ids, &first_error)
             });
+            // Separately: a dead letter that cannot be recorded must not undo the acks.
+            if !poisoned.is_empty() {
+                let moved = in_transaction("moving events to outbox.dead_letter", || -> pgrx::spi::SpiResult<()> {
+                    poisoned.iter().try_for_each(|(id, error)| store::dead_letter(&d.id, *id, error))
+                });
+                if !matches!(moved, Some(Ok(()))) {
+                    d.back_off();
+                }
+            }
             if !matches!(done, Some(Ok(()))) {
                 // Not recorded: the events are still in the outbox and will be
                 // sent again (a duplicate, never a loss).
@@ -609,7 +628,11 @@ impl Worker {
         let batch = config::BATCH_SIZE.get() as i64;
         let ids: Vec<String> = self.destinations.values().filter(|d| d.ready(now)).map(|d| d.id.clone()).collect();
         for id in ids {
-            let Some(events) = in_transaction("claiming events", || store::claim(&id, batch)) else {
+            let limit = match self.destinations.get(&id) {
+                Some(d) if d.isolate_until > 0 => 1,
+                _ => batch,
+            };
+            let Some(events) = in_transaction("claiming events", || store::claim(&id, limit)) else {
                 self.last_reload = None; // maybe the extension went away: look again
                 return;
             };
@@ -621,12 +644,17 @@ impl Worker {
                 }
             };
             let Some(d) = self.destinations.get_mut(&id) else { continue };
+            if events.first().is_some_and(|e| e.id > d.isolate_until) {
+                d.isolate_until = 0; // past the batch that held the culprit
+            }
             if events.is_empty() || !d.ensure_producer(&mut self.next_epoch, &self.tx, self.wake_write) {
                 continue;
             }
             self.busy = true;
             d.retry_at = None;
             d.batch_failed = false;
+            d.batch_len = events.len();
+            d.batch_last = events.last().map_or(0, |e| e.id);
             for ev in &events {
                 match d.send(ev) {
                     Ok(()) => {}
