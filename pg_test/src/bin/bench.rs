@@ -1,12 +1,17 @@
 //! Benchmarks that print figures (nothing here asserts speed).
 //!
-//! `outbox-bench [--seconds N] [--rounds R] [--async-commit]`
+//! `outbox-bench [--seconds N] [--rounds R] [--async-commit] [--drain EVENTS]`
 //!
 //! Write path: pgbench, prepared statements, 2 clients, single-row INSERT
 //! transactions per second into identical tables with no destination, a
 //! best-effort destination and an at-least-once destination (broker up, worker
 //! draining), measured in interleaved rounds in one run; the median of each is
 //! reported with its ratio to "no destination".
+//!
+//! Drain: a backlog of `--drain` events (default 1,000,000) from ~300-byte rows,
+//! built while the broker is frozen, delivered once it thaws: events per second,
+//! against a bare librdkafka producer with the same settings sending as many
+//! messages of the same size in the same run.
 
 use pg_outbox_test::{unique, Broker, Cluster, PG_BIN};
 use std::process::Command;
@@ -117,5 +122,74 @@ fn main() {
                FROM outbox.destination d JOIN outbox.destination_status s USING (id)"
         )
     );
+    drain(&pg, &broker, arg("--drain", 1_000_000));
     pg.stop("fast");
+}
+
+/// Deliver a backlog and compare with a bare producer.
+fn drain(pg: &Cluster, broker: &Broker, events: u64) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use std::time::{Duration, Instant};
+    broker.create_topic("drain", 3);
+    broker.create_topic("bare", 3);
+    pg.sql("CREATE TABLE drain_t (id bigint PRIMARY KEY, payload text)");
+    pg.sql("SELECT outbox.create_topic('urn:drain', '[{\"table\": \"drain_t\"}]')");
+    pg.sql(&format!(
+        "SELECT outbox.create_destination('drain', 'urn:drain', 'kafka-at-least-once', \
+         '{{\"kafkaTopic\": \"drain\", \"bootstrapServers\": \"{}\", \"deliveryTimeoutMs\": 600000}}')",
+        broker.bootstrap()
+    ));
+    broker.freeze();
+    let started = Instant::now();
+    let mut from = 1;
+    while from <= events {
+        let to = (from + 49_999).min(events);
+        pg.sql(&format!("INSERT INTO drain_t SELECT g, repeat('x', 280) FROM generate_series({from}, {to}) g"));
+        from = to + 1;
+    }
+    let filled = started.elapsed();
+    let size = pg.count("SELECT coalesce(max(length(row_data::text)), 0) FROM outbox.event");
+    broker.thaw();
+    let started = Instant::now();
+    pg_outbox_test::wait_for("the backlog to drain", Duration::from_secs(3600), || {
+        (pg.sql("SELECT NOT EXISTS (SELECT 1 FROM outbox.event)") == "t").then_some(())
+    });
+    let drained = started.elapsed();
+
+    // The same number of messages of the Bundle's size, straight from librdkafka.
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .create()
+        .expect("bare producer");
+    let payload = vec![b'x'; size as usize + 400]; // row plus the Bundle around it
+    let started = Instant::now();
+    for i in 0..events {
+        let key = i.to_string();
+        let mut record = BaseRecord::to("bare").key(&key).payload(&payload);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    record = r;
+                    producer.poll(Duration::from_millis(5));
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(600)).expect("flush");
+    let bare = started.elapsed();
+    let rate = |d: Duration| events as f64 / d.as_secs_f64();
+    println!(
+        "\ndrain: {events} events of ~{} bytes (row {size} bytes), backlog built in {:.1} s",
+        size + 400,
+        filled.as_secs_f64()
+    );
+    println!("{:<28} {:>12} {:>8}", "", "events/s", "ratio");
+    println!("{:<28} {:>12.0} {:>8.3}", "pg_outbox drain", rate(drained), rate(drained) / rate(bare));
+    println!("{:<28} {:>12.0} {:>8.3}", "bare librdkafka producer", rate(bare), 1.0);
 }
