@@ -29,11 +29,8 @@ DECLARE
     s outbox.destination_status;
     v_params jsonb;
 BEGIN
+    PERFORM outbox._require_destination(destination_id);
     SELECT * INTO s FROM outbox.destination_status ds WHERE ds.id = destination_id;
-    IF NOT FOUND THEN
-        PERFORM outbox._fail('42704', format('destination "%s" does not exist', coalesce(destination_id, '')),
-            'SELECT id FROM outbox.destination lists the destinations.');
-    END IF;
     v_params := jsonb_build_array();
     IF s.start_timestamp IS NOT NULL THEN
         v_params := v_params || jsonb_build_object('name', 'startTimestamp',

@@ -327,6 +327,17 @@ BEGIN
 END
 $$;
 
+-- 42704 unless the destination exists.
+CREATE FUNCTION outbox._require_destination(destination_id text)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM outbox.destination d WHERE d.id = _require_destination.destination_id) THEN
+        PERFORM outbox._fail('42704', format('destination "%s" does not exist', coalesce(destination_id, '')),
+            'SELECT id FROM outbox.destination lists the destinations.');
+    END IF;
+END
+$$;
+
 -- Put dead letters back into the outbox (same event numbers); all of the
 -- destination's, or those listed. Returns how many.
 CREATE FUNCTION outbox.retry_dead_letters(destination_id text, ids bigint[] DEFAULT NULL)
@@ -334,10 +345,7 @@ RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
     n bigint;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM outbox.destination d WHERE d.id = retry_dead_letters.destination_id) THEN
-        PERFORM outbox._fail('42704', format('destination "%s" does not exist', coalesce(destination_id, '')),
-            'SELECT id FROM outbox.destination lists the destinations.');
-    END IF;
+    PERFORM outbox._require_destination(destination_id);
     WITH moved AS (
         DELETE FROM outbox.dead_letter l
          WHERE l.destination_id = retry_dead_letters.destination_id
@@ -359,10 +367,7 @@ RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
     n bigint;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM outbox.destination d WHERE d.id = discard_dead_letters.destination_id) THEN
-        PERFORM outbox._fail('42704', format('destination "%s" does not exist', coalesce(destination_id, '')),
-            'SELECT id FROM outbox.destination lists the destinations.');
-    END IF;
+    PERFORM outbox._require_destination(destination_id);
     DELETE FROM outbox.dead_letter l
      WHERE l.destination_id = discard_dead_letters.destination_id
        AND (ids IS NULL OR l.id = ANY (ids));

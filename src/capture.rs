@@ -16,11 +16,14 @@ use pgrx::prelude::*;
 use pgrx::{PgBuiltInOids, PgOid};
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 /// What a topic's trigger must do.
-#[derive(Default, Clone)]
+#[derive(Default)]
 struct Route {
     at_least_once: bool,
+    /// Some destination carries the row (full-resource): only then is it turned into JSON.
+    needs_row: bool,
     best_effort: Vec<(String, Content)>,
 }
 
@@ -28,7 +31,7 @@ struct Route {
 struct State {
     callbacks_registered: bool,
     /// Routes by topic id, valid for `generation` unless `dirty`.
-    routes: Option<HashMap<i32, Route>>,
+    routes: Option<HashMap<i32, Rc<Route>>>,
     generation: u64,
     dirty: bool,
     /// This transaction changed the configuration.
@@ -62,7 +65,7 @@ fn ensure_callbacks(s: &mut State) {
     }
 }
 
-fn load_routes() -> HashMap<i32, Route> {
+fn load_routes() -> HashMap<i32, Rc<Route>> {
     let mut routes: HashMap<i32, Route> = HashMap::new();
     Spi::connect(|client| {
         let rows = client.select(
@@ -79,8 +82,10 @@ fn load_routes() -> HashMap<i32, Route> {
             let kind: String = row.get(3)?.unwrap_or_default();
             let content: String = row.get(4)?.unwrap_or_default();
             let route = routes.entry(topic).or_default();
+            let content = Content::parse(&content);
+            route.needs_row |= content == Content::FullResource;
             if kind == "kafka-best-effort" {
-                route.best_effort.push((id, Content::parse(&content)));
+                route.best_effort.push((id, content));
             } else {
                 route.at_least_once = true;
             }
@@ -88,7 +93,7 @@ fn load_routes() -> HashMap<i32, Route> {
         Ok::<_, pgrx::spi::SpiError>(())
     })
     .unwrap_or_else(|e| pgrx::error!("pg_outbox: reading destinations failed: {e}"));
-    routes
+    routes.into_iter().map(|(topic, route)| (topic, Rc::new(route))).collect()
 }
 
 fn extension_owner() -> pg_sys::Oid {
@@ -156,7 +161,14 @@ const INSERT_EVENTS: &str =
 
 /// Enqueue one outbox row per at-least-once destination of the topic, in this
 /// transaction, as the extension owner. Returns how many rows were written.
-fn enqueue(owner: pg_sys::Oid, topic_id: i32, table: &str, interaction: &str, key: Option<&str>, row: &str) -> u64 {
+fn enqueue(
+    owner: pg_sys::Oid,
+    topic_id: i32,
+    table: &str,
+    interaction: &str,
+    key: Option<&str>,
+    row: Option<&str>,
+) -> u64 {
     as_owner(owner, || {
         Spi::connect_mut(|client| {
             let plan = STATE.with(|s| s.borrow_mut().insert_plan.take());
@@ -177,7 +189,7 @@ fn enqueue(owner: pg_sys::Oid, topic_id: i32, table: &str, interaction: &str, ke
             };
             let args: [pgrx::datum::DatumWithOid; 5] =
                 [topic_id.into(), table.into(), interaction.into(), key.into(), unsafe {
-                    pgrx::datum::DatumWithOid::new(row.into_datum().expect("text datum"), pg_sys::JSONOID)
+                    pgrx::datum::DatumWithOid::new(row, pg_sys::JSONOID)
                 }];
             client.update(&plan, None, &args)?;
             let written = unsafe { pg_sys::SPI_processed };
@@ -194,7 +206,7 @@ fn buffer_best_effort(
     table: &str,
     interaction: &str,
     key: Option<&str>,
-    row: &str,
+    row: Option<&str>,
 ) {
     let subid = unsafe { pg_sys::GetCurrentSubTransactionId() };
     let timestamp_us = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
@@ -209,7 +221,7 @@ fn buffer_best_effort(
                 table: table.to_string(),
                 interaction: interaction.to_string(),
                 key: key.map(str::to_string),
-                row: (*content == Content::FullResource).then(|| row.to_string()),
+                row: if *content == Content::FullResource { row.map(str::to_string) } else { None },
                 timestamp_us,
             }
             .encode();
@@ -277,14 +289,9 @@ fn _capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, All
         pgrx::error!("pg_outbox: outbox._capture() needs a topic id and a table name as trigger arguments");
     };
     let owner = refresh();
-    let (at_least_once, best_effort) = STATE.with(|s| {
-        let s = s.borrow();
-        let r = s.routes.as_ref().and_then(|r| r.get(&topic_id));
-        (r.is_some_and(|r| r.at_least_once), r.map(|r| r.best_effort.clone()).unwrap_or_default())
-    });
-    if !at_least_once && best_effort.is_empty() {
+    let Some(route) = STATE.with(|s| s.borrow().routes.as_ref().and_then(|r| r.get(&topic_id).cloned())) else {
         return Ok(None); // no destination (yet)
-    }
+    };
     let td = trigger.trigger_data();
     let op = td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
     let (tuple, interaction) = if op == pg_sys::TRIGGER_EVENT_INSERT {
@@ -296,16 +303,18 @@ fn _capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, All
     };
     let (row, key) = unsafe {
         let desc = (*td.tg_relation).rd_att;
-        let composite = pg_sys::heap_copy_tuple_as_datum(tuple, desc);
-        let json = pgrx::fcinfo::direct_function_call_as_datum(pg_sys::row_to_json, &[Some(composite)])
-            .expect("row_to_json returns a value");
-        let row = String::from_datum(json, false).expect("json text");
+        let row = route.needs_row.then(|| {
+            let composite = pg_sys::heap_copy_tuple_as_datum(tuple, desc);
+            let json = pgrx::fcinfo::direct_function_call_as_datum(pg_sys::row_to_json, &[Some(composite)])
+                .expect("row_to_json returns a value");
+            String::from_datum(json, false).expect("json text")
+        });
         (row, row_key(tuple, desc, &args[2..]))
     };
-    if !best_effort.is_empty() {
-        buffer_best_effort(&best_effort, table, interaction, key.as_deref(), &row);
+    if !route.best_effort.is_empty() {
+        buffer_best_effort(&route.best_effort, table, interaction, key.as_deref(), row.as_deref());
     }
-    if at_least_once && enqueue(owner, topic_id, table, interaction, key.as_deref(), &row) > 0 {
+    if route.at_least_once && enqueue(owner, topic_id, table, interaction, key.as_deref(), row.as_deref()) > 0 {
         STATE.with(|s| {
             let mut s = s.borrow_mut();
             ensure_callbacks(&mut s);

@@ -324,18 +324,15 @@ pub fn create_producer(
 
 /// Serve every event ready on the producer's queue (delivery reports, errors).
 pub fn serve(producer: &KafkaProducer) {
-    for _ in 0..10_000 {
-        let pending = unsafe {
-            let rk = producer.client().native_ptr();
-            let q = rdkafka::bindings::rd_kafka_queue_get_main(rk);
-            let n = rdkafka::bindings::rd_kafka_queue_length(q);
-            rdkafka::bindings::rd_kafka_queue_destroy(q);
-            n
-        };
-        if pending == 0 {
-            break;
+    unsafe {
+        let queue = rdkafka::bindings::rd_kafka_queue_get_main(producer.client().native_ptr());
+        for _ in 0..10_000 {
+            if rdkafka::bindings::rd_kafka_queue_length(queue) == 0 {
+                break;
+            }
+            producer.poll(Duration::ZERO);
         }
-        producer.poll(Duration::ZERO);
+        rdkafka::bindings::rd_kafka_queue_destroy(queue);
     }
 }
 

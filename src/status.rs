@@ -247,6 +247,14 @@ pub fn record_outcome(r: SlotRef, delivered: u64, failed: u64, in_process: u64) 
     }
 }
 
+/// Publish how many events each destination has in process (one lock for all).
+pub fn set_in_process(counts: impl Iterator<Item = (SlotRef, u64)>) {
+    let mut s = SLOTS.exclusive();
+    for (r, n) in counts {
+        s.slots[r.0].in_process = n;
+    }
+}
+
 /// Count best-effort events lost, by destination id (writers, on commit),
 /// also while no worker serves the destination.
 pub fn add_lost(id: &str, n: u64) {

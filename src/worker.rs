@@ -334,9 +334,7 @@ impl Worker {
         self.record_outcomes();
         self.claim_and_produce();
         self.drain_best_effort();
-        for d in self.destinations.values() {
-            status::record_outcome(d.slot, 0, 0, d.in_flight.len() as u64);
-        }
+        status::set_in_process(self.destinations.values().map(|d| (d.slot, d.in_flight.len() as u64)));
     }
 
     /// Sleep until a commit sets the latch, a producer has reports, a retry or

@@ -276,6 +276,25 @@ impl Cluster {
         wait_for("the server to accept queries", Duration::from_secs(60), || self.try_sql("SELECT 1").ok());
     }
 
+    /// `outbox.create_destination` with parameters kafkaTopic and bootstrapServers,
+    /// plus `extra` JSON members (e.g. `, "deliveryTimeoutMs": 3000`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_destination(
+        &self,
+        id: &str,
+        topic_url: &str,
+        kind: &str,
+        kafka_topic: &str,
+        bootstrap: &str,
+        extra: &str,
+        content: &str,
+    ) {
+        self.sql(&format!(
+            "SELECT outbox.create_destination('{id}', '{topic_url}', '{kind}', \
+             '{{\"kafkaTopic\": \"{kafka_topic}\", \"bootstrapServers\": \"{bootstrap}\"{extra}}}', '{content}')"
+        ));
+    }
+
     /// PID of the pg_outbox worker, if it runs.
     pub fn worker_pid(&self) -> Option<i32> {
         self.try_sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_outbox'")

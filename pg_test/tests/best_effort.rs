@@ -8,11 +8,7 @@ use std::time::{Duration, Instant};
 const WAIT: Duration = Duration::from_secs(60);
 
 fn create_destination(pg: &Cluster, id: &str, url: &str, kind: &str, kafka_topic: &str, broker: &Broker, extra: &str) {
-    pg.sql(&format!(
-        "SELECT outbox.create_destination('{id}', '{url}', '{kind}', \
-         '{{\"kafkaTopic\": \"{kafka_topic}\", \"bootstrapServers\": \"{}\"{extra}}}')",
-        broker.bootstrap()
-    ));
+    pg.create_destination(id, url, kind, kafka_topic, &broker.bootstrap(), extra, "full-resource");
 }
 
 fn by_number(mut msgs: Vec<Received>) -> Vec<Received> {

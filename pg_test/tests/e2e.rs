@@ -40,11 +40,7 @@ fn setup(columns: &str, entry_extra: &str, content: &str) -> Setup {
     e.broker.create_topic(&kafka_topic, 3);
     e.pg.sql(&format!("CREATE TABLE public.{table} ({columns})"));
     e.pg.sql(&format!("SELECT outbox.create_topic('{url}', '[{{\"table\": \"public.{table}\"{entry_extra}}}]')"));
-    e.pg.sql(&format!(
-        "SELECT outbox.create_destination('{dest}', '{url}', 'kafka-at-least-once', \
-         '{{\"kafkaTopic\": \"{kafka_topic}\", \"bootstrapServers\": \"{}\"}}', '{content}')",
-        e.broker.bootstrap()
-    ));
+    e.pg.create_destination(&dest, &url, "kafka-at-least-once", &kafka_topic, &e.broker.bootstrap(), "", content);
     Setup { table, url, dest, kafka_topic }
 }
 
@@ -162,12 +158,15 @@ fn two_destinations_on_one_topic_each_receive_every_event() {
     let second_topic = unique("k2");
     e.broker.create_topic(&second_topic, 1);
     let second_dest = unique("d2").replace('_', "-");
-    e.pg.sql(&format!(
-        "SELECT outbox.create_destination('{second_dest}', '{}', 'kafka-at-least-once', \
-         '{{\"kafkaTopic\": \"{second_topic}\", \"bootstrapServers\": \"{}\"}}', 'id-only')",
-        s.url,
-        e.broker.bootstrap()
-    ));
+    e.pg.create_destination(
+        &second_dest,
+        &s.url,
+        "kafka-at-least-once",
+        &second_topic,
+        &e.broker.bootstrap(),
+        "",
+        "id-only",
+    );
     e.pg.sql(&format!("INSERT INTO {} SELECT g, 'x' || g FROM generate_series(1, 10) g", s.table));
     let a = received(&s, 10);
     let b = consume(&e.broker.bootstrap(), &second_topic, 10, WAIT, Duration::from_millis(700));

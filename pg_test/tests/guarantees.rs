@@ -77,11 +77,7 @@ fn committed(pg: &Cluster, table: &str) -> BTreeSet<i64> {
 }
 
 fn install(pg: &Cluster, broker: &Broker, name: &str, kind: &str, extra: &str) {
-    pg.sql(&format!(
-        "SELECT outbox.create_destination('{name}', 'urn:stream', '{kind}', \
-         '{{\"kafkaTopic\": \"{name}\", \"bootstrapServers\": \"{}\"{extra}}}', 'empty')",
-        broker.bootstrap()
-    ));
+    pg.create_destination(name, "urn:stream", kind, name, &broker.bootstrap(), extra, "empty");
 }
 
 fn setup(name: &str, conf: &[&str]) -> (Broker, Cluster) {
@@ -221,11 +217,16 @@ fn broker_outage_during_a_stream_drains_the_backlog_and_writers_keep_going() {
 fn poison_event_goes_to_dead_letters_and_does_not_block_the_rest() {
     let (broker, pg) = setup("g_poison", &[]);
     broker.create_topic("alo", 1);
-    pg.sql(&format!(
-        "SELECT outbox.create_destination('alo', 'urn:stream', 'kafka-at-least-once', \
-         '{{\"kafkaTopic\": \"alo\", \"bootstrapServers\": \"{}\", \"maxRequestSize\": 1000}}')",
-        broker.bootstrap()
-    ));
+    let bootstrap = broker.bootstrap();
+    pg.create_destination(
+        "alo",
+        "urn:stream",
+        "kafka-at-least-once",
+        "alo",
+        &bootstrap,
+        r#", "maxRequestSize": 1000"#,
+        "full-resource",
+    );
     pg.sql("INSERT INTO stream VALUES (1, 'small'), (2, repeat('x', 5000)), (3, 'small')");
     pg.sql("INSERT INTO stream SELECT g, 'small' FROM generate_series(4, 10) g");
     let msgs = consume(&broker.bootstrap(), "alo", 9, WAIT, Duration::from_secs(1));
@@ -263,16 +264,13 @@ fn bad_configuration_at_run_time_shows_in_status_without_crash_loop_or_log_flood
     let (broker, pg) = setup("g_badconf", &[]);
     broker.create_topic("good", 1);
     install(&pg, &broker, "good", "kafka-at-least-once", "");
-    let timeout = r#""deliveryTimeoutMs": 3000"#;
+    let timeout = r#", "deliveryTimeoutMs": 3000"#;
     for (id, servers, topic) in [
         ("unreachable", "127.0.0.1:1".to_string(), "good"),
         ("wrong-port", format!("127.0.0.1:{}", pg.port), "good"), // Postgres, not Kafka
         ("missing-topic", broker.bootstrap(), "no-such-topic"),
     ] {
-        pg.sql(&format!(
-            "SELECT outbox.create_destination('{id}', 'urn:stream', 'kafka-at-least-once', \
-             '{{\"kafkaTopic\": \"{topic}\", \"bootstrapServers\": \"{servers}\", {timeout}}}', 'empty')"
-        ));
+        pg.create_destination(id, "urn:stream", "kafka-at-least-once", topic, &servers, timeout, "empty");
     }
     let worker = wait_for("the worker", WAIT, || pg.worker_pid());
     let log_before = std::fs::read_to_string(pg.log_path()).unwrap().lines().count();
@@ -433,10 +431,7 @@ fn destinations_created_and_dropped_under_concurrent_writers_then_drop_extension
             let pg = Cluster::attach(dir, port);
             let (mut cycles, mut discarded) = (0, 0);
             while !stop.load(Ordering::SeqCst) {
-                pg.sql(&format!(
-                    "SELECT outbox.create_destination('flap', 'urn:stream', 'kafka-at-least-once', \
-                     '{{\"kafkaTopic\": \"flap\", \"bootstrapServers\": \"{bootstrap}\"}}', 'empty')"
-                ));
+                pg.create_destination("flap", "urn:stream", "kafka-at-least-once", "flap", &bootstrap, "", "empty");
                 std::thread::sleep(Duration::from_millis(150));
                 discarded += pg.count("SELECT outbox.drop_destination('flap')");
                 cycles += 1;

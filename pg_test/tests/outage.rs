@@ -19,11 +19,8 @@ fn keys(bootstrap: &str, topic: &str, min: usize) -> BTreeSet<i64> {
 fn install(pg: &Cluster, broker: &Broker, name: &str, extra_params: &str, content: &str) {
     pg.sql("CREATE EXTENSION pg_outbox");
     pg.sql(&format!("SELECT outbox.create_topic('urn:{name}', '[{{\"table\": \"{name}\"}}]')"));
-    pg.sql(&format!(
-        "SELECT outbox.create_destination('{name}', 'urn:{name}', 'kafka-at-least-once', \
-         '{{\"kafkaTopic\": \"{name}\", \"bootstrapServers\": \"{}\"{extra_params}}}', '{content}')",
-        broker.bootstrap()
-    ));
+    let url = format!("urn:{name}");
+    pg.create_destination(name, &url, "kafka-at-least-once", name, &broker.bootstrap(), extra_params, content);
 }
 
 #[test]
@@ -36,11 +33,7 @@ fn broker_outage_keeps_events_queued_reports_errors_and_delivers_all_after() {
     // A second destination of the same topic on another broker that stays up.
     let healthy = Broker::start();
     healthy.create_topic("orders", 1);
-    pg.sql(&format!(
-        "SELECT outbox.create_destination('mirror', 'urn:orders', 'kafka-at-least-once', \
-         '{{\"kafkaTopic\": \"orders\", \"bootstrapServers\": \"{}\"}}', 'id-only')",
-        healthy.bootstrap()
-    ));
+    pg.create_destination("mirror", "urn:orders", "kafka-at-least-once", "orders", &healthy.bootstrap(), "", "id-only");
     pg.sql("INSERT INTO orders SELECT g, 'before' FROM generate_series(1, 20) g");
     assert_eq!(keys(&broker.bootstrap(), "orders", 20), (1..=20).collect());
     wait_for("the first 20 acknowledged", WAIT, || {

@@ -72,12 +72,8 @@ fn main() {
         if let Some(kind) = kind {
             let suffix = if kind.contains("best") { "be" } else { "alo" };
             pg.sql(&format!("SELECT outbox.create_topic('urn:{table}', '[{{\"table\": \"{table}\"}}]')"));
-            pg.sql(&format!(
-                "SELECT outbox.create_destination('{}', 'urn:{table}', '{kind}', \
-                 '{{\"kafkaTopic\": \"bench-{suffix}\", \"bootstrapServers\": \"{}\"}}')",
-                table.replace('_', "-"),
-                broker.bootstrap()
-            ));
+            let (id, url, kafka_topic) = (table.replace('_', "-"), format!("urn:{table}"), format!("bench-{suffix}"));
+            pg.create_destination(&id, &url, kind, &kafka_topic, &broker.bootstrap(), "", "full-resource");
         }
     }
     let sync = std::env::args().any(|a| a == "--async-commit");
@@ -134,11 +130,8 @@ fn drain(pg: &Cluster, broker: &Broker, events: u64) {
     broker.create_topic("bare", 3);
     pg.sql("CREATE TABLE drain_t (id bigint PRIMARY KEY, payload text)");
     pg.sql("SELECT outbox.create_topic('urn:drain', '[{\"table\": \"drain_t\"}]')");
-    pg.sql(&format!(
-        "SELECT outbox.create_destination('drain', 'urn:drain', 'kafka-at-least-once', \
-         '{{\"kafkaTopic\": \"drain\", \"bootstrapServers\": \"{}\", \"deliveryTimeoutMs\": 600000}}')",
-        broker.bootstrap()
-    ));
+    let (bootstrap, extra) = (broker.bootstrap(), r#", "deliveryTimeoutMs": 600000"#);
+    pg.create_destination("drain", "urn:drain", "kafka-at-least-once", "drain", &bootstrap, extra, "full-resource");
     broker.freeze();
     let started = Instant::now();
     let mut from = 1;
