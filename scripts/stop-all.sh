@@ -9,7 +9,7 @@ for root in "${roots[@]}"; do
         [ -f "$pidfile" ] || continue
         sudo -n -u postgres /usr/lib/postgresql/15/bin/pg_ctl -D "$(dirname "$pidfile")" -m immediate stop >/dev/null 2>&1 || true
     done
-    for pidfile in "$root"/tansu-*.pid; do
+    for pidfile in "$root"/tansu-*.pid "$root"/tls-proxy-*.pid; do
         [ -f "$pidfile" ] || continue
         kill "$(cat "$pidfile")" 2>/dev/null || true
         rm -f "$pidfile"

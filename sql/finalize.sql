@@ -22,9 +22,11 @@ SELECT d.id,
   LEFT JOIN (SELECT l.destination_id, count(*) AS dead
                FROM outbox.dead_letter l GROUP BY l.destination_id) dl ON dl.destination_id = d.id;
 
--- Aidbox's $status, as FHIR Parameters.
+-- Aidbox's $status, as FHIR Parameters. SECURITY DEFINER so a monitoring
+-- role granted EXECUTE needs no access to the configuration tables (which
+-- hold secrets); it shows counters and errors only.
 CREATE FUNCTION outbox.status(destination_id text) RETURNS jsonb
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     s outbox.destination_status;
     v_params jsonb;
@@ -59,8 +61,11 @@ BEGIN
 END
 $$;
 
--- Only the extension owner (a superuser) configures; writers reach the outbox
--- through the trigger, which writes it as the extension owner.
+-- Only superusers configure (the configuration tables hold secrets); writers
+-- reach the outbox through the trigger, which writes it as the extension
+-- owner. Monitoring can be granted without exposing secrets:
+--   GRANT SELECT ON outbox.destination_status TO r;
+--   GRANT EXECUTE ON FUNCTION outbox._destination_stats(), outbox.status(text) TO r;
 REVOKE ALL ON ALL TABLES IN SCHEMA outbox FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA outbox FROM PUBLIC;
 GRANT USAGE ON SCHEMA outbox TO PUBLIC;

@@ -318,12 +318,60 @@ BEGIN
         PERFORM outbox._fail('54000', format('cannot create destination "%s": at most 128 destinations', id),
             'Drop destinations you no longer need; the worker keeps their counters in 128 shared-memory slots.');
     END IF;
-    v_params := outbox._check_parameters(id, parameters);
+    v_params := outbox._check_parameters(id, kind, parameters);
     INSERT INTO outbox.destination (id, topic_url, kind, content, parameters)
     VALUES (create_destination.id, create_destination.topic, create_destination.kind,
             create_destination.content, v_params);
     PERFORM outbox._changed_on_commit();
     RETURN id;
+END
+$$;
+
+-- Change a destination's parameters (a JSON merge patch: given keys replace,
+-- null removes) and/or its content. The worker rebuilds that producer.
+CREATE FUNCTION outbox.alter_destination(id text, parameters jsonb DEFAULT NULL, content text DEFAULT NULL)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    d outbox.destination;
+    v_patch jsonb;
+    v_params jsonb;
+BEGIN
+    PERFORM outbox._require_destination(id);
+    SELECT * INTO d FROM outbox.destination x WHERE x.id = alter_destination.id FOR UPDATE;
+    IF content IS NOT NULL AND content NOT IN ('full-resource', 'id-only', 'empty') THEN
+        PERFORM outbox._fail('22023', format('unknown content "%s" for destination "%s"', content, id),
+            'Use ''full-resource'', ''id-only'' or ''empty''.');
+    END IF;
+    v_params := d.parameters;
+    IF parameters IS NOT NULL THEN
+        IF jsonb_typeof(parameters) = 'array' THEN
+            v_patch := outbox._normalize_parameters(id, parameters);
+        ELSIF jsonb_typeof(parameters) = 'object' THEN
+            v_patch := parameters;
+        ELSE
+            PERFORM outbox._fail('22023', format('parameters of destination "%s" must be a JSON object', id),
+                'Give the parameters to change, e.g. ''{"compressionType": "zstd"}''; null removes one.');
+        END IF;
+        v_params := v_params || v_patch;
+        v_params := v_params - ARRAY(SELECT k FROM jsonb_each(v_patch) AS p(k, v) WHERE v = 'null'::jsonb);
+    END IF;
+    v_params := outbox._check_parameters(id, d.kind, v_params);
+    UPDATE outbox.destination x
+       SET parameters = v_params, content = coalesce(alter_destination.content, x.content)
+     WHERE x.id = alter_destination.id;
+    PERFORM outbox._changed_on_commit();
+    RETURN id;
+END
+$$;
+
+-- What the destination's producer is configured with (librdkafka
+-- properties), secrets redacted. Superusers only.
+CREATE FUNCTION outbox.destination_config(destination_id text)
+RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    PERFORM outbox._require_destination(destination_id);
+    RETURN (SELECT outbox._effective_config(d.id, d.kind, d.parameters)
+              FROM outbox.destination d WHERE d.id = destination_config.destination_id);
 END
 $$;
 

@@ -1,31 +1,60 @@
 //! The Rust half of the SQL API: checks the PL/pgSQL functions call.
 
 use crate::error::UserError;
-use crate::kafka::Params;
+use crate::params::{self, ParamError, Params};
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
-/// Validate a destination's parameters; returns them as stored.
-#[pg_extern(immutable, parallel_safe)]
-fn _check_parameters(destination_id: &str, parameters: Option<JsonB>) -> JsonB {
-    let value = parameters.map(|j| j.0).unwrap_or(serde_json::Value::Null);
-    let params = match Params::parse(destination_id, &value) {
-        Ok(p) => p,
-        Err(e) => {
-            let code = if e.unsupported {
-                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED
-            } else {
-                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
-            };
-            UserError::new(code, e.message).hint(e.hint).raise()
-        }
+fn raise_param_error(e: ParamError) -> ! {
+    let code = if e.unsupported {
+        PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED
+    } else {
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
     };
-    if let Err(e) = crate::kafka::check_client_config(&params, destination_id) {
+    UserError::new(code, e.message).hint(e.hint).raise()
+}
+
+fn parse(destination_id: &str, kind: &str, parameters: Option<JsonB>) -> (Params, serde_json::Value) {
+    let value = parameters.map(|j| j.0).unwrap_or(serde_json::Value::Null);
+    let object = params::normalize(destination_id, &value).unwrap_or_else(|e| raise_param_error(e));
+    let object = serde_json::Value::Object(object);
+    let p =
+        Params::parse(destination_id, kind == "kafka-best-effort", &object).unwrap_or_else(|e| raise_param_error(e));
+    (p, object)
+}
+
+/// Validate a destination's parameters (object or Aidbox's parameter array);
+/// returns them as stored (an object).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _check_parameters(destination_id: &str, kind: &str, parameters: Option<JsonB>) -> JsonB {
+    let (params, object) = parse(destination_id, kind, parameters);
+    if let Err(e) = crate::kafka::check_client_config(&params) {
         UserError::invalid(format!("librdkafka refused the configuration of destination \"{destination_id}\": {e}"))
             .hint("Check the parameter values against the README's parameter table.")
             .raise()
     }
-    JsonB(value)
+    JsonB(object)
+}
+
+/// Aidbox's parameter array as an object.
+#[pg_extern(immutable, parallel_safe)]
+fn _normalize_parameters(destination_id: &str, parameters: JsonB) -> JsonB {
+    let object = params::normalize(destination_id, &parameters.0).unwrap_or_else(|e| raise_param_error(e));
+    JsonB(serde_json::Value::Object(object))
+}
+
+/// The librdkafka properties a destination's producer gets, secrets redacted.
+#[pg_extern(stable, parallel_safe)]
+fn _effective_config(destination_id: &str, kind: &str, parameters: JsonB) -> JsonB {
+    if !unsafe { pg_sys::superuser() } {
+        UserError::new(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("permission denied to read the configuration of destination \"{destination_id}\""),
+        )
+        .hint("Only superusers may read destination configurations.")
+        .raise()
+    }
+    JsonB(parse(destination_id, kind, Some(parameters)).0.effective())
 }
 
 /// CREATE EXTENSION calls this last: the worker must be able to serve us.

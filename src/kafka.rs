@@ -1,221 +1,17 @@
-//! Kafka: destination parameters, their mapping onto librdkafka, the producer
-//! and the notification message. No Postgres calls here: this code also runs
+//! Kafka: the producer, its callbacks and the notification message (the
+//! parameters and their librdkafka mapping are in `params`). No Postgres calls here: this code also runs
 //! on librdkafka's threads (the context callbacks).
 
+use crate::oauth::TokenSource;
+use crate::params::Params;
 use crossbeam_channel::Sender;
-use rdkafka::config::ClientConfig;
+use rdkafka::client::OAuthToken;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientContext;
-use serde_json::{Map, Value};
 use std::os::fd::RawFd;
 use std::time::Duration;
-
-/// A problem with a destination's parameters, with a hint for the user.
-#[derive(Debug)]
-pub struct ParamError {
-    pub message: String,
-    pub hint: String,
-    /// The parameter is known but this version does not implement it yet.
-    pub unsupported: bool,
-}
-
-fn perr(message: String, hint: impl Into<String>) -> ParamError {
-    ParamError { message, hint: hint.into(), unsupported: false }
-}
-
-/// Parameters this version maps onto librdkafka.
-const SUPPORTED: &[&str] = &[
-    "kafkaTopic",
-    "bootstrapServers",
-    "compressionType",
-    "batchSize",
-    "deliveryTimeoutMs",
-    "maxRequestSize",
-    "requestTimeoutMs",
-    "securityProtocol",
-];
-/// Aidbox parameters known but not implemented yet (refused, never ignored).
-const NOT_YET: &[&str] =
-    &["maxBlockMs", "sslKeystoreKey", "saslMechanism", "saslJaasConfig", "saslClientCallbackHandlerClass"];
-
-/// A destination's validated parameters.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Params {
-    pub kafka_topic: String,
-    pub bootstrap_servers: String,
-    pub compression_type: Option<String>,
-    pub batch_size: Option<i64>,
-    pub delivery_timeout_ms: i64,
-    pub max_request_size: Option<i64>,
-    pub request_timeout_ms: Option<i64>,
-}
-
-/// Java's delivery.timeout.ms default (librdkafka's is 300000).
-pub const DEFAULT_DELIVERY_TIMEOUT_MS: i64 = 120_000;
-
-fn get_string(obj: &Map<String, Value>, name: &str, dest: &str) -> Result<Option<String>, ParamError> {
-    match obj.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => Err(perr(
-            format!("parameter \"{name}\" of destination \"{dest}\" must be a string, not {other}"),
-            format!("Write it as a JSON string, e.g. \"{name}\": \"...\"."),
-        )),
-    }
-}
-
-fn get_int(obj: &Map<String, Value>, name: &str, dest: &str, min: i64, max: i64) -> Result<Option<i64>, ParamError> {
-    let v = match obj.get(name) {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::Number(n)) => n.as_i64(),
-        // Aidbox's valueString for a number, as Java's config parser accepts.
-        Some(Value::String(s)) => s.trim().parse::<i64>().ok(),
-        Some(_) => None,
-    };
-    match v {
-        Some(v) if (min..=max).contains(&v) => Ok(Some(v)),
-        _ => Err(perr(
-            format!(
-                "parameter \"{name}\" of destination \"{dest}\" must be an integer between {min} and {max}, not {}",
-                obj[name]
-            ),
-            format!("E.g. \"{name}\": {}.", min.max(1)),
-        )),
-    }
-}
-
-fn valid_topic_name(t: &str) -> bool {
-    !t.is_empty()
-        && t.len() <= 249
-        && t != "."
-        && t != ".."
-        && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-')
-}
-
-fn valid_servers(s: &str) -> bool {
-    !s.trim().is_empty()
-        && s.split(',').all(|hp| {
-            let hp = hp.trim();
-            match hp.rsplit_once(':') {
-                Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
-                None => false,
-            }
-        })
-}
-
-impl Params {
-    /// Check a destination's `parameters` object: names, types, values.
-    pub fn parse(dest: &str, parameters: &Value) -> Result<Params, ParamError> {
-        let obj = parameters.as_object().ok_or_else(|| {
-            perr(
-                format!("parameters of destination \"{dest}\" must be a JSON object"),
-                "E.g. '{\"kafkaTopic\": \"orders\", \"bootstrapServers\": \"localhost:9092\"}'::jsonb.",
-            )
-        })?;
-        for name in obj.keys() {
-            if NOT_YET.contains(&name.as_str()) {
-                return Err(ParamError {
-                    message: format!(
-                        "parameter \"{name}\" of destination \"{dest}\" is not supported by this version of pg_outbox"
-                    ),
-                    hint: format!("Supported parameters: {}.", SUPPORTED.join(", ")),
-                    unsupported: true,
-                });
-            }
-            if !SUPPORTED.contains(&name.as_str()) {
-                return Err(perr(
-                    format!("unknown parameter \"{name}\" for destination \"{dest}\""),
-                    format!("Supported parameters: {}.", SUPPORTED.join(", ")),
-                ));
-            }
-        }
-        let kafka_topic = get_string(obj, "kafkaTopic", dest)?.ok_or_else(|| {
-            perr(
-                format!("destination \"{dest}\" needs parameter \"kafkaTopic\""),
-                "Name the Kafka topic, e.g. \"kafkaTopic\": \"orders\".",
-            )
-        })?;
-        if !valid_topic_name(&kafka_topic) {
-            return Err(perr(
-                format!("invalid Kafka topic name \"{kafka_topic}\" for destination \"{dest}\""),
-                "Kafka topic names are 1 to 249 characters from [a-zA-Z0-9._-].",
-            ));
-        }
-        let bootstrap_servers = get_string(obj, "bootstrapServers", dest)?.ok_or_else(|| {
-            perr(
-                format!("destination \"{dest}\" needs parameter \"bootstrapServers\""),
-                "List the brokers as host:port, comma-separated, e.g. \"bootstrapServers\": \"localhost:9092\".",
-            )
-        })?;
-        if !valid_servers(&bootstrap_servers) {
-            return Err(perr(
-                format!("invalid bootstrapServers \"{bootstrap_servers}\" for destination \"{dest}\""),
-                "List the brokers as host:port, comma-separated, e.g. \"kafka1:9092,kafka2:9092\".",
-            ));
-        }
-        let compression_type = get_string(obj, "compressionType", dest)?.map(|c| c.to_ascii_lowercase());
-        if let Some(c) = &compression_type {
-            if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&c.as_str()) {
-                return Err(perr(
-                    format!("invalid compressionType \"{c}\" for destination \"{dest}\""),
-                    "Use one of none, gzip, snappy, lz4, zstd.",
-                ));
-            }
-        }
-        if let Some(p) = get_string(obj, "securityProtocol", dest)? {
-            if !p.eq_ignore_ascii_case("PLAINTEXT") {
-                return Err(ParamError {
-                    message: format!(
-                        "securityProtocol \"{p}\" of destination \"{dest}\" is not supported by this version of pg_outbox"
-                    ),
-                    hint: "Only PLAINTEXT is supported so far.".into(),
-                    unsupported: true,
-                });
-            }
-        }
-        Ok(Params {
-            kafka_topic,
-            bootstrap_servers,
-            compression_type,
-            batch_size: get_int(obj, "batchSize", dest, 0, i32::MAX as i64)?,
-            // librdkafka needs it above linger.ms (5).
-            delivery_timeout_ms: get_int(obj, "deliveryTimeoutMs", dest, 100, i32::MAX as i64)?
-                .unwrap_or(DEFAULT_DELIVERY_TIMEOUT_MS),
-            max_request_size: get_int(obj, "maxRequestSize", dest, 1000, 1_000_000_000)?,
-            request_timeout_ms: get_int(obj, "requestTimeoutMs", dest, 1, 900_000)?,
-        })
-    }
-
-    /// The librdkafka configuration of this destination's producer.
-    pub fn client_config(&self, dest: &str) -> ClientConfig {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &self.bootstrap_servers)
-            .set("client.id", format!("pg_outbox-{dest}"))
-            // The at-least-once floor: idempotent, acknowledged by all in-sync replicas.
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            // Java's partitioner, so keys land where Java producers put them.
-            .set("partitioner", "murmur2_random")
-            .set("linger.ms", "5")
-            .set("message.timeout.ms", self.delivery_timeout_ms.to_string())
-            .set("log.connection.close", "false");
-        if let Some(v) = &self.compression_type {
-            c.set("compression.type", v);
-        }
-        if let Some(v) = self.batch_size {
-            c.set("batch.size", v.max(1).to_string());
-        }
-        if let Some(v) = self.max_request_size {
-            c.set("message.max.bytes", v.to_string());
-        }
-        if let Some(v) = self.request_timeout_ms {
-            c.set("request.timeout.ms", v.to_string());
-        }
-        c
-    }
-}
 
 /// What the producer's callbacks report to the worker's main thread.
 #[derive(Debug)]
@@ -240,13 +36,24 @@ pub enum Report {
     },
 }
 
-/// Producer context: forwards everything to the worker through a channel.
+/// Producer context: forwards everything to the worker through a channel,
+/// and makes the OAUTHBEARER tokens (MSK IAM, unsecured JWT) when asked.
 pub struct Context {
     pub epoch: u64,
     pub tx: Sender<Report>,
+    pub token: Option<TokenSource>,
 }
 
 impl ClientContext for Context {
+    // librdkafka asks only producers whose sasl.mechanism is OAUTHBEARER.
+    const ENABLE_REFRESH_OAUTH_TOKEN: bool = true;
+
+    fn generate_oauth_token(&self, _config: Option<&str>) -> Result<OAuthToken, Box<dyn std::error::Error>> {
+        let source = self.token.as_ref().ok_or("this destination has no OAUTHBEARER token source")?;
+        let t = source.token()?;
+        Ok(OAuthToken { token: t.value, principal_name: t.principal, lifetime_ms: t.expires_ms })
+    }
+
     fn log(&self, _level: rdkafka::config::RDKafkaLogLevel, _fac: &str, _msg: &str) {
         // Errors arrive through error() and delivery reports; logs stay quiet.
     }
@@ -294,6 +101,26 @@ pub fn is_stale_producer(e: &KafkaError) -> bool {
     )
 }
 
+/// librdkafka's buffer is full (queue.buffering.max.messages / .kbytes).
+pub fn is_queue_full(e: &KafkaError) -> bool {
+    e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
+}
+
+/// A transaction call that may be made again (it timed out, say).
+pub fn is_retriable(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::Transaction(t) if t.is_retriable())
+}
+
+/// A call that merely ran out of the time it was given.
+pub fn is_timeout(e: &KafkaError) -> bool {
+    e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::OperationTimedOut)
+}
+
+/// A transaction call failed in a way an abort resolves.
+pub fn txn_requires_abort(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::Transaction(t) if t.txn_requires_abort())
+}
+
 /// Errors that resending the same event can never fix: the event itself is
 /// refused (too large, invalid). A broker reports them for a whole batch, so
 /// the worker isolates the culprit before anything goes to the dead letters.
@@ -307,12 +134,12 @@ pub fn is_poison(e: &KafkaError) -> bool {
 /// descriptor together.
 pub fn create_producer(
     params: &Params,
-    dest: &str,
     epoch: u64,
     tx: Sender<Report>,
     wake_fd: RawFd,
 ) -> Result<KafkaProducer, KafkaError> {
-    let producer: KafkaProducer = params.client_config(dest).create_with_context(Context { epoch, tx })?;
+    let context = Context { epoch, tx, token: params.token.clone() };
+    let producer: KafkaProducer = params.client_config().create_with_context(context)?;
     unsafe {
         let rk = producer.client().native_ptr();
         let q = rdkafka::bindings::rd_kafka_queue_get_main(rk);
@@ -336,9 +163,20 @@ pub fn serve(producer: &KafkaProducer) {
     }
 }
 
-/// Validate the librdkafka configuration without connecting anywhere.
-pub fn check_client_config(params: &Params, dest: &str) -> Result<(), String> {
-    params.client_config(dest).create_native_config().map(|_| ()).map_err(|e| e.to_string())
+/// Validate the configuration the way the worker will use it: librdkafka
+/// checks every property and how they fit together (TLS material included)
+/// when a client is created. The client is destroyed at once; errors have
+/// secret values blanked out.
+pub fn check_client_config(params: &Params) -> Result<(), String> {
+    let (tx, _rx) = crossbeam_channel::bounded(1);
+    let context = Context { epoch: 0, tx, token: params.token.clone() };
+    match params.client_config().create_with_context::<_, KafkaProducer>(context) {
+        Ok(producer) => {
+            drop(producer);
+            Ok(())
+        }
+        Err(e) => Err(params.redact(&e.to_string())),
+    }
 }
 
 /// How the second entry of the Bundle carries the row.

@@ -18,7 +18,10 @@ mod api;
 mod capture;
 mod config;
 mod error;
+mod jaas;
 mod kafka;
+mod oauth;
+mod params;
 mod ring;
 mod status;
 mod store;
@@ -55,6 +58,7 @@ pub extern "C-unwind" fn _PG_init() {
 #[pg_schema]
 mod tests {
     include!("tests.rs");
+    include!("tests_params.rs");
 }
 
 /// This module is required by `cargo pgrx test` invocations.

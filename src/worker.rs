@@ -3,7 +3,8 @@
 //! librdkafka's threads only write to a channel and a pipe.
 
 use crate::config;
-use crate::kafka::{self, Content, KafkaProducer, Params, Report, Target};
+use crate::kafka::{self, Content, KafkaProducer, Report, Target};
+use crate::params::Params;
 use crate::ring;
 use crate::status::{self, SlotRef, State};
 use crate::store;
@@ -30,6 +31,12 @@ const BEST_EFFORT_PER_TURN: usize = 10_000;
 const BEST_EFFORT_BYTES_PER_TURN: usize = 4 << 20;
 /// A destination writes at most one error line to the server log this often.
 const LOG_EVERY: Duration = Duration::from_secs(30);
+/// How long one transaction call (init, commit, abort) may block a pass; the
+/// call is resumed on later passes until maxBlockMs.
+const TXN_STEP: Duration = Duration::from_millis(100);
+/// Best-effort events one destination may hold back while librdkafka's
+/// buffer is full (Java's send() would block up to maxBlockMs instead).
+const BLOCKED_MAX: usize = 100_000;
 
 pub fn register() {
     BackgroundWorkerBuilder::new("pg_outbox worker")
@@ -107,6 +114,15 @@ struct Destination {
     backoff: Duration,
     /// Some event of the batch in flight failed.
     batch_failed: bool,
+    /// Transactional producing: init_transactions done for this producer, a
+    /// transaction is open, events delivered in it (acknowledged at commit),
+    /// and when the pending init/commit/abort must give up (maxBlockMs).
+    txn_ready: bool,
+    txn_open: bool,
+    held: Vec<i64>,
+    txn_deadline: Option<Instant>,
+    /// Best-effort events waiting for buffer space, with when they first did.
+    blocked: VecDeque<(Instant, kafka::Event)>,
     /// (messages suppressed since, time of the last log line)
     last_logged: Option<(u64, Instant)>,
 }
@@ -138,6 +154,11 @@ impl Destination {
             retry_at: None,
             backoff: Duration::ZERO,
             batch_failed: false,
+            txn_ready: false,
+            txn_open: false,
+            held: Vec::new(),
+            txn_deadline: None,
+            blocked: VecDeque::new(),
             last_logged: None,
         }
     }
@@ -173,6 +194,8 @@ impl Destination {
     fn ready(&self, now: Instant) -> bool {
         !self.best_effort
             && self.in_flight.is_empty()
+            && !self.txn_open
+            && self.held.is_empty()
             && self.acked.is_empty()
             && self.failed.is_empty()
             && self.poisoned.is_empty()
@@ -198,7 +221,8 @@ impl Destination {
     /// Everything in flight failed with `error`: at-least-once events are
     /// retried from the outbox, best-effort events are lost.
     fn fail_in_flight(&mut self, error: &str) {
-        let ids: Vec<i64> = self.in_flight.drain().collect();
+        let mut ids: Vec<i64> = self.in_flight.drain().collect();
+        ids.append(&mut self.held);
         self.produced.clear();
         if self.best_effort {
             self.lost_best_effort += ids.len() as u64;
@@ -208,12 +232,26 @@ impl Destination {
         }
     }
 
+    /// Drop the producer (what it has in flight is purged); the next batch
+    /// gets a new one.
+    fn drop_producer(&mut self) {
+        self.producer = None;
+        self.txn_ready = false;
+        self.txn_open = false;
+        self.txn_deadline = None;
+    }
+
+    /// Events in process: produced and not yet acknowledged (or committed).
+    fn in_process(&self) -> u64 {
+        (self.in_flight.len() + self.held.len() + self.blocked.len()) as u64
+    }
+
     /// Make sure a producer exists; on failure note the error and back off.
     fn ensure_producer(&mut self, next_epoch: &mut u64, tx: &Sender<Report>, wake_write: RawFd) -> bool {
         if self.producer.is_some() {
             return true;
         }
-        match kafka::create_producer(&self.params, &self.id, *next_epoch, tx.clone(), wake_write) {
+        match kafka::create_producer(&self.params, *next_epoch, tx.clone(), wake_write) {
             Ok(p) => {
                 self.producer = Some(p);
                 self.epoch = *next_epoch;
@@ -221,6 +259,7 @@ impl Destination {
                 true
             }
             Err(e) => {
+                let e = self.params.redact(&e.to_string());
                 self.error(&format!("could not create the Kafka producer: {e}"));
                 self.back_off();
                 false
@@ -228,16 +267,169 @@ impl Destination {
         }
     }
 
-    /// Produce one event. Err((error, poison)) if librdkafka refused it at once.
-    fn send(&mut self, ev: &kafka::Event) -> Result<(), (String, bool)> {
+    /// Transactional producing: run one step of init_transactions (resumed
+    /// on later passes) and begin a transaction. False: not this pass.
+    fn begin_transaction(&mut self) -> bool {
+        let Some(p) = &self.producer else { return false };
+        if !self.txn_ready {
+            let deadline = *self
+                .txn_deadline
+                .get_or_insert(Instant::now() + Duration::from_millis(self.params.max_block_ms as u64));
+            match p.init_transactions(TXN_STEP) {
+                Ok(()) => {
+                    self.txn_ready = true;
+                    self.txn_deadline = None;
+                }
+                Err(e) if kafka::is_retriable(&e) && Instant::now() < deadline => {
+                    if !kafka::is_timeout(&e) {
+                        self.error(&format!("init_transactions: {e} (retried until maxBlockMs)"));
+                    }
+                    return false;
+                }
+                Err(e) => {
+                    let e = if kafka::is_retriable(&e) {
+                        format!(
+                            "init_transactions did not complete within maxBlockMs ({} ms): {e}",
+                            self.params.max_block_ms
+                        )
+                    } else {
+                        format!("init_transactions failed: {e}")
+                    };
+                    self.error(&e);
+                    self.drop_producer();
+                    self.back_off();
+                    return false;
+                }
+            }
+        }
+        let Some(p) = &self.producer else { return false };
+        if let Err(e) = p.begin_transaction() {
+            self.error(&format!("begin_transaction failed: {e}"));
+            self.drop_producer();
+            self.back_off();
+            return false;
+        }
+        self.txn_open = true;
+        true
+    }
+
+    /// Transactional producing: once every event of the open transaction has
+    /// its report, commit it (or abort it when some failed), one bounded step
+    /// per pass. Events are acknowledged only when the commit succeeded.
+    fn finish_transaction(&mut self) {
+        if !self.txn_open || !self.in_flight.is_empty() {
+            return;
+        }
+        let Some(p) = &self.producer else { return };
+        let abort = !self.failed.is_empty() || self.batch_failed;
+        let deadline =
+            *self.txn_deadline.get_or_insert(Instant::now() + Duration::from_millis(self.params.max_block_ms as u64));
+        let result = if abort { p.abort_transaction(TXN_STEP) } else { p.commit_transaction(TXN_STEP) };
+        let what = if abort { "abort_transaction" } else { "commit_transaction" };
+        match result {
+            Ok(()) => {
+                self.txn_open = false;
+                self.txn_deadline = None;
+                let held = std::mem::take(&mut self.held);
+                if abort {
+                    self.failed.extend(held.into_iter().map(|id| (id, "the transaction was aborted".to_string())));
+                } else {
+                    self.acked.extend(held);
+                }
+            }
+            Err(e) if kafka::is_retriable(&e) && Instant::now() < deadline => {
+                if !kafka::is_timeout(&e) {
+                    self.error(&format!("{what}: {e} (retried until maxBlockMs)"));
+                }
+            }
+            Err(e) if !abort && kafka::txn_requires_abort(&e) => {
+                // Resolved by aborting: the next steps do that.
+                self.error(&format!("{what} failed: {e}"));
+                self.batch_failed = true;
+                self.txn_deadline = None;
+            }
+            Err(e) => {
+                self.error(&format!("{what} failed: {e}"));
+                let error = format!("{what} failed: {e}");
+                self.fail_in_flight(&error);
+                self.drop_producer();
+            }
+        }
+    }
+
+    /// Produce one event; librdkafka may refuse it at once.
+    fn send(&mut self, ev: &kafka::Event) -> Result<(), Refused> {
         let target = Target { destination_id: &self.id, topic_url: &self.topic_url, content: self.content };
-        let producer = self.producer.as_ref().ok_or(("no producer".to_string(), false))?;
-        kafka::send(producer, &self.params.kafka_topic, &target, ev)
-            .map_err(|e| (e.to_string(), kafka::is_poison(&e)))?;
+        let producer = self.producer.as_ref().ok_or(Refused::Other("no producer".to_string()))?;
+        kafka::send(producer, &self.params.kafka_topic, &target, ev).map_err(|e| {
+            if kafka::is_queue_full(&e) {
+                Refused::Full
+            } else if kafka::is_poison(&e) {
+                Refused::Poison(e.to_string())
+            } else {
+                Refused::Other(e.to_string())
+            }
+        })?;
         self.in_flight.insert(ev.id);
         self.produced.push_back((Instant::now(), ev.id));
         Ok(())
     }
+
+    /// Best-effort: send what waited for buffer space, in order; what waited
+    /// longer than maxBlockMs is lost (Java's send() would have thrown).
+    fn send_blocked(&mut self) {
+        let max_block = Duration::from_millis(self.params.max_block_ms as u64);
+        if let Some(p) = &self.producer {
+            kafka::serve(p);
+        }
+        while let Some((since, ev)) = self.blocked.pop_front() {
+            if since.elapsed() > max_block {
+                self.lose(format!("librdkafka's buffer stayed full for maxBlockMs ({} ms)", self.params.max_block_ms));
+                continue;
+            }
+            match self.send(&ev) {
+                Ok(()) => {}
+                Err(Refused::Full) => {
+                    self.blocked.push_front((since, ev));
+                    break;
+                }
+                Err(Refused::Poison(e) | Refused::Other(e)) => self.lose(format!("produce refused: {e}")),
+            }
+        }
+    }
+
+    /// Best-effort: send one event, or hold it while the buffer is full.
+    fn send_best_effort(&mut self, ev: kafka::Event) {
+        if !self.blocked.is_empty() {
+            // Keep the order: behind those already waiting.
+            if self.blocked.len() < BLOCKED_MAX && self.params.max_block_ms > 0 {
+                self.blocked.push_back((Instant::now(), ev));
+            } else {
+                self.lose("librdkafka's buffer is full".to_string());
+            }
+            return;
+        }
+        match self.send(&ev) {
+            Ok(()) => {}
+            Err(Refused::Full) if self.params.max_block_ms > 0 => self.blocked.push_back((Instant::now(), ev)),
+            Err(Refused::Full) => self.lose("librdkafka's buffer is full (maxBlockMs is 0)".to_string()),
+            Err(Refused::Poison(e) | Refused::Other(e)) => self.lose(format!("produce refused: {e}")),
+        }
+    }
+
+    fn lose(&mut self, reason: String) {
+        self.lost_best_effort += 1;
+        self.lost_reason = Some(reason);
+    }
+}
+
+/// Why librdkafka did not take an event.
+enum Refused {
+    /// Its buffer is full (queue.buffering.max.*): wait, as Java's send() blocks.
+    Full,
+    /// Kafka will never take this event as it is.
+    Poison(String),
+    Other(String),
 }
 
 struct Worker {
@@ -334,7 +526,7 @@ impl Worker {
         self.record_outcomes();
         self.claim_and_produce();
         self.drain_best_effort();
-        status::set_in_process(self.destinations.values().map(|d| (d.slot, d.in_flight.len() as u64)));
+        status::set_in_process(self.destinations.values().map(|d| (d.slot, d.in_process())));
     }
 
     /// Sleep until a commit sets the latch, a producer has reports, a retry or
@@ -434,21 +626,25 @@ impl Worker {
             }
         }
         status::retain_only(&wanted);
+        let changed: Vec<String> = rows
+            .iter()
+            .filter(|row| {
+                self.destinations.get(&row.id).is_some_and(|d| {
+                    d.parameters_text != row.parameters
+                        || d.topic_url != row.topic_url
+                        || d.content != Content::parse(&row.content)
+                        || d.best_effort != (row.kind == "kafka-best-effort")
+                })
+            })
+            .map(|row| row.id.clone())
+            .collect();
+        self.retire(&changed);
         for row in rows {
-            if let Some(d) = self.destinations.get(&row.id) {
-                let same = d.parameters_text == row.parameters
-                    && d.topic_url == row.topic_url
-                    && d.content == Content::parse(&row.content)
-                    && d.best_effort == (row.kind == "kafka-best-effort");
-                if same {
-                    continue;
-                }
-                // Changed: rebuild (counters carry over). At-least-once events in
-                // flight stay in the outbox and are sent again.
-                self.destinations.remove(&row.id);
+            if self.destinations.contains_key(&row.id) {
+                continue;
             }
             let value: serde_json::Value = serde_json::from_str(&row.parameters).unwrap_or(serde_json::Value::Null);
-            let params = match Params::parse(&row.id, &value) {
+            let params = match Params::parse(&row.id, row.kind == "kafka-best-effort", &value) {
                 Ok(p) => p,
                 Err(e) => {
                     pgrx::warning!("pg_outbox: destination \"{}\" skipped: {}", row.id, e.message);
@@ -464,6 +660,47 @@ impl Worker {
                 continue;
             };
             self.destinations.insert(row.id.clone(), Destination::new(row, params, slot));
+        }
+    }
+
+    /// Destinations whose configuration changed: let their producers finish
+    /// what is in flight (bounded), record the outcomes, then remove them so
+    /// they are built anew (counters carry over in their status slots).
+    /// At-least-once events still unacknowledged stay in the outbox and are
+    /// sent again by the new producer; best-effort ones count as lost.
+    fn retire(&mut self, ids: &[String]) {
+        if ids.is_empty() {
+            return;
+        }
+        let deadline = Instant::now() + SHUTDOWN_FLUSH;
+        for id in ids {
+            if let Some(d) = self.destinations.get_mut(id) {
+                if let Some(p) = &d.producer {
+                    if !d.in_flight.is_empty() && !d.txn_open {
+                        let _ = p.flush(deadline.saturating_duration_since(Instant::now()));
+                    }
+                }
+            }
+        }
+        self.take_reports();
+        for id in ids {
+            if let Some(d) = self.destinations.get_mut(id) {
+                if d.best_effort {
+                    let n = d.in_process();
+                    if n > 0 {
+                        d.lost_best_effort += n;
+                        d.lost_reason = Some("the destination was reconfigured".into());
+                    }
+                } else {
+                    // Still in the outbox: the new producer sends them again.
+                    d.in_flight.clear();
+                    d.held.clear();
+                }
+            }
+        }
+        self.record_outcomes();
+        for id in ids {
+            self.destinations.remove(id);
         }
     }
 
@@ -490,6 +727,8 @@ impl Worker {
                     if d.in_flight.remove(&event_id) {
                         if d.best_effort {
                             d.delivered_best_effort += 1;
+                        } else if d.txn_open {
+                            d.held.push(event_id);
                         } else {
                             d.acked.push(event_id);
                         }
@@ -531,8 +770,11 @@ impl Worker {
                 let reason =
                     fatal.map_or("the producer was fenced or lost its idempotence state".to_string(), |(_, m)| m);
                 d.fail_in_flight(&reason);
-                d.producer = None;
+                d.drop_producer();
             }
+        }
+        for d in self.destinations.values_mut() {
+            d.finish_transaction();
         }
     }
 
@@ -546,7 +788,7 @@ impl Worker {
                 let error =
                     format!("no acknowledgement within deliveryTimeoutMs ({} ms)", d.params.delivery_timeout_ms);
                 d.fail_in_flight(&error);
-                d.producer = None;
+                d.drop_producer();
             }
         }
     }
@@ -562,7 +804,7 @@ impl Worker {
                 }
                 d.delivered_best_effort = 0;
                 d.lost_best_effort = 0;
-                status::record_outcome(d.slot, delivered, 0, d.in_flight.len() as u64);
+                status::record_outcome(d.slot, delivered, 0, d.in_process());
                 status::add_lost_slot(d.slot, lost);
                 if let Some(reason) = d.lost_reason.take() {
                     d.error(&format!("{lost} event(s) lost: {reason}"));
@@ -600,7 +842,7 @@ impl Worker {
                 d.slot,
                 acked.len() as u64,
                 (failed_ids.len() + poisoned.len()) as u64,
-                d.in_flight.len() as u64,
+                d.in_process(),
             );
             if let Some((_, error)) = poisoned.first() {
                 d.error(&format!("{} event(s) moved to outbox.dead_letter: {error}", poisoned.len()));
@@ -648,6 +890,11 @@ impl Worker {
             if events.is_empty() || !d.ensure_producer(&mut self.next_epoch, &self.tx, self.wake_write) {
                 continue;
             }
+            if d.params.transactional && !d.begin_transaction() {
+                // Not yet initialised (resumed next pass) or failed (backing off).
+                d.retry_at = d.retry_at.or(Some(Instant::now() + TXN_STEP));
+                continue;
+            }
             self.busy = true;
             d.retry_at = None;
             d.batch_failed = false;
@@ -656,9 +903,11 @@ impl Worker {
             for ev in &events {
                 match d.send(ev) {
                     Ok(()) => {}
+                    // The rest stays in the outbox for the next batch.
+                    Err(Refused::Full) => break,
                     // Never acceptable: set it aside, the others go on.
-                    Err((error, true)) => d.poisoned.push((ev.id, format!("produce refused: {error}"))),
-                    Err((error, false)) => {
+                    Err(Refused::Poison(error)) => d.poisoned.push((ev.id, format!("produce refused: {error}"))),
+                    Err(Refused::Other(error)) => {
                         // Stop here: what follows must not overtake this event.
                         d.failed.push((ev.id, format!("produce refused: {error}")));
                         break;
@@ -673,6 +922,10 @@ impl Worker {
 
     /// Best-effort: produce what writers handed to the shared queue.
     fn drain_best_effort(&mut self) {
+        for d in self.destinations.values_mut().filter(|d| !d.blocked.is_empty()) {
+            d.send_blocked();
+            self.busy = true;
+        }
         let mut reloaded = false;
         // One bounded batch per pass, so nothing else waits behind a busy queue.
         {
@@ -695,8 +948,7 @@ impl Worker {
                 };
                 let waiting = d.producer.is_none() && d.retry_at.is_some_and(|t| t > Instant::now());
                 if waiting || !d.ensure_producer(&mut self.next_epoch, &self.tx, self.wake_write) {
-                    d.lost_best_effort += 1;
-                    d.lost_reason = Some("no Kafka producer".into());
+                    d.lose("no Kafka producer".into());
                     continue;
                 }
                 let event = kafka::Event {
@@ -707,10 +959,7 @@ impl Worker {
                     row: ev.row,
                     timestamp: status::format_ts(ev.timestamp_us),
                 };
-                if let Err((error, _)) = d.send(&event) {
-                    d.lost_best_effort += 1;
-                    d.lost_reason = Some(format!("produce refused: {error}"));
-                }
+                d.send_best_effort(event);
             }
             self.take_reports();
             self.record_outcomes();

@@ -331,6 +331,9 @@ fn parse_error(raw: &str) -> SqlError {
 /// The tansu broker on a loopback port (memory storage).
 pub struct Broker {
     pub port: u16,
+    /// The port clients are told to use (another one when a TLS terminator
+    /// sits in front of the broker).
+    pub advertised: u16,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -345,7 +348,12 @@ pub fn tansu_bin() -> String {
 impl Broker {
     pub fn start() -> Broker {
         let port = free_port();
-        let mut b = Broker { port, child: None, log: root().join(format!("tansu-{port}.log")) };
+        Broker::start_advertising(port, port)
+    }
+
+    /// A broker on `port` that tells clients to connect to `advertised`.
+    pub fn start_advertising(port: u16, advertised: u16) -> Broker {
+        let mut b = Broker { port, advertised, child: None, log: root().join(format!("tansu-{port}.log")) };
         b.resume();
         b
     }
@@ -358,9 +366,10 @@ impl Broker {
     pub fn resume(&mut self) {
         assert!(self.child.is_none(), "broker already running");
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised);
         let log = std::fs::File::create(&self.log).expect("broker log");
         let child = Command::new(tansu_bin())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &advertised])
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
@@ -443,14 +452,29 @@ impl Received {
 /// Read every partition of `topic` from the beginning until `quiet` passes with
 /// no new message (after at least `min` messages, or until `timeout`).
 pub fn consume(bootstrap: &str, topic: &str, min: usize, timeout: Duration, quiet: Duration) -> Vec<Received> {
-    let consumer: BaseConsumer = ClientConfig::new()
+    consume_with(bootstrap, topic, min, timeout, quiet, &[])
+}
+
+/// `consume` with extra consumer settings (TLS, isolation level, ...).
+pub fn consume_with(
+    bootstrap: &str,
+    topic: &str,
+    min: usize,
+    timeout: Duration,
+    quiet: Duration,
+    settings: &[(&str, &str)],
+) -> Vec<Received> {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "pg_outbox_test")
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
-        .set("log_level", "3")
-        .create()
-        .expect("consumer");
+        .set("log_level", "3");
+    for (k, v) in settings {
+        config.set(*k, *v);
+    }
+    let consumer: BaseConsumer = config.create().expect("consumer");
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
     let partitions = md.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
     assert!(partitions > 0, "topic {topic} has no partitions");
@@ -508,4 +532,67 @@ pub fn expected_bundle(m: &Received, url: &str, dest: &str, reference: &str, sec
     }
     out.push_str("]}");
     out
+}
+
+/// Test certificates made with the openssl command: a private CA, a server
+/// certificate for 127.0.0.1 and a client certificate with a PKCS#8 key.
+pub struct Certificates {
+    pub dir: PathBuf,
+    pub ca: String,
+    pub client_key: String,
+    pub client_cert: String,
+}
+
+impl Certificates {
+    pub fn generate(name: &str) -> Certificates {
+        let dir = root().join(format!("tls-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sh = |script: &str| {
+            let out = run(Command::new("sh").arg("-ec").arg(script).current_dir(&dir));
+            assert!(out.status.success(), "openssl failed: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=pg_outbox-test-ca 2>/dev/null
+            echo 'subjectAltName=IP:127.0.0.1' > san.ext
+            for who in server client; do
+              openssl req -newkey rsa:2048 -nodes -keyout $who.key -out $who.csr -subj /CN=pg_outbox-$who 2>/dev/null
+              openssl x509 -req -in $who.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out $who.crt -days 2 -extfile san.ext 2>/dev/null
+            done");
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+        Certificates { ca: read("ca.crt"), client_key: read("client.key"), client_cert: read("client.crt"), dir }
+    }
+}
+
+/// A TLS terminator (pg_test/tls_proxy.py) in front of a plaintext broker port.
+pub struct TlsProxy {
+    pub port: u16,
+    child: Child,
+}
+
+impl TlsProxy {
+    /// `require_client_cert`: clients must present a certificate the test CA signed.
+    pub fn start(port: u16, upstream: u16, certs: &Certificates, require_client_cert: bool) -> TlsProxy {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tls_proxy.py");
+        let log = std::fs::File::create(root().join(format!("tls-proxy-{port}.log"))).unwrap();
+        let mut cmd = Command::new("python3");
+        cmd.arg(script).arg(port.to_string()).arg(upstream.to_string());
+        cmd.arg(certs.dir.join("server.crt")).arg(certs.dir.join("server.key"));
+        if require_client_cert {
+            cmd.arg(certs.dir.join("ca.crt"));
+        }
+        let child =
+            cmd.stdout(Stdio::from(log.try_clone().unwrap())).stderr(Stdio::from(log)).spawn().expect("python3");
+        std::fs::write(root().join(format!("tls-proxy-{port}.pid")), child.id().to_string()).unwrap();
+        let addr = format!("127.0.0.1:{port}");
+        wait_for("the TLS proxy to listen", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(&addr).ok().map(|_| ())
+        });
+        TlsProxy { port, child }
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -288,7 +288,14 @@ fn api_errors_have_sqlstate_message_and_hint_and_leave_nothing_behind() {
         (format!("SELECT outbox.create_destination('d-{t}', 'u:{t}', 'kafka-at-least-once', '{{\"kafkaTopic\": \"x\", \"bootstrapServers\": \"{b}\", \"batchSize\": \"many\"}}')"), "22023", "must be an integer"),
         (format!("SELECT outbox.create_destination('d-{t}', 'u:{t}', 'kafka-at-least-once', '{{\"kafkaTopic\": \"a b\", \"bootstrapServers\": \"{b}\"}}')"), "22023", "invalid Kafka topic name"),
         (format!("SELECT outbox.create_destination('d-{t}', 'u:{t}', 'kafka-at-least-once', '{{\"kafkaTopic\": \"x\", \"bootstrapServers\": \"nohostport\"}}')"), "22023", "invalid bootstrapServers"),
-        (format!("SELECT outbox.create_destination('d-{t}', 'u:{t}', 'kafka-at-least-once', '{{\"kafkaTopic\": \"x\", \"bootstrapServers\": \"{b}\", \"saslJaasConfig\": \"x\"}}')"), "0A000", "not supported"),
+        (format!("SELECT outbox.create_destination('d-{t}', 'u:{t}', 'kafka-at-least-once', '{{\"kafkaTopic\": \"x\", \"bootstrapServers\": \"{b}\", \"saslJaasConfig\": \"x\"}}')"), "22023", "needs securityProtocol SASL_SSL or SASL_PLAINTEXT"),
+        (format!("SELECT outbox.create_destination('d-{t}', 'u:{t}', 'kafka-at-least-once', '{{\"kafkaTopic\": \"x\", \"bootstrapServers\": \"{b}\", \"securityProtocol\": \"SASL_SSL\"}}')"), "0A000", "GSSAPI (Kerberos)"),
+        (format!("SELECT outbox.create_destination('d-{t}', 'u:{t}', 'kafka-at-least-once', '{{\"kafkaTopic\": \"x\", \"bootstrapServers\": \"{b}\", \"securityProtocol\": \"SASL_SSL\", \"saslMechanism\": \"PLAIN\", \"saslJaasConfig\": \"org.apache.kafka.common.security.plain.PlainLoginModule required username=u password=hunter2\"}}')"), "22023", "not terminated by a semicolon"),
+        (format!("SELECT outbox.create_destination('d-{t}', 'u:{t}', 'kafka-at-least-once', '{{\"kafkaTopic\": \"x\", \"bootstrapServers\": \"{b}\", \"rdkafka.linger.ms\": \"soon\"}}')"), "22023", "librdkafka refused the configuration"),
+        (format!("SELECT outbox.create_destination('d-{t}', 'u:{t}', 'kafka-at-least-once', '{{\"kafkaTopic\": \"x\", \"bootstrapServers\": \"{b}\", \"rdkafka.no.such.property\": 1}}')"), "22023", "No such configuration property"),
+        (format!("SELECT outbox.create_destination('d-{t}', 'u:{t}', 'kafka-at-least-once', '{{\"kafkaTopic\": \"x\", \"bootstrapServers\": \"{b}\", \"securityProtocol\": \"SSL\", \"sslTruststoreCertificates\": \"-----BEGIN CERTIFICATE-----\\nbm90IGEgY2VydA==\\n-----END CERTIFICATE-----\"}}')"), "22023", "librdkafka refused the configuration"),
+        (format!("SELECT outbox.create_destination('d-{t}', 'u:{t}', 'kafka-best-effort', '{{\"kafkaTopic\": \"x\", \"bootstrapServers\": \"{b}\", \"transactionalId\": \"x\"}}')"), "22023", "transactionalId is for kafka-at-least-once"),
+        ("SELECT outbox.alter_destination('no-such-destination', '{}')".to_string(), "42704", "does not exist"),
         ("SELECT outbox.drop_destination('no-such-destination')".into(), "42704", "destination \"no-such-destination\" does not exist"),
         ("SELECT outbox.drop_topic('no-such-topic')".into(), "42704", "topic \"no-such-topic\" does not exist"),
         ("SELECT outbox.status('no-such-destination')".into(), "42704", "does not exist"),
@@ -298,6 +305,7 @@ fn api_errors_have_sqlstate_message_and_hint_and_leave_nothing_behind() {
         assert_eq!(&err.sqlstate, code, "{sql}\n{}", err.raw);
         assert!(err.message.contains(fragment), "{sql}: message {:?} lacks {fragment:?}", err.message);
         assert!(err.hint.as_deref().is_some_and(|h| h.len() > 10), "{sql}: no hint\n{}", err.raw);
+        assert!(!err.raw.contains("hunter2"), "{sql}: the error shows the password\n{}", err.raw);
     }
     // Nothing half-created: only the first topic's three triggers, no second topic, no destination.
     assert_eq!(pg.count(&format!("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.{t}'::regclass")), 3);

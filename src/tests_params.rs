@@ -1,0 +1,393 @@
+// Parameter mapping, JAAS parsing, OAUTHBEARER tokens: table-driven tests of
+// the Rust code, run inside Postgres by `cargo pgrx test` (the extension is a
+// cdylib that needs Postgres' symbols). No broker involved.
+
+use crate::jaas::{self, Flag};
+use crate::oauth::{self, Credentials, TokenSource};
+use crate::params::Params;
+use base64::Engine;
+use serde_json::{json, Value};
+
+const PLAIN: &str = "org.apache.kafka.common.security.plain.PlainLoginModule";
+const SCRAM: &str = "org.apache.kafka.common.security.scram.ScramLoginModule";
+const OAUTH: &str = "org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule";
+
+#[pg_test]
+fn jaas_strings_parse_as_kafka_parses_them() {
+    let opts = |v: &[(&str, &str)]| v.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
+    type Case = (&'static str, &'static str, Flag, Vec<(String, String)>);
+    let ok: &[Case] = &[
+        (
+            r#"org.apache.kafka.common.security.plain.PlainLoginModule required username="alice" password="s3cr;et";"#,
+            PLAIN,
+            Flag::Required,
+            opts(&[("username", "alice"), ("password", "s3cr;et")]),
+        ),
+        // Single quotes, Java escapes, octal, a quote of the other kind inside.
+        (
+            r#"m.Mod required username='bob' password="a\"b\\c\n\101'x";"#,
+            "m.Mod",
+            Flag::Required,
+            opts(&[("username", "bob"), ("password", "a\"b\\c\nA'x")]),
+        ),
+        // Unquoted words may hold . - _ $ and digits after the first character.
+        (
+            "m.Mod REQUIRED user.name=alice-1_$x password=pw2;",
+            "m.Mod",
+            Flag::Required,
+            opts(&[("user.name", "alice-1_$x"), ("password", "pw2")]),
+        ),
+        // Comments, line breaks, other flags; a repeated key keeps the last value.
+        (
+            "/* c */ m.Mod optional // line\n a=\"1\"\n b=\"x y\" a=\"2\" ;",
+            "m.Mod",
+            Flag::Optional,
+            opts(&[("b", "x y"), ("a", "2")]),
+        ),
+        ("m.Mod sufficient;", "m.Mod", Flag::Sufficient, vec![]),
+        ("m.Mod requisite ;  ", "m.Mod", Flag::Requisite, vec![]),
+    ];
+    for (text, module, flag, options) in ok {
+        let j = jaas::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        assert_eq!(&j.module, module, "{text}");
+        assert_eq!(j.flag, *flag, "{text}");
+        assert_eq!(&j.options, options, "{text}");
+    }
+    let bad: &[(&str, &str)] = &[
+        (r#"m.Mod required username="u" password="hunter2""#, "not terminated by a semicolon"),
+        (r#"m.Mod mandatory username="u";"#, "invalid login module control flag"),
+        ("m.Mod", "control flag not specified"),
+        (r#"m.Mod required password=123hunter2;"#, "starts with a digit"),
+        (r#"m.Mod required password=hunter2:x;"#, "unexpected ':' where an option name belongs"),
+        (r#"m.Mod required password=;"#, "value not specified for option \"password\""),
+        (r#"m.Mod required password "hunter2";"#, "value not specified for option \"password\""),
+        (r#"m.Mod required password="hunter2;"#, "unterminated quoted string"),
+        (r#"a.A required; b.B required;"#, "2 login modules"),
+        ("  ", "no login module"),
+        (r#""m.Mod" required;"#, "expected a login module class name"),
+        ("m.Mod required /* x", "unterminated /* comment"),
+    ];
+    for (text, message) in bad {
+        let e = jaas::parse(text).expect_err(text);
+        assert!(e.contains(message), "{text}: {e}");
+        assert!(!e.contains("hunter2"), "{text}: the error shows the secret: {e}");
+    }
+}
+
+// Made by AWS's own signer (aws-msk-iam-sasl-signer-python 1.0.2, botocore
+// 1.44.8) with its clock frozen at 2026-01-02T03:04:05Z; see
+// pg_test/vectors/msk-iam.md for how.
+const UA: &str = "aws-msk-iam-sasl-signer-python/1.0.2";
+const NOW: u64 = 1_767_323_045;
+const TOKEN_A: &str = "aHR0cHM6Ly9rYWZrYS51cy1lYXN0LTEuYW1hem9uYXdzLmNvbS8_QWN0aW9uPWthZmthLWNsdXN0ZXIlM0FDb25uZWN0JlgtQW16LUFsZ29yaXRobT1BV1M0LUhNQUMtU0hBMjU2JlgtQW16LUNyZWRlbnRpYWw9QUtJQUlPU0ZPRE5ON0VYQU1QTEUlMkYyMDI2MDEwMiUyRnVzLWVhc3QtMSUyRmthZmthLWNsdXN0ZXIlMkZhd3M0X3JlcXVlc3QmWC1BbXotRGF0ZT0yMDI2MDEwMlQwMzA0MDVaJlgtQW16LUV4cGlyZXM9OTAwJlgtQW16LVNpZ25lZEhlYWRlcnM9aG9zdCZYLUFtei1TaWduYXR1cmU9NmMwNmRkOWZlOGQzMDkxMjEzMWVmOTUzNDEzYWZhNmU4YTFiMjE1NWI2YjkzYzM5NjkwYzVlYWE1ZDRlN2I3ZCZVc2VyLUFnZW50PWF3cy1tc2staWFtLXNhc2wtc2lnbmVyLXB5dGhvbiUyRjEuMC4y";
+const TOKEN_B: &str = "aHR0cHM6Ly9rYWZrYS5ldS13ZXN0LTEuYW1hem9uYXdzLmNvbS8_QWN0aW9uPWthZmthLWNsdXN0ZXIlM0FDb25uZWN0JlgtQW16LUFsZ29yaXRobT1BV1M0LUhNQUMtU0hBMjU2JlgtQW16LUNyZWRlbnRpYWw9QUtJQUlPU0ZPRE5ON0VYQU1QTEUlMkYyMDI2MDEwMiUyRmV1LXdlc3QtMSUyRmthZmthLWNsdXN0ZXIlMkZhd3M0X3JlcXVlc3QmWC1BbXotRGF0ZT0yMDI2MDEwMlQwMzA0MDVaJlgtQW16LUV4cGlyZXM9OTAwJlgtQW16LVNpZ25lZEhlYWRlcnM9aG9zdCZYLUFtei1TZWN1cml0eS1Ub2tlbj1JUW9KYjNKcFoybHVYMlZqRVhBTVBMRVRPS0VOJTJGd2l0aCUyQnNsYXNoJTNEJlgtQW16LVNpZ25hdHVyZT1iNzM2NjBlYjA0YTMwMjIxNzFkMGIyNmM0NWRjZmFjZmM2NzM0NWE5OTY0YWQzNmI5NDE4YTExODQyNTEwYzgxJlVzZXItQWdlbnQ9YXdzLW1zay1pYW0tc2FzbC1zaWduZXItcHl0aG9uJTJGMS4wLjI";
+
+fn example_credentials(session_token: Option<&str>) -> Credentials {
+    Credentials {
+        access_key_id: "AKIAIOSFODNN7EXAMPLE".into(),
+        secret_access_key: "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY".into(),
+        session_token: session_token.map(str::to_string),
+    }
+}
+
+#[pg_test]
+fn msk_iam_tokens_match_aws_signer_byte_for_byte() {
+    let a = oauth::msk_iam_token("us-east-1", &example_credentials(None), NOW, UA);
+    assert_eq!(a.value, TOKEN_A);
+    assert_eq!(a.expires_ms, 1_767_323_945_000);
+    assert_eq!(a.principal, "kafka-cluster");
+    let b = oauth::msk_iam_token("eu-west-1", &example_credentials(Some("IQoJb3JpZ2luX2VjEXAMPLETOKEN/with+slash=")), NOW, UA);
+    assert_eq!(b.value, TOKEN_B);
+    // Our own User-Agent changes only the unsigned tail.
+    let ours = oauth::msk_iam_token("us-east-1", &example_credentials(None), NOW, oauth::MSK_USER_AGENT);
+    let url = String::from_utf8(base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(&ours.value).unwrap()).unwrap();
+    let reference = String::from_utf8(base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(TOKEN_A).unwrap()).unwrap();
+    let (signed, tail) = url.split_once("&User-Agent=").unwrap();
+    assert_eq!(signed, reference.split_once("&User-Agent=").unwrap().0);
+    assert_eq!(tail, format!("pg_outbox%2F{}", env!("CARGO_PKG_VERSION")));
+    // A leap day and a year end sign with the right dates.
+    let leap = oauth::msk_iam_token("us-east-1", &example_credentials(None), 1_709_164_800 + 3_661, UA);
+    let leap = String::from_utf8(base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(leap.value).unwrap()).unwrap();
+    assert!(leap.contains("X-Amz-Date=20240229T010101Z"), "{leap}");
+    let eoy = oauth::msk_iam_token("us-east-1", &example_credentials(None), 1_767_225_599, UA);
+    let eoy = String::from_utf8(base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(eoy.value).unwrap()).unwrap();
+    assert!(eoy.contains("X-Amz-Date=20251231T235959Z"), "{eoy}");
+}
+
+#[pg_test]
+fn msk_iam_region_and_credentials_come_from_the_standard_places() {
+    assert_eq!(oauth::region_of_host("b-1.demo.abc123.c2.kafka.eu-central-1.amazonaws.com").as_deref(), Some("eu-central-1"));
+    assert_eq!(oauth::region_of_host("boot-x.c1.kafka-serverless.us-west-2.amazonaws.com").as_deref(), Some("us-west-2"));
+    assert_eq!(oauth::region_of_host("b-2.x.kafka.cn-north-1.amazonaws.com.cn").as_deref(), Some("cn-north-1"));
+    assert_eq!(oauth::region_of_host("localhost"), None);
+    let dir = std::env::temp_dir().join(format!("pg_outbox_aws_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("credentials");
+    std::fs::write(
+        &file,
+        "[default]\naws_access_key_id = AKIDDEFAULT\naws_secret_access_key = s1\n\n# comment\n[prod]\naws_access_key_id=AKIDPROD\naws_secret_access_key = s2\naws_session_token = t2\n",
+    )
+    .unwrap();
+    // Safety: this backend runs this test alone; nothing else reads the environment meanwhile.
+    unsafe {
+        std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", &file);
+        std::env::set_var("AWS_CONFIG_FILE", dir.join("none"));
+        std::env::remove_var("AWS_ACCESS_KEY_ID");
+        std::env::remove_var("AWS_PROFILE");
+    }
+    assert_eq!(oauth::aws_credentials(None).unwrap().access_key_id, "AKIDDEFAULT");
+    let prod = oauth::aws_credentials(Some("prod")).unwrap();
+    assert_eq!((prod.access_key_id.as_str(), prod.session_token.as_deref()), ("AKIDPROD", Some("t2")));
+    unsafe {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "AKIDENV");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "s3");
+    }
+    assert_eq!(oauth::aws_credentials(None).unwrap().access_key_id, "AKIDENV");
+    // A profile named in the JAAS options wins over the environment.
+    assert_eq!(oauth::aws_credentials(Some("prod")).unwrap().access_key_id, "AKIDPROD");
+    let missing = oauth::aws_credentials(Some("nope")).unwrap_err();
+    assert!(missing.contains("profile \"nope\"") && !missing.contains("s2"), "{missing}");
+    unsafe {
+        std::env::remove_var("AWS_ACCESS_KEY_ID");
+        std::env::remove_var("AWS_SECRET_ACCESS_KEY");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn parse(kind: &str, p: Value) -> Result<Params, crate::params::ParamError> {
+    Params::parse("d1", kind == "best-effort", &p)
+}
+
+fn base(extra: Value) -> Value {
+    let mut p = json!({"kafkaTopic": "orders", "bootstrapServers": "k1:9092,k2:9093"});
+    for (k, v) in extra.as_object().unwrap() {
+        p[k] = v.clone();
+    }
+    p
+}
+
+fn props(p: &Params) -> std::collections::BTreeMap<String, String> {
+    p.properties.iter().cloned().collect()
+}
+
+#[pg_test]
+fn every_parameter_reaches_the_librdkafka_configuration() {
+    // Java's defaults where librdkafka's differ.
+    let p = parse("at-least-once", base(json!({}))).unwrap();
+    let c = props(&p);
+    for (k, v) in [
+        ("bootstrap.servers", "k1:9092,k2:9093"),
+        ("client.id", "pg_outbox-d1"),
+        ("enable.idempotence", "true"),
+        ("acks", "all"),
+        ("partitioner", "murmur2_random"),
+        ("compression.type", "none"),
+        ("batch.size", "16384"),
+        ("message.timeout.ms", "120000"),
+        ("message.max.bytes", "1048576"),
+        ("request.timeout.ms", "30000"),
+        ("socket.timeout.ms", "30000"),
+        ("queue.buffering.max.kbytes", "32768"),
+        ("security.protocol", "plaintext"),
+    ] {
+        assert_eq!(c.get(k).map(String::as_str), Some(v), "{k}");
+    }
+    assert_eq!((p.max_block_ms, p.delivery_timeout_ms, p.transactional), (60_000, 120_000, false));
+    assert!(p.token.is_none());
+
+    // Each parameter, as valueInteger or (Java parses it) valueString.
+    let p = parse(
+        "at-least-once",
+        base(json!({"compressionType": "ZSTD", "batchSize": "0", "deliveryTimeoutMs": 5000, "maxBlockMs": 250,
+                    "maxRequestSize": 2000000, "requestTimeoutMs": 5, "transactionalId": "tx-orders",
+                    "rdkafka.linger.ms": 20, "rdkafka.enable.ssl.certificate.verification": false})),
+    )
+    .unwrap();
+    let c = props(&p);
+    for (k, v) in [
+        ("compression.type", "zstd"),
+        ("batch.size", "1"),
+        ("message.timeout.ms", "5000"),
+        ("message.max.bytes", "2000000"),
+        ("request.timeout.ms", "5"),
+        ("socket.timeout.ms", "10"),
+        ("transactional.id", "tx-orders"),
+        ("transaction.timeout.ms", "60000"),
+        ("linger.ms", "20"),
+        ("enable.ssl.certificate.verification", "false"),
+    ] {
+        assert_eq!(c.get(k).map(String::as_str), Some(v), "{k}");
+    }
+    assert_eq!((p.max_block_ms, p.transactional), (250, true));
+
+    // SASL/SCRAM over TLS: the JAAS credentials become sasl.username/password.
+    let jaas = format!(r#"{SCRAM} required username="alice" password="hunter2";"#);
+    let p = parse(
+        "at-least-once",
+        base(json!({"securityProtocol": "sasl_ssl", "saslMechanism": "scram-sha-512", "saslJaasConfig": jaas})),
+    )
+    .unwrap();
+    let c = props(&p);
+    assert_eq!(c["security.protocol"], "sasl_ssl");
+    assert_eq!(c["sasl.mechanism"], "SCRAM-SHA-512");
+    assert_eq!((c["sasl.username"].as_str(), c["sasl.password"].as_str()), ("alice", "hunter2"));
+    assert_eq!(c["ssl.ca.location"], "probe");
+    let shown = p.effective();
+    assert_eq!(shown["sasl.password"], "[redacted]");
+    assert_eq!(shown["sasl.username"], "alice");
+    assert!(!shown.to_string().contains("hunter2"));
+    assert_eq!(p.redact("bad value \"hunter2\" given"), "bad value \"[redacted]\" given");
+
+    let plain = format!(r#"{PLAIN} required username="u" password="p";"#);
+    let p = parse("best-effort", base(json!({"securityProtocol": "SASL_PLAINTEXT", "saslMechanism": "PLAIN", "saslJaasConfig": plain}))).unwrap();
+    assert_eq!(props(&p)["sasl.mechanism"], "PLAIN");
+    assert!(!props(&p).contains_key("ssl.ca.location"));
+
+    // AWS MSK IAM, as Aidbox's documentation writes it.
+    let msk = base(json!({
+        "bootstrapServers": "b-1.demo.abc.c2.kafka.eu-west-1.amazonaws.com:9098,b-2.demo.abc.c2.kafka.eu-west-1.amazonaws.com:9098",
+        "securityProtocol": "SASL_SSL", "saslMechanism": "AWS_MSK_IAM",
+        "saslJaasConfig": "software.amazon.msk.auth.iam.IAMLoginModule required;",
+        "saslClientCallbackHandlerClass": "software.amazon.msk.auth.iam.IAMClientCallbackHandler"}));
+    let p = parse("best-effort", msk).unwrap();
+    assert_eq!(props(&p)["sasl.mechanism"], "OAUTHBEARER");
+    assert_eq!(p.token, Some(TokenSource::MskIam { region: "eu-west-1".into(), profile: None }));
+    assert_eq!(p.effective()["pg_outbox.oauthbearer.token"], "aws-msk-iam region=eu-west-1");
+    // The same through OAUTHBEARER and the IAM handler, with a profile.
+    let p = parse(
+        "at-least-once",
+        base(json!({"bootstrapServers": "b-1.x.kafka.us-east-2.amazonaws.com:9098", "securityProtocol": "SASL_SSL",
+                    "saslMechanism": "OAUTHBEARER",
+                    "saslJaasConfig": format!(r#"{OAUTH} required awsProfileName="prod";"#),
+                    "saslClientCallbackHandlerClass": "software.amazon.msk.auth.iam.IAMOAuthBearerLoginCallbackHandler"})),
+    )
+    .unwrap();
+    assert_eq!(p.token, Some(TokenSource::MskIam { region: "us-east-2".into(), profile: Some("prod".into()) }));
+
+    // Kafka's unsecured JWT.
+    let unsecured = format!(
+        r#"{OAUTH} required unsecuredLoginStringClaim_sub="svc" unsecuredLoginNumberClaim_level="3" unsecuredLoginListClaim_scope=",read,write" unsecuredLoginLifetimeSeconds="60";"#
+    );
+    let p = parse("at-least-once", base(json!({"securityProtocol": "SASL_PLAINTEXT", "saslMechanism": "OAUTHBEARER", "saslJaasConfig": unsecured}))).unwrap();
+    let Some(TokenSource::Unsecured(u)) = &p.token else { panic!("{:?}", p.token) };
+    let t = u.token(1000).unwrap();
+    assert_eq!((t.principal.as_str(), t.expires_ms), ("svc", 1_060_000));
+    let parts: Vec<&str> = t.value.split('.').collect();
+    assert_eq!(parts.len(), 3);
+    assert_eq!(parts[2], "");
+    let decode = |s: &str| -> Value {
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).unwrap()).unwrap()
+    };
+    assert_eq!(decode(parts[0]), json!({"alg": "none"}));
+    assert_eq!(decode(parts[1]), json!({"iat": 1000, "exp": 1060, "sub": "svc", "level": 3, "scope": ["read", "write"]}));
+}
+
+#[pg_test]
+fn tls_material_maps_onto_pem_properties() {
+    let key = "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----";
+    let cert = "-----BEGIN CERTIFICATE-----\nMIIC\n-----END CERTIFICATE-----";
+    let ca = "-----BEGIN CERTIFICATE-----\nMIIA\n-----END CERTIFICATE-----";
+    // Key and chain in one value, as Java's PEM keystore takes them.
+    let p = parse(
+        "at-least-once",
+        base(json!({"securityProtocol": "SSL", "sslKeystoreKey": format!("{key}\n{cert}\n"), "sslTruststoreCertificates": ca})),
+    )
+    .unwrap();
+    let c = props(&p);
+    assert_eq!((c["ssl.key.pem"].as_str(), c["ssl.certificate.pem"].as_str(), c["ssl.ca.pem"].as_str()), (key, cert, ca));
+    assert!(!c.contains_key("ssl.ca.location"));
+    assert_eq!(p.effective()["ssl.key.pem"], "[redacted]");
+    // Apart, with an encrypted key and its password.
+    let enc = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIE\n-----END ENCRYPTED PRIVATE KEY-----";
+    let p = parse(
+        "at-least-once",
+        base(json!({"securityProtocol": "SASL_SSL", "saslMechanism": "PLAIN",
+                    "saslJaasConfig": format!(r#"{PLAIN} required username="u" password="p";"#),
+                    "sslKeystoreKey": enc, "sslKeystoreCertificateChain": cert, "sslKeyPassword": "pw"})),
+    )
+    .unwrap();
+    let c = props(&p);
+    assert_eq!((c["ssl.key.pem"].as_str(), c["ssl.certificate.pem"].as_str(), c["ssl.key.password"].as_str()), (enc, cert, "pw"));
+    assert_eq!(p.effective()["ssl.key.password"], "[redacted]");
+}
+
+#[pg_test]
+fn wrong_parameters_are_refused_with_a_reason_and_a_hint() {
+    let plain = format!(r#"{PLAIN} required username="u" password="hunter2";"#);
+    let key = "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----";
+    // (kind, parameters added to the base, unsupported (0A000)?, message)
+    let cases: Vec<(&str, Value, bool, &str)> = vec![
+        ("at-least-once", json!({"kafkaTopic": 5}), false, "parameter \"kafkaTopic\" of destination \"d1\" must be a string, not a number"),
+        ("at-least-once", json!({"kafkaTopic": "a b"}), false, "invalid Kafka topic name"),
+        ("at-least-once", json!({"bootstrapServers": "k1"}), false, "invalid bootstrapServers"),
+        ("at-least-once", json!({"batchSize": "lots"}), false, "parameter \"batchSize\" of destination \"d1\" must be an integer, not a string"),
+        ("at-least-once", json!({"batchSize": true}), false, "must be an integer, not a boolean"),
+        ("at-least-once", json!({"batchSize": -1}), false, "must be between 0 and 2147483647, not -1"),
+        ("at-least-once", json!({"deliveryTimeoutMs": 50}), false, "must be between 100"),
+        ("at-least-once", json!({"maxBlockMs": 1.5}), false, "\"maxBlockMs\" of destination \"d1\" must be an integer"),
+        ("at-least-once", json!({"maxRequestSize": 999}), false, "must be between 1000"),
+        ("at-least-once", json!({"requestTimeoutMs": 0}), false, "must be between 1"),
+        ("at-least-once", json!({"compressionType": "brotli"}), false, "invalid compressionType \"brotli\""),
+        ("at-least-once", json!({"securityProtocol": "TLS"}), false, "invalid securityProtocol \"TLS\""),
+        ("at-least-once", json!({"securityProtocol": "SASL_SSL", "saslMechanism": "KERBEROS"}), false, "invalid saslMechanism"),
+        ("at-least-once", json!({"securityProtocol": "SASL_SSL"}), true, "saslMechanism GSSAPI (Kerberos)"),
+        ("at-least-once", json!({"securityProtocol": "SASL_SSL", "saslMechanism": "GSSAPI"}), true, "saslMechanism GSSAPI"),
+        ("at-least-once", json!({"saslMechanism": "PLAIN", "saslJaasConfig": plain}), false, "needs securityProtocol SASL_SSL or SASL_PLAINTEXT"),
+        ("at-least-once", json!({"securityProtocol": "SASL_SSL", "saslMechanism": "PLAIN"}), false, "has no saslJaasConfig"),
+        ("at-least-once", json!({"securityProtocol": "SASL_SSL", "saslMechanism": "SCRAM-SHA-256", "saslJaasConfig": plain}), false, "uses login module org.apache.kafka.common.security.plain.PlainLoginModule but saslMechanism SCRAM-SHA-256 needs"),
+        ("at-least-once", json!({"securityProtocol": "SASL_SSL", "saslMechanism": "PLAIN", "saslJaasConfig": format!("{PLAIN} required username=\"u\";")}), false, "needs both username and password"),
+        ("at-least-once", json!({"securityProtocol": "SASL_SSL", "saslMechanism": "PLAIN", "saslJaasConfig": format!("{PLAIN} required username=\"u\" password=\"hunter2\" realm=\"x\";")}), false, "unknown option \"realm\""),
+        ("at-least-once", json!({"securityProtocol": "SASL_SSL", "saslMechanism": "PLAIN", "saslJaasConfig": format!("{PLAIN} required username=\"u\" password=\"hunter2\"")}), false, "invalid saslJaasConfig for destination \"d1\": JAAS config entry not terminated"),
+        ("at-least-once", json!({"securityProtocol": "SASL_SSL", "saslMechanism": "SCRAM-SHA-256", "saslJaasConfig": format!("{SCRAM} required username=\"u\" password=\"hunter2\" tokenauth=\"true\";")}), true, "SCRAM delegation tokens"),
+        ("at-least-once", json!({"securityProtocol": "SASL_SSL", "saslMechanism": "OAUTHBEARER", "saslJaasConfig": format!("{OAUTH} required clientId=\"c\" clientSecret=\"hunter2\";")}), true, "saslJaasConfig option \"clientId\""),
+        ("at-least-once", json!({"securityProtocol": "SASL_SSL", "saslMechanism": "OAUTHBEARER", "saslJaasConfig": format!("{OAUTH} required unsecuredLoginStringClaim_iss=\"x\";")}), false, "no string claim \"sub\""),
+        ("at-least-once", json!({"securityProtocol": "SASL_SSL", "saslMechanism": "AWS_MSK_IAM", "saslClientCallbackHandlerClass": "com.example.Handler"}), true, "saslClientCallbackHandlerClass \"com.example.Handler\""),
+        ("at-least-once", json!({"bootstrapServers": "b-1.x.kafka.us-east-1.amazonaws.com:9098", "securityProtocol": "SASL_SSL", "saslMechanism": "AWS_MSK_IAM", "saslJaasConfig": "software.amazon.msk.auth.iam.IAMLoginModule required awsRoleArn=\"arn:aws:iam::1:role/x\";"}), true, "saslJaasConfig option \"awsRoleArn\""),
+        ("at-least-once", json!({"bootstrapServers": "b-1.x.kafka.us-east-1.amazonaws.com:9098", "securityProtocol": "SASL_SSL", "saslMechanism": "AWS_MSK_IAM", "saslJaasConfig": plain}), false, "needs software.amazon.msk.auth.iam.IAMLoginModule"),
+        ("at-least-once", json!({"sslTruststoreCertificates": "x"}), false, "needs securityProtocol SSL or SASL_SSL"),
+        ("at-least-once", json!({"securityProtocol": "SSL", "sslTruststoreCertificates": "not pem"}), false, "must hold PEM certificates"),
+        ("at-least-once", json!({"securityProtocol": "SSL", "sslKeystoreKey": "-----BEGIN RSA PRIVATE KEY-----\nx\n-----END RSA PRIVATE KEY-----"}), false, "is a RSA PRIVATE KEY, not PKCS#8"),
+        ("at-least-once", json!({"securityProtocol": "SSL", "sslKeystoreKey": key}), false, "has no certificate chain"),
+        ("at-least-once", json!({"securityProtocol": "SSL", "sslKeystoreKey": "-----BEGIN ENCRYPTED PRIVATE KEY-----\nx\n-----END ENCRYPTED PRIVATE KEY-----"}), false, "sslKeyPassword is missing"),
+        ("at-least-once", json!({"securityProtocol": "SSL", "sslKeyPassword": "hunter2"}), false, "sslKeyPassword of destination \"d1\" has no sslKeystoreKey"),
+        ("best-effort", json!({"transactionalId": "t"}), false, "transactionalId is for kafka-at-least-once"),
+        ("at-least-once", json!({"transactionalId": " "}), false, "\"transactionalId\" of destination \"d1\" is empty"),
+        ("at-least-once", json!({"rdkafka.bootstrap.servers": "x:1"}), false, "sets a property pg_outbox manages"),
+        ("at-least-once", json!({"rdkafka.sasl.password": "hunter2"}), false, "sets a property pg_outbox manages"),
+        ("at-least-once", json!({"rdkafka.linger.ms": [1]}), false, "must be a string, number or boolean, not an array"),
+        ("at-least-once", json!({"batchsize": 1}), false, "unknown parameter \"batchsize\""),
+    ];
+    for (kind, extra, unsupported, message) in cases {
+        let e = parse(kind, base(extra.clone())).expect_err(&extra.to_string());
+        assert!(e.message.contains(message), "{extra}: {}", e.message);
+        assert_eq!(e.unsupported, unsupported, "{extra}: {}", e.message);
+        assert!(!e.hint.is_empty(), "{extra}: no hint");
+        assert!(!e.message.contains("hunter2") && !e.hint.contains("hunter2"), "{extra}: shows a secret: {}", e.message);
+    }
+    let e = parse("at-least-once", base(json!({"batchsize": 1}))).unwrap_err();
+    assert!(e.hint.contains("Did you mean \"batchSize\""), "{}", e.hint);
+}
+
+#[pg_test]
+fn aidbox_parameter_arrays_are_read_with_their_value_types() {
+    let arr = json!([
+        {"name": "kafkaTopic", "valueString": "orders"},
+        {"name": "bootstrapServers", "valueString": "k:9092"},
+        {"name": "batchSize", "valueInteger": 100},
+        {"name": "deliveryTimeoutMs", "valueString": "5000"}
+    ]);
+    let p = Params::parse("d1", false, &arr).unwrap();
+    assert_eq!((props(&p)["batch.size"].as_str(), p.delivery_timeout_ms), ("100", 5000));
+    for (bad, message) in [
+        (json!([{"name": "kafkaTopic", "valueInteger": "x"}]), "valueInteger has the wrong JSON type"),
+        (json!([{"name": "kafkaTopic", "valueInteger": 5}, {"name": "bootstrapServers", "valueString": "k:1"}]), "must be a string, not a number"),
+        (json!([{"name": "kafkaTopic"}]), "needs exactly one of valueString or valueInteger"),
+        (json!([{"name": "kafkaTopic", "valueString": "a", "valueInteger": 1}]), "needs exactly one"),
+        (json!([{"valueString": "a"}]), "needs a string \"name\""),
+        (json!([{"name": "kafkaTopic", "valueString": "a"}, {"name": "kafkaTopic", "valueString": "b"}]), "is given twice"),
+        (json!("x"), "must be a JSON object"),
+    ] {
+        let e = Params::parse("d1", false, &bad).expect_err(&bad.to_string());
+        assert!(e.message.contains(message), "{bad}: {}", e.message);
+    }
+}
