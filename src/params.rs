@@ -373,6 +373,8 @@ impl Params {
             r.int("deliveryTimeoutMs", 100, i32::MAX as i64)?.unwrap_or(DEFAULT_DELIVERY_TIMEOUT_MS);
         set(&mut props, "message.timeout.ms", delivery_timeout_ms.to_string());
         let max_block_ms = r.int("maxBlockMs", 0, i32::MAX as i64)?.unwrap_or(DEFAULT_MAX_BLOCK_MS);
+        // Java's send() waits up to max.block.ms for a topic's metadata.
+        set(&mut props, "topic.metadata.propagation.max.ms", max_block_ms.min(3_600_000).to_string());
         let max_request = r.int("maxRequestSize", 1000, 1_000_000_000)?.unwrap_or(DEFAULT_MAX_REQUEST_SIZE);
         set(&mut props, "message.max.bytes", max_request.to_string());
         let request_timeout = r.int("requestTimeoutMs", 1, 900_000)?.unwrap_or(DEFAULT_REQUEST_TIMEOUT_MS);

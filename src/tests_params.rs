@@ -189,6 +189,7 @@ fn every_parameter_reaches_the_librdkafka_configuration() {
         ("socket.timeout.ms", "30000"),
         ("queue.buffering.max.kbytes", "32768"),
         ("security.protocol", "plaintext"),
+        ("topic.metadata.propagation.max.ms", "60000"),
     ] {
         assert_eq!(c.get(k).map(String::as_str), Some(v), "{k}");
     }
@@ -215,6 +216,7 @@ fn every_parameter_reaches_the_librdkafka_configuration() {
         ("transaction.timeout.ms", "60000"),
         ("linger.ms", "20"),
         ("enable.ssl.certificate.verification", "false"),
+        ("topic.metadata.propagation.max.ms", "250"),
     ] {
         assert_eq!(c.get(k).map(String::as_str), Some(v), "{k}");
     }

@@ -541,7 +541,9 @@ impl Worker {
         let mut timeout = Duration::from_millis(config::POLL_INTERVAL_MS.get() as u64);
         for d in self.destinations.values_mut() {
             let retry = d.retry_at.filter(|_| d.in_flight.is_empty());
-            for due in [d.oldest_deadline(), retry].into_iter().flatten() {
+            let blocked =
+                d.blocked.front().map(|(since, _)| *since + Duration::from_millis(d.params.max_block_ms as u64));
+            for due in [d.oldest_deadline(), retry, blocked].into_iter().flatten() {
                 timeout = timeout.min(due.saturating_duration_since(now) + Duration::from_millis(1));
             }
         }
@@ -922,9 +924,9 @@ impl Worker {
 
     /// Best-effort: produce what writers handed to the shared queue.
     fn drain_best_effort(&mut self) {
+        // Delivery reports wake the worker (the producer's pipe) when space frees up.
         for d in self.destinations.values_mut().filter(|d| !d.blocked.is_empty()) {
             d.send_blocked();
-            self.busy = true;
         }
         let mut reloaded = false;
         // One bounded batch per pass, so nothing else waits behind a busy queue.

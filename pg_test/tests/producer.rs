@@ -323,3 +323,51 @@ fn secrets_are_shown_to_superusers_only_and_never_logged() {
     assert!(!log.contains("hunter2"), "the server log shows the password");
     pg.sql(&format!("SELECT outbox.drop_destination('{dest}')"));
 }
+
+/// Java's send() blocks up to maxBlockMs for buffer space; librdkafka refuses
+/// at once. Best-effort events wait for space that long, then count as lost.
+#[test]
+fn best_effort_waits_for_buffer_space_up_to_max_block_ms() {
+    let pg = pg();
+    let broker = Broker::start();
+    let t = unique("block");
+    broker.create_topic(&t, 1);
+    pg.sql(&format!(
+        "CREATE TABLE {t} (id int PRIMARY KEY); SELECT outbox.create_topic('urn:{t}', '[{{\"table\": \"{t}\"}}]')"
+    ));
+    let wait = t.replace('_', "-");
+    let (nowait, short) = (format!("{wait}-nowait"), format!("{wait}-short"));
+    let small = r#", "rdkafka.queue.buffering.max.messages": 5"#;
+    for (dest, block) in [(&wait, 20_000), (&nowait, 0), (&short, 1_000)] {
+        let extra = format!(r#"{small}, "maxBlockMs": {block}"#);
+        pg.create_destination(
+            dest,
+            &format!("urn:{t}"),
+            "kafka-best-effort",
+            &t,
+            &broker.bootstrap(),
+            &extra,
+            "id-only",
+        );
+    }
+    // Producers connected first, then the broker stops answering.
+    pg.sql(&format!("INSERT INTO {t} VALUES (0)"));
+    for dest in [&wait, &nowait, &short] {
+        wait_for("the first event delivered", WAIT, || (pg.status_row(dest)["messages_delivered"] == 1).then_some(()));
+    }
+    broker.freeze();
+    pg.sql(&format!("INSERT INTO {t} SELECT generate_series(1, 20)"));
+    wait_for("the queue full", WAIT, || (pg.status_row(&nowait)["messages_lost"] == 15).then_some(()));
+    wait_for("maxBlockMs passed", WAIT, || (pg.status_row(&short)["messages_lost"] == 15).then_some(()));
+    assert!(pg.status_row(&short)["last_errors"].to_string().contains("stayed full for maxBlockMs (1000 ms)"));
+    assert_eq!(pg.status_row(&wait)["messages_lost"], 0);
+    broker.thaw();
+    wait_for("every waiting event delivered", WAIT, || {
+        (pg.status_row(&wait)["messages_delivered"] == 21).then_some(())
+    });
+    let row = pg.status_row(&nowait);
+    assert_eq!((row["messages_delivered"].as_i64(), row["messages_lost"].as_i64()), (Some(6), Some(15)), "{row}");
+    assert!(row["last_errors"].to_string().contains("maxBlockMs is 0"), "{row}");
+    wait_for("the short wait's five delivered", WAIT, || (pg.status_row(&short)["messages_delivered"] == 6).then_some(()));
+    assert_eq!(pg.status_row(&wait)["messages_lost"], 0);
+}
