@@ -14,9 +14,11 @@ SUDO=""
 step() { printf '\n== %s\n' "$*"; }
 
 # 1. Debian packages: PostgreSQL 15 server and headers, libclang (bindgen),
-#    build tools, OpenSSL headers (librdkafka), sudo (Postgres refuses root).
+#    build tools, OpenSSL headers (librdkafka), sudo (Postgres refuses root);
+#    the openssl command and python3 for the TLS tests (certificates, and a TLS
+#    terminator in front of tansu, which has no TLS listener).
 missing=()
-for p in postgresql-15 postgresql-server-dev-15 libclang-dev clang build-essential libssl-dev pkg-config sudo; do
+for p in postgresql-15 postgresql-server-dev-15 libclang-dev clang build-essential libssl-dev pkg-config sudo openssl python3; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
