@@ -288,9 +288,11 @@ BEGIN
 END
 $$;
 
+-- log_min_error_statement = panic: a failing call's statement text (which may
+-- hold a password or a key) is not copied into the server log.
 CREATE FUNCTION outbox.create_destination(id text, topic text, kind text, parameters jsonb,
                                           content text DEFAULT 'full-resource')
-RETURNS text LANGUAGE plpgsql AS $$
+RETURNS text LANGUAGE plpgsql SET log_min_error_statement = panic AS $$
 DECLARE
     v_params jsonb;
 BEGIN
@@ -330,7 +332,7 @@ $$;
 -- Change a destination's parameters (a JSON merge patch: given keys replace,
 -- null removes) and/or its content. The worker rebuilds that producer.
 CREATE FUNCTION outbox.alter_destination(id text, parameters jsonb DEFAULT NULL, content text DEFAULT NULL)
-RETURNS text LANGUAGE plpgsql AS $$
+RETURNS text LANGUAGE plpgsql SET log_min_error_statement = panic AS $$
 DECLARE
     d outbox.destination;
     v_patch jsonb;

@@ -33,6 +33,12 @@ fn _check_parameters(destination_id: &str, kind: &str, parameters: Option<JsonB>
             .hint("Check the parameter values against the README's parameter table.")
             .raise()
     }
+    if let Some(crate::oauth::TokenSource::MskIam { profile, .. }) = &params.token {
+        // The worker signs with the same environment and files: say so now.
+        if let Err(e) = crate::oauth::aws_credentials(profile.as_deref()) {
+            pgrx::notice!("destination \"{destination_id}\" will not connect yet: {e}");
+        }
+    }
     JsonB(object)
 }
 

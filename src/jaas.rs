@@ -152,6 +152,44 @@ fn quoted(chars: &[char], start: usize) -> Result<(String, usize), String> {
     }
 }
 
+/// How an error message names an option (after the word "option"): only names the supported login
+/// modules define are repeated. Anything else in a name's place may be part
+/// of a value (`password=correct horse;` makes `horse` a name), so it is not.
+pub fn shown(key: &str) -> String {
+    const KNOWN: &[&str] = &[
+        "username",
+        "password",
+        "tokenauth",
+        "awsProfileName",
+        "awsRoleArn",
+        "awsRoleSessionName",
+        "awsStsRegion",
+        "awsDebugCreds",
+        "awsMaxRetries",
+        "awsMaxBackOffTimeMs",
+        "awsRoleAccessKeyId",
+        "awsRoleSecretAccessKey",
+        "awsRoleSessionToken",
+        "clientId",
+        "clientSecret",
+        "scope",
+        "unsecuredLoginPrincipalClaimName",
+        "unsecuredLoginScopeClaimName",
+        "unsecuredLoginLifetimeSeconds",
+    ];
+    const PREFIXES: &[&str] = &[
+        "unsecuredLoginStringClaim_",
+        "unsecuredLoginNumberClaim_",
+        "unsecuredLoginListClaim_",
+        "unsecuredLoginExtension_",
+    ];
+    if KNOWN.contains(&key) || PREFIXES.iter().any(|p| key.starts_with(p)) {
+        format!("\"{key}\"")
+    } else {
+        "(name not shown: it may be part of an unquoted value)".into()
+    }
+}
+
 /// Parse a client's JAAS configuration: exactly one login module.
 pub fn parse(s: &str) -> Result<Jaas, String> {
     let tokens = tokenize(s)?;
@@ -186,17 +224,21 @@ pub fn parse(s: &str) -> Result<Jaas, String> {
                 Token::Char(c) => return Err(format!("unexpected '{c}' where an option name belongs")),
             };
             if it.next() != Some(Token::Char('=')) {
-                return Err(format!("value not specified for option \"{key}\" (write {key}=\"value\")"));
+                return Err(format!("value not specified for option {} (write name=\"value\")", shown(&key)));
             }
             let value = match it.next() {
                 Some(Token::Word(v)) | Some(Token::Quoted(v)) => v,
                 Some(Token::Number) => {
-                    return Err(format!("the value of option \"{key}\" starts with a digit: put it in double quotes"))
+                    return Err(format!(
+                        "the value of option {} starts with a digit: put it in double quotes",
+                        shown(&key)
+                    ))
                 }
                 _ => {
                     return Err(format!(
-                        "value not specified for option \"{key}\" (quote values that contain characters other than \
-                         letters, digits, '.', '-', '_' and '$')"
+                        "value not specified for option {} (quote values that contain characters other than \
+                         letters, digits, '.', '-', '_' and '$')",
+                        shown(&key)
                     ))
                 }
             };

@@ -261,7 +261,13 @@ pub fn bundle(target: &Target<'_>, ev: &Event) -> String {
         r.push('}');
         r
     };
-    match target.content {
+    // Captured while the destination was id-only or empty (alter_destination
+    // switched it since): there is no row to send, only its reference.
+    let content = match (target.content, &ev.row) {
+        (Content::FullResource, None) => Content::IdOnly,
+        (c, _) => c,
+    };
+    match content {
         Content::FullResource => {
             out.push_str(r#",{"resource":"#);
             out.push_str(ev.row.as_deref().unwrap_or("null"));

@@ -57,6 +57,8 @@ const DEFAULT_REQUEST_TIMEOUT_MS: i64 = 30_000;
 const BUFFER_KBYTES: i64 = 32_768;
 /// librdkafka's minimum transaction.timeout.ms we use (Java's default).
 const DEFAULT_TRANSACTION_TIMEOUT_MS: i64 = 60_000;
+/// Brokers' default transaction.max.timeout.ms.
+const MAX_TRANSACTION_TIMEOUT_MS: i64 = 900_000;
 
 /// The MSK IAM callback handlers (Java class names) we implement.
 const MSK_HANDLERS: &[&str] = &[
@@ -91,6 +93,8 @@ const MANAGED: &[(&str, &str)] = &[
     ("ssl.key.password", "sslKeyPassword"),
     ("transactional.id", "transactionalId"),
     ("transaction.timeout.ms", "deliveryTimeoutMs"),
+    ("socket.timeout.ms", "requestTimeoutMs"),
+    ("topic.metadata.propagation.max.ms", "maxBlockMs"),
     ("enable.sasl.oauthbearer.unsecure.jwt", "saslJaasConfig"),
     ("sasl.oauthbearer.method", "saslJaasConfig"),
 ];
@@ -254,12 +258,15 @@ fn valid_topic_name(t: &str) -> bool {
         && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-')
 }
 
-/// host:port pairs of a bootstrapServers value.
+/// host:port pairs of a bootstrapServers value (empty entries are skipped,
+/// as Java does).
 fn servers(s: &str) -> Option<Vec<(String, u16)>> {
-    if s.trim().is_empty() {
+    let entries: Vec<&str> = s.split(',').map(str::trim).filter(|e| !e.is_empty()).collect();
+    if entries.is_empty() {
         return None;
     }
-    s.split(',')
+    entries
+        .into_iter()
         .map(|hp| {
             let (host, port) = hp.trim().rsplit_once(':')?;
             let port = port.parse::<u16>().ok().filter(|p| *p > 0)?;
@@ -296,7 +303,23 @@ fn certificates(dest: &str, name: &str, value: &str) -> Result<String, ParamErro
     Ok(blocks.into_iter().map(|(_, b)| b).collect::<Vec<_>>().join("\n"))
 }
 
-/// Put a property, or complain when rdkafka.<name> already set it.
+/// A librdkafka property value that would let the worker delete events Kafka
+/// may not have: refused for at-least-once destinations (delivery reports
+/// for every event are needed by both kinds).
+fn lowers_the_floor(prop: &str, value: &str, best_effort: bool) -> Option<&'static str> {
+    let v = value.trim().to_ascii_lowercase();
+    match prop {
+        "delivery.report.only.error" if v == "true" => Some("suppress the delivery reports the worker counts on"),
+        _ if best_effort => None,
+        "acks" | "request.required.acks" if v != "all" && v != "-1" => {
+            Some("acknowledge events before every in-sync replica has them (at-least-once needs acks=all)")
+        }
+        "enable.idempotence" if v == "false" => Some("turn off idempotence (duplicates and reordering on retries)"),
+        _ => None,
+    }
+}
+
+/// Put a property (a later one replaces an earlier one of the same name).
 fn set(props: &mut Vec<(String, String)>, name: &str, value: impl Into<String>) {
     props.retain(|(k, _)| k != name);
     props.push((name.to_string(), value.into()));
@@ -352,7 +375,11 @@ impl Params {
                 "List the brokers as host:port, comma-separated, e.g. \"kafka1:9092,kafka2:9092\".",
             ));
         };
-        set(&mut props, "bootstrap.servers", bootstrap.trim());
+        let list: Vec<String> = hosts
+            .iter()
+            .map(|(h, p)| if h.contains(':') { format!("[{h}]:{p}") } else { format!("{h}:{p}") })
+            .collect();
+        set(&mut props, "bootstrap.servers", list.join(","));
         set(&mut props, "client.id", format!("pg_outbox-{dest}"));
         // The at-least-once floor, as Java's producer defaults: idempotent,
         // acknowledged by all in-sync replicas, keys placed by murmur2.
@@ -405,11 +432,24 @@ impl Params {
                     "Remove transactionalId, or make the destination kafka-at-least-once.",
                 ))
             }
+            Some(_) if delivery_timeout_ms > MAX_TRANSACTION_TIMEOUT_MS => {
+                return Err(perr(
+                    format!(
+                        "deliveryTimeoutMs {delivery_timeout_ms} of destination \"{dest}\" is too long for a transactional producer"
+                    ),
+                    format!(
+                        "librdkafka needs transaction.timeout.ms >= deliveryTimeoutMs, and brokers refuse transaction timeouts above transaction.max.timeout.ms ({MAX_TRANSACTION_TIMEOUT_MS} by default): use at most {MAX_TRANSACTION_TIMEOUT_MS}."
+                    ),
+                ))
+            }
             Some(id) => {
                 set(&mut props, "transactional.id", id);
-                // librdkafka refuses message.timeout.ms above transaction.timeout.ms.
+                // librdkafka refuses message.timeout.ms above transaction.timeout.ms,
+                // and socket.timeout.ms above transaction.timeout.ms + 100.
                 let t = delivery_timeout_ms.max(DEFAULT_TRANSACTION_TIMEOUT_MS);
                 set(&mut props, "transaction.timeout.ms", t.to_string());
+                let socket = request_timeout.clamp(10, 300_000).min(t + 100);
+                set(&mut props, "socket.timeout.ms", socket.to_string());
                 true
             }
         };
@@ -443,6 +483,12 @@ impl Params {
                     ))
                 }
             };
+            if let Some(why) = lowers_the_floor(prop, &text, best_effort) {
+                return Err(perr(
+                    format!("parameter \"{name}\" of destination \"{dest}\" would {why}"),
+                    "At-least-once needs acks=all, idempotence and delivery reports for every event; use a kafka-best-effort destination to trade them away.",
+                ));
+            }
             set(&mut props, prop, text);
         }
         Ok(Params { kafka_topic, delivery_timeout_ms, max_block_ms, transactional, token, properties: props })
@@ -524,13 +570,13 @@ impl Params {
                     "awsRoleArn" | "awsRoleSessionName" | "awsStsRegion" | "awsRoleAccessKeyId"
                     | "awsRoleSecretAccessKey" | "awsRoleSessionToken" => {
                         return Err(unsupported(
-                            format!("saslJaasConfig option \"{k}\" of destination \"{dest}\" is not supported"),
+                            format!("saslJaasConfig option {} of destination \"{dest}\" is not supported", jaas::shown(k)),
                             "Assuming a role needs a call to AWS STS, which pg_outbox does not make: give the server the role's credentials in its environment or a profile.",
                         ))
                     }
                     _ => {
                         return Err(perr(
-                            format!("unknown option \"{k}\" for {MSK_LOGIN_MODULE} in saslJaasConfig of destination \"{dest}\""),
+                            format!("unknown option {} for {MSK_LOGIN_MODULE} in saslJaasConfig of destination \"{dest}\"", jaas::shown(k)),
                             "IAMLoginModule takes awsProfileName (awsDebugCreds, awsMaxRetries and awsMaxBackOffTimeMs are accepted and ignored).",
                         ))
                     }
@@ -579,7 +625,8 @@ impl Params {
                         _ => {
                             return Err(perr(
                                 format!(
-                                    "unknown option \"{k}\" for {expected} in saslJaasConfig of destination \"{dest}\""
+                                    "unknown option {} for {expected} in saslJaasConfig of destination \"{dest}\"",
+                                    jaas::shown(k)
                                 ),
                                 "It takes username and password.",
                             ))
@@ -618,7 +665,10 @@ impl Params {
                     } else if let Some(c) = claim("unsecuredLoginNumberClaim_") {
                         let n: serde_json::Number = v.trim().parse().map_err(|_| {
                             perr(
-                                format!("option \"{k}\" in saslJaasConfig of destination \"{dest}\" must be a number"),
+                                format!(
+                                    "{} in saslJaasConfig of destination \"{dest}\" must be a number",
+                                    jaas::shown(k)
+                                ),
                                 "E.g. unsecuredLoginNumberClaim_level=\"3\".",
                             )
                         })?;
@@ -642,18 +692,24 @@ impl Params {
                         u.scope_claim = v.clone();
                     } else if k == "unsecuredLoginLifetimeSeconds" {
                         u.lifetime_seconds = v.trim().parse::<u64>().ok().filter(|s| *s > 0).ok_or_else(|| {
-                            perr(format!("option \"{k}\" in saslJaasConfig of destination \"{dest}\" must be a positive integer"), "E.g. unsecuredLoginLifetimeSeconds=\"3600\".")
+                            perr(
+                                format!(
+                                    "{} in saslJaasConfig of destination \"{dest}\" must be a positive integer",
+                                    jaas::shown(k)
+                                ),
+                                "E.g. unsecuredLoginLifetimeSeconds=\"3600\".",
+                            )
                         })?;
                     } else if k.starts_with("unsecuredLoginExtension_")
                         || ["clientId", "clientSecret", "scope"].contains(&k.as_str())
                     {
                         return Err(unsupported(
-                            format!("saslJaasConfig option \"{k}\" of destination \"{dest}\" is not supported"),
+                            format!("saslJaasConfig option {} of destination \"{dest}\" is not supported", jaas::shown(k)),
                             "OAUTHBEARER here makes Kafka's unsecured JWTs (unsecuredLogin*Claim_*), or MSK IAM tokens; OIDC client credentials and SASL extensions are not built in.",
                         ));
                     } else {
                         return Err(perr(
-                            format!("unknown option \"{k}\" for {OAUTH_MODULE} in saslJaasConfig of destination \"{dest}\""),
+                            format!("unknown option {} for {OAUTH_MODULE} in saslJaasConfig of destination \"{dest}\"", jaas::shown(k)),
                             "It takes unsecuredLoginStringClaim_<name>, unsecuredLoginNumberClaim_<name>, unsecuredLoginListClaim_<name>, unsecuredLoginPrincipalClaimName, unsecuredLoginScopeClaimName, unsecuredLoginLifetimeSeconds.",
                         ));
                     }

@@ -197,7 +197,11 @@ pub fn claim_slot(id: &str) -> Option<SlotRef> {
     let mut s = SLOTS.exclusive();
     let i = find_or_take(&mut s, id)?;
     let slot = &mut s.slots[i];
-    slot.start_us = now_us();
+    // A destination rebuilt after alter_destination keeps its start, like its
+    // counters; a new one, or one a new worker takes over, starts now.
+    if slot.start_us == 0 || slot.state == State::Stopped as u8 {
+        slot.start_us = now_us();
+    }
     slot.state = State::Active as u8;
     Some(SlotRef(i))
 }
@@ -249,9 +253,14 @@ pub fn record_outcome(r: SlotRef, delivered: u64, failed: u64, in_process: u64) 
 
 /// Publish how many events each destination has in process (one lock for all).
 pub fn set_in_process(counts: impl Iterator<Item = (SlotRef, u64)>) {
+    let counts: Vec<(SlotRef, u64)> = counts.collect();
     let mut s = SLOTS.exclusive();
+    // A reconfigured destination's old producer shares the slot: add up.
+    for (r, _) in &counts {
+        s.slots[r.0].in_process = 0;
+    }
     for (r, n) in counts {
-        s.slots[r.0].in_process = n;
+        s.slots[r.0].in_process += n;
     }
 }
 

@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 const RELOAD_EVERY: Duration = Duration::from_secs(10);
 /// How long SIGTERM waits for in-flight deliveries.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
+/// How long a reconfigured destination's old producer may finish its work.
+const RETIRE_GRACE: Duration = Duration::from_secs(3);
 /// How long past deliveryTimeoutMs a batch may stay unacknowledged.
 const STUCK_GRACE: Duration = Duration::from_millis(1000);
 /// Pause after a busy pass, in microseconds (bounds wake-ups under load).
@@ -37,6 +39,7 @@ const TXN_STEP: Duration = Duration::from_millis(100);
 /// Best-effort events one destination may hold back while librdkafka's
 /// buffer is full (Java's send() would block up to maxBlockMs instead).
 const BLOCKED_MAX: usize = 100_000;
+const BLOCKED_MAX_BYTES: usize = 64 << 20;
 
 pub fn register() {
     BackgroundWorkerBuilder::new("pg_outbox worker")
@@ -123,6 +126,9 @@ struct Destination {
     txn_deadline: Option<Instant>,
     /// Best-effort events waiting for buffer space, with when they first did.
     blocked: VecDeque<(Instant, kafka::Event)>,
+    blocked_bytes: usize,
+    /// Reconfigured: this old incarnation only finishes what it has in flight.
+    retiring_until: Option<Instant>,
     /// (messages suppressed since, time of the last log line)
     last_logged: Option<(u64, Instant)>,
 }
@@ -159,6 +165,8 @@ impl Destination {
             held: Vec::new(),
             txn_deadline: None,
             blocked: VecDeque::new(),
+            blocked_bytes: 0,
+            retiring_until: None,
             last_logged: None,
         }
     }
@@ -193,6 +201,7 @@ impl Destination {
     /// An at-least-once destination may claim its next batch.
     fn ready(&self, now: Instant) -> bool {
         !self.best_effort
+            && self.retiring_until.is_none()
             && self.in_flight.is_empty()
             && !self.txn_open
             && self.held.is_empty()
@@ -239,6 +248,17 @@ impl Destination {
         self.txn_ready = false;
         self.txn_open = false;
         self.txn_deadline = None;
+    }
+
+    /// Nothing in flight, no transaction open, no outcome left to record.
+    fn idle(&self) -> bool {
+        self.in_process() == 0
+            && !self.txn_open
+            && self.acked.is_empty()
+            && self.failed.is_empty()
+            && self.poisoned.is_empty()
+            && self.delivered_best_effort == 0
+            && self.lost_best_effort == 0
     }
 
     /// Events in process: produced and not yet acknowledged (or committed).
@@ -377,20 +397,23 @@ impl Destination {
 
     /// Best-effort: send what waited for buffer space, in order; what waited
     /// longer than maxBlockMs is lost (Java's send() would have thrown).
+    /// Without a producer (replaced meanwhile, backing off) they keep waiting.
     fn send_blocked(&mut self) {
         let max_block = Duration::from_millis(self.params.max_block_ms as u64);
         if let Some(p) = &self.producer {
             kafka::serve(p);
         }
         while let Some((since, ev)) = self.blocked.pop_front() {
+            self.blocked_bytes -= event_bytes(&ev);
             if since.elapsed() > max_block {
                 self.lose(format!("librdkafka's buffer stayed full for maxBlockMs ({} ms)", self.params.max_block_ms));
                 continue;
             }
-            match self.send(&ev) {
+            let result = if self.producer.is_some() { self.send(&ev) } else { Err(Refused::Full) };
+            match result {
                 Ok(()) => {}
                 Err(Refused::Full) => {
-                    self.blocked.push_front((since, ev));
+                    self.hold(since, ev);
                     break;
                 }
                 Err(Refused::Poison(e) | Refused::Other(e)) => self.lose(format!("produce refused: {e}")),
@@ -398,21 +421,35 @@ impl Destination {
         }
     }
 
+    /// Put an event at the head of the wait (it was just taken from there).
+    fn hold(&mut self, since: Instant, ev: kafka::Event) {
+        self.blocked_bytes += event_bytes(&ev);
+        self.blocked.push_front((since, ev));
+    }
+
+    /// Queue an event behind those waiting for buffer space, if there is room.
+    fn wait_for_space(&mut self, ev: kafka::Event) {
+        let bytes = event_bytes(&ev);
+        if self.params.max_block_ms == 0 {
+            self.lose("librdkafka's buffer is full (maxBlockMs is 0)".to_string());
+        } else if self.blocked.len() >= BLOCKED_MAX || self.blocked_bytes + bytes > BLOCKED_MAX_BYTES {
+            self.lose("librdkafka's buffer is full and too many events wait for it".to_string());
+        } else {
+            self.blocked_bytes += bytes;
+            self.blocked.push_back((Instant::now(), ev));
+        }
+    }
+
     /// Best-effort: send one event, or hold it while the buffer is full.
     fn send_best_effort(&mut self, ev: kafka::Event) {
         if !self.blocked.is_empty() {
             // Keep the order: behind those already waiting.
-            if self.blocked.len() < BLOCKED_MAX && self.params.max_block_ms > 0 {
-                self.blocked.push_back((Instant::now(), ev));
-            } else {
-                self.lose("librdkafka's buffer is full".to_string());
-            }
+            self.wait_for_space(ev);
             return;
         }
         match self.send(&ev) {
             Ok(()) => {}
-            Err(Refused::Full) if self.params.max_block_ms > 0 => self.blocked.push_back((Instant::now(), ev)),
-            Err(Refused::Full) => self.lose("librdkafka's buffer is full (maxBlockMs is 0)".to_string()),
+            Err(Refused::Full) => self.wait_for_space(ev),
             Err(Refused::Poison(e) | Refused::Other(e)) => self.lose(format!("produce refused: {e}")),
         }
     }
@@ -421,6 +458,11 @@ impl Destination {
         self.lost_best_effort += 1;
         self.lost_reason = Some(reason);
     }
+}
+
+/// Memory an event waiting in the worker takes, roughly.
+fn event_bytes(ev: &kafka::Event) -> usize {
+    128 + ev.table.len() + ev.key.as_ref().map_or(0, String::len) + ev.row.as_ref().map_or(0, String::len)
 }
 
 /// Why librdkafka did not take an event.
@@ -524,6 +566,7 @@ impl Worker {
         self.take_reports();
         self.expire_unacknowledged();
         self.record_outcomes();
+        self.finish_retiring();
         self.claim_and_produce();
         self.drain_best_effort();
         status::set_in_process(self.destinations.values().map(|d| (d.slot, d.in_process())));
@@ -543,8 +586,15 @@ impl Worker {
             let retry = d.retry_at.filter(|_| d.in_flight.is_empty());
             let blocked =
                 d.blocked.front().map(|(since, _)| *since + Duration::from_millis(d.params.max_block_ms as u64));
-            for due in [d.oldest_deadline(), retry, blocked].into_iter().flatten() {
+            for due in [d.oldest_deadline(), retry, blocked, d.retiring_until].into_iter().flatten() {
                 timeout = timeout.min(due.saturating_duration_since(now) + Duration::from_millis(1));
+            }
+            // A transaction call (init, commit, abort) is resumed step by step.
+            let txn_step_due = d.params.transactional
+                && d.producer.is_some()
+                && (!d.txn_ready || (d.txn_open && d.in_flight.is_empty()));
+            if txn_step_due {
+                timeout = timeout.min(TXN_STEP);
             }
         }
         let events =
@@ -621,10 +671,13 @@ impl Worker {
 
     fn apply_configuration(&mut self, rows: Vec<store::DestinationRow>) {
         let wanted: HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
-        let gone: Vec<String> = self.destinations.keys().filter(|k| !wanted.contains(k.as_str())).cloned().collect();
-        for id in gone {
-            if let Some(d) = self.destinations.remove(&id) {
-                status::release_slot(d.slot);
+        let gone: Vec<String> =
+            self.destinations.iter().filter(|(_, d)| !wanted.contains(d.id.as_str())).map(|(k, _)| k.clone()).collect();
+        for key in gone {
+            if let Some(d) = self.destinations.remove(&key) {
+                if d.retiring_until.is_none() {
+                    status::release_slot(d.slot);
+                }
             }
         }
         status::retain_only(&wanted);
@@ -665,45 +718,52 @@ impl Worker {
         }
     }
 
-    /// Destinations whose configuration changed: let their producers finish
-    /// what is in flight (bounded), record the outcomes, then remove them so
-    /// they are built anew (counters carry over in their status slots).
-    /// At-least-once events still unacknowledged stay in the outbox and are
-    /// sent again by the new producer; best-effort ones count as lost.
+    /// Destinations whose configuration changed keep their producer for a
+    /// while under another key (`retiring_until`): it finishes what it has in
+    /// flight (reports are matched by producer epoch), its outcomes are
+    /// recorded as usual, an open Kafka transaction is aborted; the rebuilt
+    /// destination starts at once but claims at-least-once events only once
+    /// the old one is gone, so nothing is sent twice needlessly. Nothing here
+    /// blocks the worker.
     fn retire(&mut self, ids: &[String]) {
-        if ids.is_empty() {
-            return;
-        }
-        let deadline = Instant::now() + SHUTDOWN_FLUSH;
+        let until = Instant::now() + RETIRE_GRACE;
         for id in ids {
-            if let Some(d) = self.destinations.get_mut(id) {
-                if let Some(p) = &d.producer {
-                    if !d.in_flight.is_empty() && !d.txn_open {
-                        let _ = p.flush(deadline.saturating_duration_since(Instant::now()));
-                    }
-                }
+            let Some(mut d) = self.destinations.remove(id) else { continue };
+            if d.idle() {
+                continue; // nothing to finish: dropped now
+            }
+            d.retiring_until = Some(until);
+            // An open transaction is aborted once its reports are in.
+            d.batch_failed = true;
+            let key = format!("{id}\u{0}retiring-{}", d.epoch);
+            self.destinations.insert(key, d);
+        }
+    }
+
+    /// Drop retiring destinations that are done or out of time. What an
+    /// at-least-once one leaves is still in the outbox (the new producer sends
+    /// it); what a best-effort one leaves counts as lost.
+    fn finish_retiring(&mut self) {
+        let now = Instant::now();
+        let done: Vec<String> = self
+            .destinations
+            .iter()
+            .filter(|(_, d)| d.retiring_until.is_some_and(|until| until <= now || d.idle()))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in done {
+            let Some(d) = self.destinations.remove(&key) else { continue };
+            if d.best_effort && d.in_process() > 0 {
+                status::add_lost_slot(d.slot, d.in_process());
+                status::record_error(d.slot, "events in flight when the destination was reconfigured were lost");
             }
         }
-        self.take_reports();
-        for id in ids {
-            if let Some(d) = self.destinations.get_mut(id) {
-                if d.best_effort {
-                    let n = d.in_process();
-                    if n > 0 {
-                        d.lost_best_effort += n;
-                        d.lost_reason = Some("the destination was reconfigured".into());
-                    }
-                } else {
-                    // Still in the outbox: the new producer sends them again.
-                    d.in_flight.clear();
-                    d.held.clear();
-                }
-            }
-        }
-        self.record_outcomes();
-        for id in ids {
-            self.destinations.remove(id);
-        }
+    }
+
+    /// An at-least-once destination whose previous configuration still has
+    /// events in flight waits for them before it claims.
+    fn has_retiring(&self, id: &str) -> bool {
+        self.destinations.values().any(|d| d.retiring_until.is_some() && d.id == id)
     }
 
     /// Serve the producers and sort their reports onto destinations.
@@ -868,7 +928,12 @@ impl Worker {
         }
         let now = Instant::now();
         let batch = config::BATCH_SIZE.get() as i64;
-        let ids: Vec<String> = self.destinations.values().filter(|d| d.ready(now)).map(|d| d.id.clone()).collect();
+        let ids: Vec<String> = self
+            .destinations
+            .values()
+            .filter(|d| d.ready(now) && !self.has_retiring(&d.id))
+            .map(|d| d.id.clone())
+            .collect();
         for id in ids {
             let limit = match self.destinations.get(&id) {
                 Some(d) if d.isolate_until > 0 => 1,
@@ -894,7 +959,10 @@ impl Worker {
             }
             if d.params.transactional && !d.begin_transaction() {
                 // Not yet initialised (resumed next pass) or failed (backing off).
-                d.retry_at = d.retry_at.or(Some(Instant::now() + TXN_STEP));
+                let now = Instant::now();
+                if d.retry_at.is_none_or(|t| t <= now) {
+                    d.retry_at = Some(now + TXN_STEP);
+                }
                 continue;
             }
             self.busy = true;
@@ -926,6 +994,10 @@ impl Worker {
     fn drain_best_effort(&mut self) {
         // Delivery reports wake the worker (the producer's pipe) when space frees up.
         for d in self.destinations.values_mut().filter(|d| !d.blocked.is_empty()) {
+            let backing_off = d.retry_at.is_some_and(|t| t > Instant::now());
+            if d.producer.is_none() && !backing_off {
+                d.ensure_producer(&mut self.next_epoch, &self.tx, self.wake_write);
+            }
             d.send_blocked();
         }
         let mut reloaded = false;

@@ -307,6 +307,10 @@ fn api_errors_have_sqlstate_message_and_hint_and_leave_nothing_behind() {
         assert!(err.hint.as_deref().is_some_and(|h| h.len() > 10), "{sql}: no hint\n{}", err.raw);
         assert!(!err.raw.contains("hunter2"), "{sql}: the error shows the password\n{}", err.raw);
     }
+    // A failing call's statement (here with a password in it) is not copied into the log.
+    let log = std::fs::read_to_string(pg.log_path()).unwrap();
+    assert!(log.contains("not terminated by a semicolon"), "the error itself is logged");
+    assert!(!log.contains("hunter2"), "the server log shows the password");
     // Nothing half-created: only the first topic's three triggers, no second topic, no destination.
     assert_eq!(pg.count(&format!("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.{t}'::regclass")), 3);
     assert_eq!(pg.count(&format!("SELECT count(*) FROM outbox.topic WHERE url = 'u2:{t}'")), 0);

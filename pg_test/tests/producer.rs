@@ -138,7 +138,12 @@ fn alter_destination_under_load_moves_the_stream_and_loses_nothing() {
             }
         })
     };
-    std::thread::sleep(Duration::from_millis(400));
+    // Both have delivered some of the stream before the change.
+    for d in [&alo, &be] {
+        wait_for("the first deliveries", WAIT, || {
+            (pg.status_row(d)["messages_delivered"].as_i64() >= Some(50)).then_some(())
+        });
+    }
     let patch = format!(r#"{{"kafkaTopic": "{after}", "compressionType": "zstd", "batchSize": 1000}}"#);
     pg.sql(&format!(
         "SELECT outbox.alter_destination('{alo}', '{patch}'); SELECT outbox.alter_destination('{be}', '{patch}')"
@@ -318,7 +323,12 @@ fn secrets_are_shown_to_superusers_only_and_never_logged() {
     // The superuser sees the configuration with the password redacted.
     let c = config(pg, &dest);
     assert_eq!((c["sasl.username"].as_str(), c["sasl.password"].as_str()), (Some("svc"), Some("[redacted]")));
-    // Nothing in the server log either.
+    // Nothing in the server log either, also when a call carrying a secret fails.
+    let wrong = r#"org.apache.kafka.common.security.plain.PlainLoginModule required username=\"svc\" password=\"hunter2-zz8\";"#;
+    let err = pg.sql_err(&format!(r#"SELECT outbox.alter_destination('{dest}', '{{"saslJaasConfig": "{wrong}"}}')"#));
+    assert_eq!(err.sqlstate, "22023", "{}", err.raw);
+    assert!(err.message.contains("PlainLoginModule but saslMechanism SCRAM-SHA-512"), "{}", err.raw);
+    assert!(!err.raw.contains("hunter2"), "{}", err.raw);
     let log = std::fs::read_to_string(pg.log_path()).unwrap();
     assert!(!log.contains("hunter2"), "the server log shows the password");
     pg.sql(&format!("SELECT outbox.drop_destination('{dest}')"));
@@ -368,6 +378,34 @@ fn best_effort_waits_for_buffer_space_up_to_max_block_ms() {
     let row = pg.status_row(&nowait);
     assert_eq!((row["messages_delivered"].as_i64(), row["messages_lost"].as_i64()), (Some(6), Some(15)), "{row}");
     assert!(row["last_errors"].to_string().contains("maxBlockMs is 0"), "{row}");
-    wait_for("the short wait's five delivered", WAIT, || (pg.status_row(&short)["messages_delivered"] == 6).then_some(()));
+    wait_for("the short wait's five delivered", WAIT, || {
+        (pg.status_row(&short)["messages_delivered"] == 6).then_some(())
+    });
     assert_eq!(pg.status_row(&wait)["messages_lost"], 0);
+}
+
+/// Events keep the shape they were captured in: switching an id-only
+/// destination to full-resource does not send its backlog with a null row.
+#[test]
+fn content_switch_sends_queued_events_in_the_shape_they_were_captured() {
+    let pg = pg();
+    let broker = Broker::start();
+    let t = unique("shape");
+    let dest = t.replace('_', "-");
+    broker.create_topic(&t, 1);
+    pg.sql(&format!("CREATE TABLE {t} (id int PRIMARY KEY, v text); SELECT outbox.create_topic('urn:{t}', '[{{\"table\": \"{t}\"}}]')"));
+    // Nothing listens here yet: the first rows wait in the outbox.
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    pg.create_destination(&dest, &format!("urn:{t}"), "kafka-at-least-once", &t, &nowhere, "", "id-only");
+    pg.sql(&format!("INSERT INTO {t} VALUES (1, 'a'), (2, 'b')"));
+    let patch = format!(r#"{{"bootstrapServers": "{}"}}"#, broker.bootstrap());
+    pg.sql(&format!("SELECT outbox.alter_destination('{dest}', '{patch}', content => 'full-resource')"));
+    pg.sql(&format!("INSERT INTO {t} VALUES (3, 'c')"));
+    let mut msgs = consume(&broker.bootstrap(), &t, 3, WAIT, Duration::from_millis(500));
+    msgs.sort_by_key(|m| m.key.clone());
+    let second: Vec<Value> = msgs.iter().map(|m| m.json()["entry"][1].clone()).collect();
+    assert_eq!(second[0]["fullUrl"], format!("{t}/1"));
+    assert_eq!(second[1]["fullUrl"], format!("{t}/2"));
+    assert!(second[0].get("resource").is_none(), "{}", second[0]);
+    assert_eq!(second[2]["resource"], serde_json::json!({"id": 3, "v": "c"}));
 }
