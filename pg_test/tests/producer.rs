@@ -236,7 +236,9 @@ fn transactional_destination_delivers_each_batch_as_one_kafka_transaction() {
 
     // The coordinator fails the next commit (EndTxn, which a producer without
     // transactions never sends): the transaction is aborted, the events stay
-    // in the outbox and go again in a new transaction.
+    // in the outbox and go again in a new transaction. Had the worker deleted
+    // them on their delivery reports, before the commit, nothing would be
+    // sent again: no failed attempts, no second copies.
     mock.request_errors(RDKafkaApiKey::EndTxn, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_POLICY_VIOLATION]);
     pg.sql(&format!("INSERT INTO {t} SELECT generate_series(301, 310)"));
     wait_for("the aborted batch sent again and committed", WAIT, || {
