@@ -597,18 +597,19 @@ impl Params {
             return Ok(Some(TokenSource::MskIam { region, profile }));
         }
         set(props, "sasl.mechanism", mechanism);
+        // The JAAS entry this mechanism needs, naming `expected` as its module.
+        let require = |expected: &str, example: &str| match &jaas {
+            None => Err(perr(
+                format!("destination \"{dest}\" uses saslMechanism {mechanism} but has no saslJaasConfig"),
+                format!("Add \"saslJaasConfig\": \"{expected} required {example};\"."),
+            )),
+            Some(j) if j.module != expected => Err(wrong_module(expected)),
+            Some(j) => Ok(j),
+        };
         match mechanism {
             "PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512" => {
                 let expected = if mechanism == "PLAIN" { PLAIN_MODULE } else { SCRAM_MODULE };
-                let Some(j) = &jaas else {
-                    return Err(perr(
-                        format!("destination \"{dest}\" uses saslMechanism {mechanism} but has no saslJaasConfig"),
-                        format!("Add \"saslJaasConfig\": \"{expected} required username=\\\"...\\\" password=\\\"...\\\";\"."),
-                    ));
-                };
-                if j.module != expected {
-                    return Err(wrong_module(expected));
-                }
+                let j = require(expected, r#"username=\"...\" password=\"...\""#)?;
                 for (k, v) in &j.options {
                     match k.as_str() {
                         "username" => set(props, "sasl.username", v.clone()),
@@ -643,15 +644,7 @@ impl Params {
             }
             _ => {
                 // OAUTHBEARER: Kafka's unsecured JWTs (OIDC needs libcurl, not built).
-                let Some(j) = &jaas else {
-                    return Err(perr(
-                        format!("destination \"{dest}\" uses saslMechanism OAUTHBEARER but has no saslJaasConfig"),
-                        format!("Add \"saslJaasConfig\": \"{OAUTH_MODULE} required unsecuredLoginStringClaim_sub=\\\"...\\\";\", or use AWS_MSK_IAM."),
-                    ));
-                };
-                if j.module != OAUTH_MODULE {
-                    return Err(wrong_module(OAUTH_MODULE));
-                }
+                let j = require(OAUTH_MODULE, r#"unsecuredLoginStringClaim_sub=\"...\""#)?;
                 let mut u = Unsecured {
                     principal_claim: "sub".into(),
                     scope_claim: "scope".into(),

@@ -21,6 +21,11 @@ fn pg() -> &'static Cluster {
     })
 }
 
+/// A table `t` and a topic `urn:<t>` over it.
+fn watched_table(pg: &Cluster, t: &str, columns: &str) {
+    pg.sql(&format!("CREATE TABLE {t} ({columns}); SELECT outbox.create_topic('urn:{t}', '[{{\"table\": \"{t}\"}}]')"));
+}
+
 fn keys(msgs: &[Received]) -> BTreeSet<i64> {
     msgs.iter().map(|m| m.key.as_deref().unwrap().parse().unwrap()).collect()
 }
@@ -54,9 +59,7 @@ fn tls_with_a_private_ca_and_a_client_certificate_added_by_alter_destination() {
     let dest = t.replace('_', "-");
     broker.create_topic(&t, 1);
     let bootstrap = format!("127.0.0.1:{tls_port}");
-    pg.sql(&format!(
-        "CREATE TABLE {t} (id int PRIMARY KEY); SELECT outbox.create_topic('urn:{t}', '[{{\"table\": \"{t}\"}}]')"
-    ));
+    watched_table(pg, &t, "id int PRIMARY KEY");
     // Trusts the broker's CA but has no client certificate: the handshake fails.
     let trust = format!(r#", "securityProtocol": "SSL", "sslTruststoreCertificates": {}"#, json_str(&certs.ca));
     pg.create_destination(&dest, &format!("urn:{t}"), "kafka-at-least-once", &t, &bootstrap, &trust, "id-only");
@@ -116,9 +119,7 @@ fn alter_destination_under_load_moves_the_stream_and_loses_nothing() {
     broker.create_topic(&after, 2);
     let alo = t.replace('_', "-");
     let be = format!("{alo}-be");
-    pg.sql(&format!(
-        "CREATE TABLE {t} (id int PRIMARY KEY); SELECT outbox.create_topic('urn:{t}', '[{{\"table\": \"{t}\"}}]')"
-    ));
+    watched_table(pg, &t, "id int PRIMARY KEY");
     pg.create_destination(
         &alo,
         &format!("urn:{t}"),
@@ -206,9 +207,7 @@ fn transactional_destination_delivers_each_batch_as_one_kafka_transaction() {
     let t = unique("txn");
     let dest = t.replace('_', "-");
     mock.create_topic(&t, 1, 1).unwrap();
-    pg.sql(&format!(
-        "CREATE TABLE {t} (id int PRIMARY KEY); SELECT outbox.create_topic('urn:{t}', '[{{\"table\": \"{t}\"}}]')"
-    ));
+    watched_table(pg, &t, "id int PRIMARY KEY");
     let extra = format!(r#", "transactionalId": "pg_outbox-{dest}""#);
     pg.create_destination(
         &dest,
@@ -267,9 +266,7 @@ fn secrets_are_shown_to_superusers_only_and_never_logged() {
     let t = unique("sec");
     let dest = t.replace('_', "-");
     let role = unique("monitor");
-    pg.sql(&format!(
-        "CREATE TABLE {t} (id int PRIMARY KEY); SELECT outbox.create_topic('urn:{t}', '[{{\"table\": \"{t}\"}}]')"
-    ));
+    watched_table(pg, &t, "id int PRIMARY KEY");
     // SCRAM over TLS against a plaintext broker: it fails, and its errors must not carry the password.
     let jaas = r#"org.apache.kafka.common.security.scram.ScramLoginModule required username=\"svc\" password=\"hunter2-zz9\";"#;
     let extra = format!(
@@ -344,9 +341,7 @@ fn best_effort_waits_for_buffer_space_up_to_max_block_ms() {
     let broker = Broker::start();
     let t = unique("block");
     broker.create_topic(&t, 1);
-    pg.sql(&format!(
-        "CREATE TABLE {t} (id int PRIMARY KEY); SELECT outbox.create_topic('urn:{t}', '[{{\"table\": \"{t}\"}}]')"
-    ));
+    watched_table(pg, &t, "id int PRIMARY KEY");
     let wait = t.replace('_', "-");
     let (nowait, short) = (format!("{wait}-nowait"), format!("{wait}-short"));
     let small = r#", "rdkafka.queue.buffering.max.messages": 5"#;
@@ -395,7 +390,7 @@ fn content_switch_sends_queued_events_in_the_shape_they_were_captured() {
     let t = unique("shape");
     let dest = t.replace('_', "-");
     broker.create_topic(&t, 1);
-    pg.sql(&format!("CREATE TABLE {t} (id int PRIMARY KEY, v text); SELECT outbox.create_topic('urn:{t}', '[{{\"table\": \"{t}\"}}]')"));
+    watched_table(pg, &t, "id int PRIMARY KEY, v text");
     // Nothing listens here yet: the first rows wait in the outbox.
     let nowhere = format!("127.0.0.1:{}", free_port());
     pg.create_destination(&dest, &format!("urn:{t}"), "kafka-at-least-once", &t, &nowhere, "", "id-only");
