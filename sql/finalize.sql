@@ -33,14 +33,8 @@ DECLARE
 BEGIN
     PERFORM outbox._require_destination(destination_id);
     SELECT * INTO s FROM outbox.destination_status ds WHERE ds.id = destination_id;
-    v_params := jsonb_build_array();
-    IF s.start_timestamp IS NOT NULL THEN
-        v_params := v_params || jsonb_build_object('name', 'startTimestamp',
-            'valueDateTime', to_char(s.start_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'));
-    END IF;
-    v_params := v_params
-        || jsonb_build_object('name', 'status', 'valueString', s.status)
-        || jsonb_build_object('name', 'messagesDelivered', 'valueDecimal', s.messages_delivered);
+    -- Aidbox's parameters, order and value types, per kind; timestamps to the second.
+    v_params := jsonb_build_array(jsonb_build_object('name', 'messagesDelivered', 'valueDecimal', s.messages_delivered));
     IF s.kind = 'kafka-best-effort' THEN
         v_params := v_params
             || jsonb_build_object('name', 'messagesInProcess', 'valueDecimal', s.messages_in_process)
@@ -49,13 +43,19 @@ BEGIN
         v_params := v_params
             || jsonb_build_object('name', 'messagesDeliveryAttempts', 'valueDecimal', s.messages_delivery_attempts)
             || jsonb_build_object('name', 'messagesInProcess', 'valueDecimal', s.messages_in_process)
-            || jsonb_build_object('name', 'messagesQueued', 'valueDecimal', s.messages_queued)
-            || jsonb_build_object('name', 'messagesDeadLettered', 'valueDecimal', s.messages_dead_lettered);
+            || jsonb_build_object('name', 'messagesQueued', 'valueDecimal', s.messages_queued);
     END IF;
+    IF s.start_timestamp IS NOT NULL THEN
+        v_params := v_params || jsonb_build_object('name', 'startTimestamp',
+            'valueDateTime', to_char(s.start_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'));
+    END IF;
+    v_params := v_params || jsonb_build_object('name', 'status', 'valueString', s.status);
     v_params := v_params || coalesce((
         SELECT jsonb_agg(jsonb_build_object('name', 'lastErrorDetail', 'part', jsonb_build_array(
                    jsonb_build_object('name', 'message', 'valueString', e ->> 'message'),
-                   jsonb_build_object('name', 'timestamp', 'valueDateTime', e ->> 'timestamp'))) ORDER BY o)
+                   jsonb_build_object('name', 'timestamp', 'valueDateTime',
+                       to_char((e ->> 'timestamp')::timestamptz AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'))))
+                   ORDER BY o)
           FROM jsonb_array_elements(s.last_errors) WITH ORDINALITY AS x(e, o)), '[]'::jsonb);
     RETURN jsonb_build_object('resourceType', 'Parameters', 'parameter', v_params);
 END

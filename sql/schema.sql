@@ -9,6 +9,8 @@ CREATE TABLE outbox.topic (
     url         text PRIMARY KEY,
     description text,
     triggers    jsonb NOT NULL,
+    -- The AidboxSubscriptionTopic it was created from, if any.
+    resource    jsonb,
     created_at  timestamptz NOT NULL DEFAULT now()
 );
 
@@ -19,9 +21,22 @@ CREATE TABLE outbox.topic_table (
     table_name    text NOT NULL,
     interactions  text[] NOT NULL,
     criteria      text,
+    -- FHIRPath criteria (Aidbox's fhirPathCriteria), evaluated by the trigger.
+    fhirpath      text,
+    -- The FHIR resource type when the table has Aidbox's layout (id, resource
+    -- jsonb): events then carry the resource and FHIR references.
+    resource_type text,
     key_columns   text[] NOT NULL,
     trigger_names text[] NOT NULL,
     PRIMARY KEY (topic_id, table_oid)
+);
+
+-- FHIR resource types mapped to tables by the admin (outbox.map_resource);
+-- without a mapping a type's table is its lower-cased name (Aidbox's rule).
+CREATE TABLE outbox.resource_table (
+    resource_type text PRIMARY KEY,
+    table_oid     oid NOT NULL,
+    table_name    text NOT NULL
 );
 
 -- A destination: where a topic's events go and how (Aidbox: AidboxTopicDestination).
@@ -106,22 +121,46 @@ DECLARE
     v_key       text;
     v_qualified text;
     v_tgargs    text[];
+    v_resource  text;
+    v_rtype     text;
+    v_fhirpath  text;
 BEGIN
     IF jsonb_typeof(p_entry) IS DISTINCT FROM 'object' THEN
         PERFORM outbox._fail('22023', format('invalid trigger entry for topic "%s": %s', p_url, p_entry),
             'Each entry is an object such as {"table": "public.t", "interactions": ["create"], "criteria": "NEW.x > 0"}.');
     END IF;
     FOR v_key IN SELECT jsonb_object_keys(p_entry) LOOP
-        IF v_key NOT IN ('table', 'interactions', 'criteria') THEN
+        IF v_key NOT IN ('table', 'resource', 'interactions', 'criteria', 'fhirpath') THEN
             PERFORM outbox._fail('22023', format('unknown key "%s" in trigger entry for topic "%s"', v_key, p_url),
-                'Allowed keys are "table", "interactions" and "criteria".');
+                'Allowed keys are "table", "resource", "interactions", "criteria" and "fhirpath".');
         END IF;
     END LOOP;
-    IF jsonb_typeof(p_entry -> 'table') IS DISTINCT FROM 'string' THEN
-        PERFORM outbox._fail('22023', format('trigger entry for topic "%s" has no "table"', p_url),
-            'Name the table as a string, e.g. {"table": "public.orders"}.');
+    IF p_entry ? 'resource' THEN
+        v_resource := p_entry ->> 'resource';
+        IF jsonb_typeof(p_entry -> 'resource') IS DISTINCT FROM 'string' OR v_resource !~ '^[A-Z][A-Za-z0-9]{0,63}$' THEN
+            PERFORM outbox._fail('22023', format('invalid resource type %s in topic "%s"', p_entry -> 'resource', p_url),
+                'A FHIR resource type such as "QuestionnaireResponse".');
+        END IF;
     END IF;
-    v_table := p_entry ->> 'table';
+    IF p_entry ? 'table' THEN
+        IF jsonb_typeof(p_entry -> 'table') IS DISTINCT FROM 'string' THEN
+            PERFORM outbox._fail('22023', format('"table" in a trigger entry of topic "%s" must be a string', p_url),
+                'Name the table as a string, e.g. {"table": "public.orders"}.');
+        END IF;
+        v_table := p_entry ->> 'table';
+    ELSIF v_resource IS NOT NULL THEN
+        -- The admin's mapping, else Aidbox's rule: the lower-cased type.
+        SELECT r.table_oid::regclass::text INTO v_table FROM outbox.resource_table r WHERE r.resource_type = v_resource;
+        IF v_table IS NULL AND to_regclass(quote_ident(lower(v_resource))) IS NULL THEN
+            PERFORM outbox._fail('42P01', format('no table for resource type "%s" in topic "%s"', v_resource, p_url),
+                format('Looked for a mapping in outbox.resource_table and for a table named "%s" on the search_path; map one with outbox.map_resource(''%s'', ''schema.table'').',
+                       lower(v_resource), v_resource));
+        END IF;
+        v_table := coalesce(v_table, quote_ident(lower(v_resource)));
+    ELSE
+        PERFORM outbox._fail('22023', format('trigger entry for topic "%s" has no "table"', p_url),
+            'Name the table as a string, e.g. {"table": "public.orders"}, or a FHIR resource type, e.g. {"resource": "Patient"}.');
+    END IF;
     BEGIN
         v_oid := to_regclass(v_table);
     EXCEPTION WHEN OTHERS THEN
@@ -130,6 +169,21 @@ BEGIN
     IF v_oid IS NULL THEN
         PERFORM outbox._fail('42P01', format('table "%s" does not exist', v_table),
             'Create the table first, or schema-qualify its name (e.g. "public.orders").');
+    END IF;
+    -- Aidbox's layout (id, resource jsonb): events carry the FHIR resource.
+    IF v_resource IS NOT NULL AND EXISTS (
+           SELECT 1 FROM pg_attribute a
+            WHERE a.attrelid = v_oid AND a.attname = 'resource' AND a.atttypid = 'jsonb'::regtype AND NOT a.attisdropped)
+       AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = v_oid AND a.attname = 'id' AND NOT a.attisdropped) THEN
+        v_rtype := v_resource;
+    END IF;
+    IF p_entry ? 'fhirpath' AND jsonb_typeof(p_entry -> 'fhirpath') <> 'null' THEN
+        IF jsonb_typeof(p_entry -> 'fhirpath') <> 'string' OR btrim(p_entry ->> 'fhirpath') = '' THEN
+            PERFORM outbox._fail('22023', format('"fhirpath" for table "%s" must be a non-empty string', v_table),
+                'Write a FHIRPath boolean expression, e.g. "status = ''completed''" or "%current.status != %previous.status".');
+        END IF;
+        v_fhirpath := p_entry ->> 'fhirpath';
+        PERFORM outbox._check_fhirpath(v_fhirpath, format('table "%s" in topic "%s"', v_table, p_url));
     END IF;
     SELECT c.relkind INTO v_kind FROM pg_class c WHERE c.oid = v_oid;
     IF v_kind NOT IN ('r', 'p') THEN
@@ -218,8 +272,9 @@ BEGIN
         v_names := v_names || v_name;
     END LOOP;
 
-    INSERT INTO outbox.topic_table (topic_id, table_oid, table_name, interactions, criteria, key_columns, trigger_names)
-    VALUES (p_topic_id, v_oid, v_oid::regclass::text, v_inter, v_criteria, v_keys, v_names);
+    INSERT INTO outbox.topic_table (topic_id, table_oid, table_name, interactions, criteria, fhirpath, resource_type,
+                                    key_columns, trigger_names)
+    VALUES (p_topic_id, v_oid, v_qualified, v_inter, v_criteria, v_fhirpath, v_rtype, v_keys, v_names);
 END
 $$;
 
@@ -249,6 +304,92 @@ BEGIN
     PERFORM outbox._changed_on_commit();
     RETURN url;
 END
+$$;
+
+-- An AidboxSubscriptionTopic, as Aidbox takes it: each trigger's resource
+-- type names a table (outbox.resource_table, else the lower-cased type),
+-- supportedInteraction its interactions, fhirPathCriteria its criteria.
+CREATE FUNCTION outbox.create_topic(resource jsonb)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    v_url      text := resource ->> 'url';
+    v_triggers jsonb := '[]';
+    v_t        jsonb;
+    v_key      text;
+    v_entry    jsonb;
+BEGIN
+    IF jsonb_typeof(resource) IS DISTINCT FROM 'object' THEN
+        PERFORM outbox._fail('22023', 'an AidboxSubscriptionTopic must be a JSON object',
+            'Paste the resource, e.g. ''{"resourceType": "AidboxSubscriptionTopic", "url": "...", "status": "active", "trigger": [...]}''.');
+    END IF;
+    IF resource ? 'resourceType' AND resource ->> 'resourceType' IS DISTINCT FROM 'AidboxSubscriptionTopic' THEN
+        PERFORM outbox._fail('22023', format('resourceType %s is not AidboxSubscriptionTopic', resource -> 'resourceType'),
+            'outbox.create_topic(resource) takes an AidboxSubscriptionTopic; use outbox.create_destination(resource) for an AidboxTopicDestination.');
+    END IF;
+    IF jsonb_typeof(resource -> 'url') IS DISTINCT FROM 'string' THEN
+        PERFORM outbox._fail('22023', 'the AidboxSubscriptionTopic has no url', 'Give it a "url", e.g. "http://example.org/topics/forms".');
+    END IF;
+    IF resource ? 'status' AND resource ->> 'status' IS DISTINCT FROM 'active' THEN
+        PERFORM outbox._fail('22023', format('topic "%s" has status %s: only active topics are served', v_url, resource -> 'status'),
+            'Set "status": "active".');
+    END IF;
+    IF jsonb_typeof(resource -> 'trigger') IS DISTINCT FROM 'array' OR jsonb_array_length(resource -> 'trigger') = 0 THEN
+        PERFORM outbox._fail('22023', format('topic "%s" has no trigger', v_url),
+            'Add "trigger": [{"resource": "QuestionnaireResponse", "supportedInteraction": ["create", "update"]}].');
+    END IF;
+    FOR v_t IN SELECT jsonb_array_elements(resource -> 'trigger') LOOP
+        IF jsonb_typeof(v_t) IS DISTINCT FROM 'object' THEN
+            PERFORM outbox._fail('22023', format('invalid trigger %s in topic "%s"', v_t, v_url), 'Each trigger is an object with a "resource".');
+        END IF;
+        FOR v_key IN SELECT jsonb_object_keys(v_t) LOOP
+            -- canFilterBy declares what subscribers may filter on: nothing to do here.
+            IF v_key NOT IN ('resource', 'supportedInteraction', 'fhirPathCriteria', 'description', 'canFilterBy') THEN
+                PERFORM outbox._fail('0A000', format('trigger element "%s" in topic "%s" is not supported', v_key, v_url),
+                    'Triggers take resource, supportedInteraction, fhirPathCriteria, description (and canFilterBy, which needs nothing here).');
+            END IF;
+        END LOOP;
+        IF jsonb_typeof(v_t -> 'resource') IS DISTINCT FROM 'string' THEN
+            PERFORM outbox._fail('22023', format('a trigger of topic "%s" has no resource', v_url),
+                'Name the resource type, e.g. "resource": "QuestionnaireResponse".');
+        END IF;
+        -- A full URL names the type by its last segment (http://hl7.org/fhir/StructureDefinition/Patient).
+        v_entry := jsonb_build_object('resource', regexp_replace(v_t ->> 'resource', '^.*/', ''));
+        IF v_t ? 'supportedInteraction' THEN
+            v_entry := v_entry || jsonb_build_object('interactions',
+                CASE jsonb_typeof(v_t -> 'supportedInteraction') WHEN 'array' THEN v_t -> 'supportedInteraction'
+                     ELSE jsonb_build_array(v_t -> 'supportedInteraction') END);
+        END IF;
+        IF v_t ? 'fhirPathCriteria' THEN
+            v_entry := v_entry || jsonb_build_object('fhirpath', v_t -> 'fhirPathCriteria');
+        END IF;
+        v_triggers := v_triggers || jsonb_build_array(v_entry);
+    END LOOP;
+    PERFORM outbox.create_topic(v_url, v_triggers, coalesce(resource ->> 'description', resource ->> 'title'));
+    UPDATE outbox.topic t SET resource = create_topic.resource WHERE t.url = v_url;
+    RETURN v_url;
+END
+$$;
+
+-- Map a FHIR resource type to the table that stores it (for topics created
+-- afterwards); without a mapping the type's table is its lower-cased name.
+CREATE FUNCTION outbox.map_resource(resource_type text, table_name regclass)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF resource_type IS NULL OR resource_type !~ '^[A-Z][A-Za-z0-9]{0,63}$' THEN
+        PERFORM outbox._fail('22023', format('invalid resource type "%s"', coalesce(resource_type, '')),
+            'A FHIR resource type such as "QuestionnaireResponse".');
+    END IF;
+    INSERT INTO outbox.resource_table (resource_type, table_oid, table_name)
+    VALUES (map_resource.resource_type, map_resource.table_name, map_resource.table_name::text)
+    ON CONFLICT ON CONSTRAINT resource_table_pkey
+    DO UPDATE SET table_oid = excluded.table_oid, table_name = excluded.table_name;
+END
+$$;
+
+CREATE FUNCTION outbox.unmap_resource(resource_type text)
+RETURNS boolean LANGUAGE sql AS $$
+    WITH d AS (DELETE FROM outbox.resource_table r WHERE r.resource_type = unmap_resource.resource_type RETURNING 1)
+    SELECT EXISTS (SELECT 1 FROM d)
 $$;
 
 CREATE FUNCTION outbox.drop_topic(url text, "cascade" boolean DEFAULT false)
@@ -326,6 +467,57 @@ BEGIN
             create_destination.content, v_params);
     PERFORM outbox._changed_on_commit();
     RETURN id;
+END
+$$;
+
+-- An AidboxTopicDestination, as Aidbox takes it (Kafka kinds only). Its
+-- meta.profile, old or new URL, must agree with its kind.
+CREATE FUNCTION outbox.create_destination(resource jsonb)
+RETURNS text LANGUAGE plpgsql SET log_min_error_statement = panic AS $$
+DECLARE
+    v_kind    text := resource ->> 'kind';
+    v_profile text;
+    v_pkind   text;
+    v_key     text;
+BEGIN
+    IF jsonb_typeof(resource) IS DISTINCT FROM 'object' THEN
+        PERFORM outbox._fail('22023', 'an AidboxTopicDestination must be a JSON object',
+            'Paste the resource, e.g. ''{"resourceType": "AidboxTopicDestination", "id": "...", "topic": "...", "kind": "kafka-at-least-once", "parameter": [...]}''.');
+    END IF;
+    IF resource ? 'resourceType' AND resource ->> 'resourceType' IS DISTINCT FROM 'AidboxTopicDestination' THEN
+        PERFORM outbox._fail('22023', format('resourceType %s is not AidboxTopicDestination', resource -> 'resourceType'),
+            'outbox.create_destination(resource) takes an AidboxTopicDestination; use outbox.create_topic(resource) for an AidboxSubscriptionTopic.');
+    END IF;
+    FOR v_key IN SELECT jsonb_object_keys(resource) LOOP
+        IF v_key NOT IN ('resourceType', 'id', 'meta', 'topic', 'kind', 'content', 'parameter', 'status') THEN
+            PERFORM outbox._fail('0A000', format('element "%s" of AidboxTopicDestination "%s" is not supported', v_key, resource ->> 'id'),
+                'A destination takes id, topic, kind, content, parameter, status and meta.profile.');
+        END IF;
+    END LOOP;
+    IF resource ? 'status' AND resource ->> 'status' IS DISTINCT FROM 'active' THEN
+        PERFORM outbox._fail('22023', format('destination "%s" has status %s: only active destinations are served', resource ->> 'id', resource -> 'status'),
+            'Set "status": "active".');
+    END IF;
+    FOR v_profile IN SELECT jsonb_array_elements_text(coalesce(resource #> '{meta,profile}', '[]')) LOOP
+        v_pkind := CASE v_profile
+            WHEN 'http://aidbox.app/StructureDefinition/aidboxtopicdestination-kafka-at-least-once' THEN 'kafka-at-least-once'
+            WHEN 'http://aidbox.app/StructureDefinition/aidboxtopicdestination-kafka-best-effort' THEN 'kafka-best-effort'
+            WHEN 'http://health-samurai.io/fhir/core/StructureDefinition/aidboxtopicdestination-kafkaAtLeastOnceProfile' THEN 'kafka-at-least-once'
+            WHEN 'http://health-samurai.io/fhir/core/StructureDefinition/aidboxtopicdestination-kafkaBestEffortProfile' THEN 'kafka-best-effort'
+        END;
+        IF v_pkind IS NULL THEN
+            PERFORM outbox._fail('0A000', format('profile "%s" of destination "%s" is not a Kafka destination profile', v_profile, resource ->> 'id'),
+                'pg_outbox serves Kafka destinations: profiles aidboxtopicdestination-kafka-at-least-once and -kafka-best-effort (old and new URLs).');
+        END IF;
+        IF v_kind IS NULL THEN
+            v_kind := v_pkind;
+        ELSIF v_kind <> v_pkind THEN
+            PERFORM outbox._fail('22023', format('destination "%s" has kind "%s" but profile "%s"', resource ->> 'id', v_kind, v_profile),
+                'The profile and the kind must name the same delivery: fix one of them.');
+        END IF;
+    END LOOP;
+    RETURN outbox.create_destination(resource ->> 'id', resource ->> 'topic', v_kind,
+                                     coalesce(resource -> 'parameter', '[]'), coalesce(resource ->> 'content', 'full-resource'));
 END
 $$;
 

@@ -102,3 +102,20 @@ fn _trigger_depends_on_extension(trigger_oid: pg_sys::Oid) {
         pg_sys::recordDependencyOn(&depender, &referenced, pg_sys::DependencyType::DEPENDENCY_AUTO);
     }
 }
+
+/// Check a FHIRPath criteria when a topic is created: syntax, functions,
+/// variables. `what` names the trigger entry for the message.
+#[pg_extern(immutable, parallel_safe)]
+fn _check_fhirpath(expression: &str, what: &str) {
+    if let Err(e) = crate::fhirpath::compile(expression) {
+        let code = if e.contains("needs a FHIR server") {
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED
+        } else {
+            PgSqlErrorCode::ERRCODE_INVALID_OBJECT_DEFINITION
+        };
+        UserError::new(code, format!("invalid fhirPathCriteria for {what}: {e}"))
+            .detail(format!("The criteria: {expression}"))
+            .hint("A FHIRPath boolean expression over the resource, with %current and %previous, e.g. \"status = 'completed'\".")
+            .raise()
+    }
+}

@@ -25,6 +25,16 @@ struct Route {
     /// Some destination carries the row (full-resource): only then is it turned into JSON.
     needs_row: bool,
     best_effort: Vec<(String, Content)>,
+    /// Per watched table (schema-qualified), when it is a FHIR table or has
+    /// FHIRPath criteria.
+    shapes: HashMap<String, Shape>,
+}
+
+/// How a watched table's rows become resources, and its FHIRPath criteria.
+struct Shape {
+    /// Aidbox's layout (id, resource jsonb, ...): the resource type.
+    resource_type: Option<String>,
+    criteria: Option<crate::fhirpath::Criteria>,
 }
 
 #[derive(Default)]
@@ -89,6 +99,23 @@ fn load_routes() -> HashMap<i32, Rc<Route>> {
             } else {
                 route.at_least_once = true;
             }
+        }
+        let shapes = client.select(
+            "SELECT topic_id, table_name, resource_type, fhirpath FROM outbox.topic_table \
+              WHERE resource_type IS NOT NULL OR fhirpath IS NOT NULL",
+            None,
+            &[],
+        )?;
+        for row in shapes {
+            let topic: i32 = row.get(1)?.unwrap_or_default();
+            let Some(route) = routes.get_mut(&topic) else { continue };
+            let table: String = row.get(2)?.unwrap_or_default();
+            let resource_type: Option<String> = row.get(3)?;
+            let criteria = row.get::<String>(4)?.map(|src| {
+                crate::fhirpath::compile(&src)
+                    .unwrap_or_else(|e| pgrx::error!("pg_outbox: fhirPathCriteria of topic {topic} on {table}: {e}"))
+            });
+            route.shapes.insert(table, Shape { resource_type, criteria });
         }
         Ok::<_, pgrx::spi::SpiError>(())
     })
@@ -281,6 +308,72 @@ unsafe fn row_key(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc, columns: &[
     }
 }
 
+/// A column's text form, by name (None if NULL or absent).
+unsafe fn column_text(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc, name: &std::ffi::CStr) -> Option<String> {
+    let attnum = unsafe { pg_sys::SPI_fnumber(desc, name.as_ptr()) };
+    if attnum <= 0 {
+        return None;
+    }
+    let text = unsafe { pg_sys::SPI_getvalue(tuple, desc, attnum) };
+    (!text.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(text) }.to_string_lossy().into_owned())
+}
+
+/// A timestamp column as ISO 8601 UTC with microseconds, like Aidbox's
+/// meta.lastUpdated.
+unsafe fn column_instant(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc, name: &std::ffi::CStr) -> Option<String> {
+    let attnum = unsafe { pg_sys::SPI_fnumber(desc, name.as_ptr()) };
+    if attnum <= 0 {
+        return None;
+    }
+    let type_oid = unsafe { pg_sys::SPI_gettypeid(desc, attnum) };
+    if type_oid != pg_sys::TIMESTAMPTZOID && type_oid != pg_sys::TIMESTAMPOID {
+        return None;
+    }
+    let mut is_null = false;
+    let datum = unsafe { pg_sys::SPI_getbinval(tuple, desc, attnum, &mut is_null) };
+    (!is_null).then(|| status::format_ts_digits(datum.value() as i64, 6))
+}
+
+/// A row of a table in Aidbox's layout as the FHIR resource Aidbox would
+/// send: `resource` with `resourceType`, `id` and `meta.versionId` (txid) /
+/// `meta.lastUpdated` (ts) merged into its own `meta`.
+unsafe fn fhir_resource(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc, resource_type: &str) -> serde_json::Value {
+    use serde_json::Value;
+    let body = unsafe { column_text(tuple, desc, c"resource") };
+    let mut resource = match body.as_deref().map(serde_json::from_str::<Value>) {
+        Some(Ok(Value::Object(o))) => o,
+        _ => serde_json::Map::new(),
+    };
+    resource.insert("resourceType".into(), Value::String(resource_type.into()));
+    if let Some(id) = unsafe { column_text(tuple, desc, c"id") } {
+        resource.insert("id".into(), Value::String(id));
+    }
+    let mut meta = match resource.remove("meta") {
+        Some(Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    if let Some(txid) = unsafe { column_text(tuple, desc, c"txid") } {
+        meta.insert("versionId".into(), Value::String(txid));
+    }
+    if let Some(ts) = unsafe { column_instant(tuple, desc, c"ts") } {
+        meta.insert("lastUpdated".into(), Value::String(ts));
+    }
+    if !meta.is_empty() {
+        resource.insert("meta".into(), Value::Object(meta));
+    }
+    Value::Object(resource)
+}
+
+/// A row as `row_to_json` gives it (with the writer's rights).
+unsafe fn row_json(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc) -> String {
+    unsafe {
+        let composite = pg_sys::heap_copy_tuple_as_datum(tuple, desc);
+        let json = pgrx::fcinfo::direct_function_call_as_datum(pg_sys::row_to_json, &[Some(composite)])
+            .expect("row_to_json returns a value");
+        String::from_datum(json, false).expect("json text")
+    }
+}
+
 /// The row trigger the API attaches: `outbox._capture(topic_id, table, key columns...)`.
 #[pg_trigger]
 fn _capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
@@ -301,16 +394,34 @@ fn _capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, All
     } else {
         (td.tg_trigtuple, "delete")
     };
-    let (row, key) = unsafe {
-        let desc = (*td.tg_relation).rd_att;
-        let row = route.needs_row.then(|| {
-            let composite = pg_sys::heap_copy_tuple_as_datum(tuple, desc);
-            let json = pgrx::fcinfo::direct_function_call_as_datum(pg_sys::row_to_json, &[Some(composite)])
-                .expect("row_to_json returns a value");
-            String::from_datum(json, false).expect("json text")
-        });
-        (row, row_key(tuple, desc, &args[2..]))
+    let shape = route.shapes.get(table.as_str());
+    let fhir_type = shape.and_then(|s| s.resource_type.as_deref());
+    let desc = unsafe { (*td.tg_relation).rd_att };
+    // The changed row as a resource: Aidbox's for FHIR tables, else the row.
+    let resource_of = |t: pg_sys::HeapTuple| -> serde_json::Value {
+        match fhir_type {
+            Some(rt) => unsafe { fhir_resource(t, desc, rt) },
+            None => serde_json::from_str(&unsafe { row_json(t, desc) }).expect("row_to_json gives JSON"),
+        }
     };
+    if let Some(criteria) = shape.and_then(|s| s.criteria.as_ref()) {
+        // %current: the row after the change (none on delete); %previous: before it (none on create).
+        let current = (op != pg_sys::TRIGGER_EVENT_DELETE).then(|| resource_of(tuple));
+        let previous = (op != pg_sys::TRIGGER_EVENT_INSERT).then(|| resource_of(td.tg_trigtuple));
+        match criteria.matches(current.as_ref(), previous.as_ref()) {
+            Ok(true) => {}
+            Ok(false) => return Ok(None),
+            // Fail open: an event too many rather than a lost one or a failed write.
+            Err(e) => pgrx::warning!(
+                "pg_outbox: the fhirPathCriteria of topic {topic_id} on {table} could not be evaluated ({e}); the change is sent as if it matched"
+            ),
+        }
+    }
+    let row = route.needs_row.then(|| match fhir_type {
+        Some(_) => resource_of(tuple).to_string(),
+        None => unsafe { row_json(tuple, desc) },
+    });
+    let key = unsafe { row_key(tuple, desc, &args[2..]) };
     if !route.best_effort.is_empty() {
         buffer_best_effort(&route.best_effort, table, interaction, key.as_deref(), row.as_deref());
     }

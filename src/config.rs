@@ -15,6 +15,10 @@ pub static RETRY_MIN_MS: GucSetting<i32> = GucSetting::<i32>::new(500);
 /// Longest retry delay, in milliseconds (reload).
 pub static RETRY_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 
+/// Base URL of FHIR references in messages from FHIR tables (reload).
+pub static FHIR_BASE_URL: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"http://localhost/fhir"));
+
 /// Shared memory for the best-effort queue, in kB (postmaster start).
 pub static BEST_EFFORT_QUEUE_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
 
@@ -27,6 +31,14 @@ pub fn register() {
         c"CREATE EXTENSION pg_outbox is only allowed in this database.",
         &DATABASE,
         GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"outbox.fhir_base_url",
+        c"FHIR base URL for fullUrl and request.url in messages from FHIR resource tables.",
+        c"Aidbox uses its own base URL, e.g. http://aidbox-server/fhir.",
+        &FHIR_BASE_URL,
+        GucContext::Sighup,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
@@ -79,6 +91,11 @@ pub fn register() {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
+}
+
+/// The FHIR base URL, without a trailing slash.
+pub fn fhir_base_url() -> String {
+    FHIR_BASE_URL.get().and_then(|c| c.into_string().ok()).unwrap_or_default().trim_end_matches('/').to_string()
 }
 
 /// The database name the worker serves.

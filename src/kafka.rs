@@ -217,6 +217,16 @@ pub struct Target<'a> {
     pub destination_id: &'a str,
     pub topic_url: &'a str,
     pub content: Content,
+    /// The event's FHIR resource type, when its table has Aidbox's layout,
+    /// and the FHIR base URL (`outbox.fhir_base_url`) for its references.
+    pub resource_type: Option<&'a str>,
+    pub fhir_base: &'a str,
+}
+
+/// The path of a base URL: `/fhir` for `http://aidbox-server/fhir`.
+fn url_path(base: &str) -> &str {
+    let rest = base.split_once("://").map_or(base, |(_, r)| r);
+    rest.find('/').map_or("", |i| &rest[i..])
 }
 
 fn push_json_str(out: &mut String, s: &str) {
@@ -231,15 +241,24 @@ pub fn display_table(table: &str) -> &str {
 
 /// The Kafka message value: Aidbox's notification Bundle.
 pub fn bundle(target: &Target<'_>, ev: &Event) -> String {
-    let table = display_table(&ev.table);
+    // A FHIR table: `Type/id` references, Aidbox's absolute fullUrl and
+    // request urls under the base URL's path. Otherwise `table/key`.
+    let (collection, prefix) = match target.resource_type {
+        Some(rt) => (rt, url_path(target.fhir_base)),
+        None => (display_table(&ev.table), ""),
+    };
     let reference = match &ev.key {
-        Some(k) => format!("{table}/{k}"),
-        None => table.to_string(),
+        Some(k) => format!("{collection}/{k}"),
+        None => collection.to_string(),
+    };
+    let full_url = match target.resource_type {
+        Some(_) => format!("{}/{reference}", target.fhir_base),
+        None => reference.clone(),
     };
     let (method, url) = match ev.interaction.as_str() {
-        "create" => ("POST", format!("/{table}")),
-        "update" => ("PUT", format!("/{reference}")),
-        _ => ("DELETE", format!("/{reference}")),
+        "create" => ("POST", format!("{prefix}/{collection}")),
+        "update" => ("PUT", format!("{prefix}/{reference}")),
+        _ => ("DELETE", format!("{prefix}/{reference}")),
     };
     let mut out = String::with_capacity(512 + ev.row.as_ref().map_or(0, |r| r.len()));
     out.push_str(r#"{"resourceType":"Bundle","type":"history","timestamp":"#);
@@ -271,13 +290,17 @@ pub fn bundle(target: &Target<'_>, ev: &Event) -> String {
         Content::FullResource => {
             out.push_str(r#",{"resource":"#);
             out.push_str(ev.row.as_deref().unwrap_or("null"));
+            if target.resource_type.is_some() {
+                out.push_str(r#","fullUrl":"#);
+                push_json_str(&mut out, &full_url);
+            }
             out.push(',');
             out.push_str(&request);
             out.push('}');
         }
         Content::IdOnly => {
             out.push_str(r#",{"fullUrl":"#);
-            push_json_str(&mut out, &reference);
+            push_json_str(&mut out, &full_url);
             out.push(',');
             out.push_str(&request);
             out.push('}');

@@ -18,6 +18,7 @@ mod api;
 mod capture;
 mod config;
 mod error;
+mod fhirpath;
 mod jaas;
 mod kafka;
 mod oauth;

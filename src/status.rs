@@ -308,18 +308,25 @@ pub fn record_error(r: SlotRef, message: &str) {
 
 /// Postgres timestamp (µs since 2000-01-01) as ISO 8601 UTC with milliseconds.
 pub fn format_ts(us: i64) -> String {
+    format_ts_digits(us, 3)
+}
+
+/// A Postgres timestamp (µs since 2000-01-01) as ISO 8601 UTC with
+/// `digits` (3 or 6) fractional digits.
+pub fn format_ts_digits(us: i64, digits: u32) -> String {
     // Postgres epoch is 2000-01-01; 946684800 s after the Unix epoch.
-    let unix_ms = us.div_euclid(1000) + 946_684_800_000;
-    let secs = unix_ms.div_euclid(1000);
-    let ms = unix_ms.rem_euclid(1000);
+    let unix_us = us + 946_684_800_000_000;
+    let secs = unix_us.div_euclid(1_000_000);
+    let fraction = unix_us.rem_euclid(1_000_000) / 10_i64.pow(6 - digits);
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z", sod / 3600, sod % 3600 / 60, sod % 60)
+    let width = digits as usize;
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{fraction:0width$}Z", sod / 3600, sod % 3600 / 60, sod % 60)
 }
 
 /// Days since 1970-01-01 to (year, month, day); Howard Hinnant's algorithm.
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
+pub fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);

@@ -15,6 +15,9 @@ pub struct DestinationRow {
     pub topic_url: String,
     pub content: String,
     pub parameters: String,
+    /// FHIR resource type by watched table (schema-qualified), for the
+    /// topic's tables in Aidbox's layout.
+    pub resource_types: std::collections::HashMap<String, String>,
 }
 
 /// The extension's pg_extension oid, if it is installed in this database.
@@ -46,7 +49,22 @@ pub fn destinations() -> SpiResult<Vec<DestinationRow>> {
                 content: row.get(3)?.unwrap_or_default(),
                 parameters: row.get(4)?.unwrap_or_default(),
                 kind: row.get(5)?.unwrap_or_default(),
+                resource_types: Default::default(),
             });
+        }
+        let types = client.select(
+            "SELECT t.url, tt.table_name, tt.resource_type FROM outbox.topic_table tt \
+               JOIN outbox.topic t ON t.id = tt.topic_id WHERE tt.resource_type IS NOT NULL",
+            None,
+            &[],
+        )?;
+        for row in types {
+            let url: String = row.get(1)?.unwrap_or_default();
+            let table: String = row.get(2)?.unwrap_or_default();
+            let resource_type: String = row.get(3)?.unwrap_or_default();
+            for d in out.iter_mut().filter(|d| d.topic_url == url) {
+                d.resource_types.insert(table.clone(), resource_type.clone());
+            }
         }
         Ok(out)
     })

@@ -409,3 +409,38 @@ fn aidbox_parameter_arrays_are_read_with_their_value_types() {
         assert!(e.message.contains(message), "{bad}: {}", e.message);
     }
 }
+
+#[pg_test]
+fn fhirpath_criteria_match_as_aidbox_describes() {
+    use crate::fhirpath::compile;
+    let draft = json!({"resourceType": "Encounter", "status": "planned", "class": {"code": "AMB"}});
+    let done = json!({"resourceType": "Encounter", "status": "finished", "class": {"code": "AMB"}});
+    // (criteria, current, previous, expected)
+    let cases: Vec<(&str, Option<&Value>, Option<&Value>, bool)> = vec![
+        ("status = 'finished'", Some(&done), None, true),
+        ("status = 'finished'", Some(&draft), None, false),
+        ("status = 'finished'", None, Some(&done), false), // delete: no current resource
+        ("%previous.empty()", Some(&done), None, true),     // create: no previous resource
+        ("%previous.empty()", Some(&done), Some(&draft), false),
+        ("%current.status = 'finished' and %previous.status = 'planned'", Some(&done), Some(&draft), true),
+        ("%current.status != %previous.status", Some(&done), Some(&done), false),
+        ("class.code in ('AMB' | 'EMER')", Some(&done), None, true),
+        ("status.exists() and status in ('finished' | 'cancelled')", Some(&done), None, true),
+        ("status", Some(&done), None, false), // not a boolean: no match
+        ("{}", Some(&done), None, false),
+    ];
+    for (source, current, previous, expected) in cases {
+        let c = compile(source).unwrap_or_else(|e| panic!("{source}: {e}"));
+        assert_eq!(c.matches(current, previous), Ok(expected), "{source}");
+    }
+    for (source, message) in [
+        ("status = = 'x'", "invalid FHIRPath"),
+        ("subject.resolve().exists()", "resolve() needs a FHIR server"),
+        ("code.memberOf('http://x')", "memberOf() needs a FHIR server"),
+        ("status.twinkle()", "unknown FHIRPath function twinkle()"),
+        ("%resourceNow.exists()", "unknown FHIRPath variable %resourceNow"),
+    ] {
+        let e = compile(source).expect_err(source);
+        assert!(e.contains(message), "{source}: {e}");
+    }
+}

@@ -90,6 +90,8 @@ struct Destination {
     best_effort: bool,
     parameters_text: String,
     params: Params,
+    /// FHIR resource type by table, for the topic's tables in Aidbox's layout.
+    resource_types: std::collections::HashMap<String, String>,
     slot: SlotRef,
     producer: Option<KafkaProducer>,
     epoch: u64,
@@ -141,6 +143,7 @@ impl Destination {
             id: row.id,
             topic_url: row.topic_url,
             parameters_text: row.parameters,
+            resource_types: row.resource_types,
             params,
             slot,
             producer: None,
@@ -379,7 +382,15 @@ impl Destination {
 
     /// Produce one event; librdkafka may refuse it at once.
     fn send(&mut self, ev: &kafka::Event) -> Result<(), Refused> {
-        let target = Target { destination_id: &self.id, topic_url: &self.topic_url, content: self.content };
+        let resource_type = self.resource_types.get(&ev.table).map(String::as_str);
+        let fhir_base = if resource_type.is_some() { config::fhir_base_url() } else { String::new() };
+        let target = Target {
+            destination_id: &self.id,
+            topic_url: &self.topic_url,
+            content: self.content,
+            resource_type,
+            fhir_base: &fhir_base,
+        };
         let producer = self.producer.as_ref().ok_or(Refused::Other("no producer".to_string()))?;
         kafka::send(producer, &self.params.kafka_topic, &target, ev).map_err(|e| {
             if kafka::is_queue_full(&e) {

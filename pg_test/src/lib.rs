@@ -596,3 +596,16 @@ impl Drop for TlsProxy {
         let _ = self.child.wait();
     }
 }
+
+/// `2024-10-03T08:43:36Z`: how Aidbox's $status writes its timestamps.
+pub fn is_fhir_instant_seconds(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 20
+        && b.iter().enumerate().all(|(i, c)| match i {
+            4 | 7 => *c == b'-',
+            10 => *c == b'T',
+            13 | 16 => *c == b':',
+            19 => *c == b'Z',
+            _ => c.is_ascii_digit(),
+        })
+}

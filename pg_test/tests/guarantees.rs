@@ -241,7 +241,8 @@ fn poison_event_goes_to_dead_letters_and_does_not_block_the_rest() {
     drained(&pg);
     let row = pg.status_row("alo");
     assert_eq!(row["messages_dead_lettered"], 1, "{row}");
-    assert!(pg.sql("SELECT outbox.status('alo')").contains(r#""name": "messagesDeadLettered", "valueDecimal": 1"#));
+    // Not in $status (Aidbox has no such parameter): the view has it.
+    assert!(!pg.sql("SELECT outbox.status('alo')").contains("DeadLettered"));
 
     // Retry puts it back (same event number) and it fails again; discard removes it.
     let number = pg.count("SELECT id FROM outbox.dead_letter");

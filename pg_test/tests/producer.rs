@@ -80,6 +80,14 @@ fn tls_with_a_private_ca_and_a_client_certificate_added_by_alter_destination() {
     // (A broker that wants a client certificate closes the connection after
     // the handshake: librdkafka reports the brokers down.)
     wait_queued_with_error(pg, &dest, 3);
+    // $status shows the errors as Aidbox does: lastErrorDetail with a message and a timestamp.
+    let status: Value = serde_json::from_str(&pg.sql(&format!("SELECT outbox.status('{dest}')"))).unwrap();
+    let detail = status["parameter"].as_array().unwrap().iter().find(|p| p["name"] == "lastErrorDetail").unwrap();
+    assert_eq!(detail["part"][0]["name"], "message");
+    assert!(detail["part"][0]["valueString"].as_str().is_some_and(|m| !m.is_empty()), "{detail}");
+    assert_eq!(detail["part"][1]["name"], "timestamp");
+    assert!(pg_outbox_test::is_fhir_instant_seconds(detail["part"][1]["valueDateTime"].as_str().unwrap()), "{detail}");
+    assert_eq!(status["parameter"][5], serde_json::json!({"name": "status", "valueString": "error"}));
     let errors = wait_queued_with_error(pg, &wrong_ca, 3);
     assert!(errors.contains("certificate verify failed"), "{errors}");
 
