@@ -22,7 +22,7 @@ printf '\n== end-to-end tests (pg_test/)\n'
 cargo test -p pg_outbox_test -- --test-threads=4 --nocapture 2>&1 | tee -a "$LOG"
 
 printf '\n== benchmark, short mode (proves it runs; asserts nothing about speed)\n'
-cargo run -q -p pg_outbox_test --bin outbox-bench -- --seconds 1 --rounds 1 --drain 5000
+cargo run -q -p pg_outbox_test --bin outbox-bench -- --seconds 1 --rounds 1 --drain 5000 --latency-seconds 2 --steady-seconds 4
 
 printf '\n== API tests inside Postgres (cargo pgrx test)\n'
 PGRX_DATA=/tmp/pg_outbox/pgrx

@@ -45,10 +45,11 @@ BEGIN
             || jsonb_build_object('name', 'messagesInProcess', 'valueDecimal', s.messages_in_process)
             || jsonb_build_object('name', 'messagesQueued', 'valueDecimal', s.messages_queued);
     END IF;
-    IF s.start_timestamp IS NOT NULL THEN
-        v_params := v_params || jsonb_build_object('name', 'startTimestamp',
-            'valueDateTime', to_char(s.start_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'));
-    END IF;
+    -- Not served yet (no worker, just created): when it was created.
+    v_params := v_params || jsonb_build_object('name', 'startTimestamp',
+        'valueDateTime', to_char(coalesce(s.start_timestamp,
+                                          (SELECT d.created_at FROM outbox.destination d WHERE d.id = s.id))
+                                 AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'));
     v_params := v_params || jsonb_build_object('name', 'status', 'valueString', s.status);
     v_params := v_params || coalesce((
         SELECT jsonb_agg(jsonb_build_object('name', 'lastErrorDetail', 'part', jsonb_build_array(

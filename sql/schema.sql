@@ -150,7 +150,9 @@ BEGIN
         v_table := p_entry ->> 'table';
     ELSIF v_resource IS NOT NULL THEN
         -- The admin's mapping, else Aidbox's rule: the lower-cased type.
-        SELECT r.table_oid::regclass::text INTO v_table FROM outbox.resource_table r WHERE r.resource_type = v_resource;
+        SELECT r.table_oid::regclass::text INTO v_table
+          FROM outbox.resource_table r JOIN pg_class c ON c.oid = r.table_oid
+         WHERE r.resource_type = v_resource;
         IF v_table IS NULL AND to_regclass(quote_ident(lower(v_resource))) IS NULL THEN
             PERFORM outbox._fail('42P01', format('no table for resource type "%s" in topic "%s"', v_resource, p_url),
                 format('Looked for a mapping in outbox.resource_table and for a table named "%s" on the search_path; map one with outbox.map_resource(''%s'', ''schema.table'').',
@@ -186,7 +188,7 @@ BEGIN
         PERFORM outbox._check_fhirpath(v_fhirpath, format('table "%s" in topic "%s"', v_table, p_url));
     END IF;
     SELECT c.relkind INTO v_kind FROM pg_class c WHERE c.oid = v_oid;
-    IF v_kind NOT IN ('r', 'p') THEN
+    IF v_kind IS NULL OR v_kind NOT IN ('r', 'p') THEN
         PERFORM outbox._fail('42809', format('"%s" is not a table', v_table),
             'Topics can watch ordinary and partitioned tables only.');
     END IF;
@@ -359,7 +361,8 @@ BEGIN
                 CASE jsonb_typeof(v_t -> 'supportedInteraction') WHEN 'array' THEN v_t -> 'supportedInteraction'
                      ELSE jsonb_build_array(v_t -> 'supportedInteraction') END);
         END IF;
-        IF v_t ? 'fhirPathCriteria' THEN
+        -- An empty criteria fires on every change of the resource, as in Aidbox.
+        IF coalesce(btrim(v_t ->> 'fhirPathCriteria'), '') <> '' THEN
             v_entry := v_entry || jsonb_build_object('fhirpath', v_t -> 'fhirPathCriteria');
         END IF;
         v_triggers := v_triggers || jsonb_build_array(v_entry);

@@ -331,37 +331,51 @@ unsafe fn column_instant(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc, name
     }
     let mut is_null = false;
     let datum = unsafe { pg_sys::SPI_getbinval(tuple, desc, attnum, &mut is_null) };
-    (!is_null).then(|| status::format_ts_digits(datum.value() as i64, 6))
+    let us = datum.value() as i64;
+    // 'infinity' and '-infinity' have no instant.
+    (!is_null && us != i64::MAX && us != i64::MIN).then(|| status::format_ts_digits(us, 6))
 }
 
 /// A row of a table in Aidbox's layout as the FHIR resource Aidbox would
 /// send: `resource` with `resourceType`, `id` and `meta.versionId` (txid) /
-/// `meta.lastUpdated` (ts) merged into its own `meta`.
-unsafe fn fhir_resource(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc, resource_type: &str) -> serde_json::Value {
-    use serde_json::Value;
-    let body = unsafe { column_text(tuple, desc, c"resource") };
-    let mut resource = match body.as_deref().map(serde_json::from_str::<Value>) {
-        Some(Ok(Value::Object(o))) => o,
-        _ => serde_json::Map::new(),
+/// `meta.lastUpdated` (ts) merged into its own `meta`. Every other value is
+/// kept byte for byte as jsonb prints it (numbers are not re-encoded).
+unsafe fn fhir_resource(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc, resource_type: &str) -> String {
+    use serde_json::value::RawValue;
+    use std::collections::BTreeMap;
+    type Raw = Box<RawValue>;
+    let raw = |v: &str| RawValue::from_string(serde_json::to_string(v).expect("a string serializes")).expect("JSON");
+    let body = unsafe { column_text(tuple, desc, c"resource") }.unwrap_or_else(|| "{}".into());
+    let id = unsafe { column_text(tuple, desc, c"id") };
+    let Ok(mut resource) = serde_json::from_str::<BTreeMap<String, Raw>>(&body) else {
+        // Not an object we can read (too deeply nested, say): send it as stored.
+        return body;
     };
-    resource.insert("resourceType".into(), Value::String(resource_type.into()));
-    if let Some(id) = unsafe { column_text(tuple, desc, c"id") } {
-        resource.insert("id".into(), Value::String(id));
+    resource.insert("resourceType".into(), raw(resource_type));
+    if let Some(id) = &id {
+        resource.insert("id".into(), raw(id));
     }
-    let mut meta = match resource.remove("meta") {
-        Some(Value::Object(m)) => m,
-        _ => serde_json::Map::new(),
+    let mut meta: BTreeMap<String, Raw> = match resource.remove("meta") {
+        Some(m) => match serde_json::from_str(m.get()) {
+            Ok(m) => m,
+            Err(_) => {
+                resource.insert("meta".into(), m); // not an object: leave it
+                return serde_json::to_string(&resource).expect("raw values serialize");
+            }
+        },
+        None => BTreeMap::new(),
     };
     if let Some(txid) = unsafe { column_text(tuple, desc, c"txid") } {
-        meta.insert("versionId".into(), Value::String(txid));
+        meta.insert("versionId".into(), raw(&txid));
     }
     if let Some(ts) = unsafe { column_instant(tuple, desc, c"ts") } {
-        meta.insert("lastUpdated".into(), Value::String(ts));
+        meta.insert("lastUpdated".into(), raw(&ts));
     }
     if !meta.is_empty() {
-        resource.insert("meta".into(), Value::Object(meta));
+        let meta = serde_json::to_string(&meta).expect("raw values serialize");
+        resource.insert("meta".into(), RawValue::from_string(meta).expect("JSON"));
     }
-    Value::Object(resource)
+    serde_json::to_string(&resource).expect("raw values serialize")
 }
 
 /// A row as `row_to_json` gives it (with the writer's rights).
@@ -397,18 +411,37 @@ fn _capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, All
     let shape = route.shapes.get(table.as_str());
     let fhir_type = shape.and_then(|s| s.resource_type.as_deref());
     let desc = unsafe { (*td.tg_relation).rd_att };
-    // The changed row as a resource: Aidbox's for FHIR tables, else the row.
-    let resource_of = |t: pg_sys::HeapTuple| -> serde_json::Value {
+    // The changed row as a resource (JSON text): Aidbox's for FHIR tables, else the row.
+    let text_of = |t: pg_sys::HeapTuple| -> String {
         match fhir_type {
             Some(rt) => unsafe { fhir_resource(t, desc, rt) },
-            None => serde_json::from_str(&unsafe { row_json(t, desc) }).expect("row_to_json gives JSON"),
+            None => unsafe { row_json(t, desc) },
         }
     };
-    if let Some(criteria) = shape.and_then(|s| s.criteria.as_ref()) {
+    let criteria = shape.and_then(|s| s.criteria.as_ref());
+    let mut text = (route.needs_row || criteria.is_some()).then(|| text_of(tuple));
+    if let Some(criteria) = criteria {
         // %current: the row after the change (none on delete); %previous: before it (none on create).
-        let current = (op != pg_sys::TRIGGER_EVENT_DELETE).then(|| resource_of(tuple));
-        let previous = (op != pg_sys::TRIGGER_EVENT_INSERT).then(|| resource_of(td.tg_trigtuple));
-        match criteria.matches(current.as_ref(), previous.as_ref()) {
+        let (this, other) =
+            (text.as_deref().unwrap_or("{}"), (op == pg_sys::TRIGGER_EVENT_UPDATE).then(|| text_of(td.tg_trigtuple)));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<bool, String> {
+            let this: serde_json::Value =
+                serde_json::from_str(this).map_err(|e| format!("the resource is not readable JSON: {e}"))?;
+            let other: Option<serde_json::Value> = match &other {
+                Some(o) => Some(
+                    serde_json::from_str(o).map_err(|e| format!("the previous resource is not readable JSON: {e}"))?,
+                ),
+                None => None,
+            };
+            let (current, previous) = match op {
+                pg_sys::TRIGGER_EVENT_INSERT => (Some(&this), None),
+                pg_sys::TRIGGER_EVENT_DELETE => (None, Some(&this)),
+                _ => (Some(&this), other.as_ref()),
+            };
+            criteria.matches(current, previous)
+        }))
+        .unwrap_or_else(|_| Err("the FHIRPath evaluator panicked".to_string()));
+        match outcome {
             Ok(true) => {}
             Ok(false) => return Ok(None),
             // Fail open: an event too many rather than a lost one or a failed write.
@@ -417,10 +450,7 @@ fn _capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, All
             ),
         }
     }
-    let row = route.needs_row.then(|| match fhir_type {
-        Some(_) => resource_of(tuple).to_string(),
-        None => unsafe { row_json(tuple, desc) },
-    });
+    let row = if route.needs_row { text.take() } else { None };
     let key = unsafe { row_key(tuple, desc, &args[2..]) };
     if !route.best_effort.is_empty() {
         buffer_best_effort(&route.best_effort, table, interaction, key.as_deref(), row.as_deref());

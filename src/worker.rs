@@ -586,6 +586,10 @@ impl Worker {
     /// Sleep until a commit sets the latch, a producer has reports, a retry or
     /// an expiry is due, or the poll interval passed.
     fn wait(&mut self) {
+        // A background worker flushes its table statistics itself (a client
+        // backend does it when idle): without this, autovacuum never learns
+        // of the outbox rows the worker deleted. Rate-limited by Postgres.
+        unsafe { pg_sys::pgstat_report_stat(false) };
         if std::mem::take(&mut self.busy) {
             // Under load, let commits accumulate for a moment: one pass then
             // serves many events, and writers find the latch already set.
@@ -700,6 +704,8 @@ impl Worker {
                         || d.topic_url != row.topic_url
                         || d.content != Content::parse(&row.content)
                         || d.best_effort != (row.kind == "kafka-best-effort")
+                        // Its topic was dropped and created again with other tables.
+                        || d.resource_types != row.resource_types
                 })
             })
             .map(|row| row.id.clone())

@@ -308,25 +308,59 @@ fn resource_types_map_to_tables_the_admin_names() {
 
 /// A criteria the evaluator fails on at run time (rh-fhirpath 0.3.0 refuses
 /// string functions on coded elements) lets the change through with a
-/// WARNING: an extra event rather than a lost one or a failed write.
+/// WARNING naming the topic: an extra event rather than a lost one or a
+/// failed write. Evaluated, `startsWith('zzz')` would be false.
 #[test]
 fn criteria_that_cannot_be_evaluated_fail_open() {
     let e = env();
     let pg = &e.pg;
     let kafka_topic = unique("open");
     e.broker.create_topic(&kafka_topic, 1);
+    pg.sql(
+        "CREATE TABLE task (id text PRIMARY KEY, txid bigint, ts timestamptz DEFAULT now(), resource jsonb NOT NULL)",
+    );
     let url = format!("urn:{kafka_topic}");
     let topic = json!({"resourceType": "AidboxSubscriptionTopic", "url": url, "status": "active",
-        "trigger": [{"resource": "Encounter", "supportedInteraction": ["create"], "fhirPathCriteria": "status.startsWith('fin')"}]});
+        "trigger": [{"resource": "Task", "supportedInteraction": ["create"], "fhirPathCriteria": "status.startsWith('zzz')"}]});
     pg.sql(&format!("SELECT outbox.create_topic({})", sql_json(&topic)));
+    let topic_id = pg.sql(&format!("SELECT id FROM outbox.topic WHERE url = '{url}'"));
     pg.create_destination("open", &url, "kafka-at-least-once", &kafka_topic, &e.broker.bootstrap(), "", "id-only");
-    pg.sql("INSERT INTO encounter (id, resource_type, resource) VALUES ('e-open', 'Encounter', '{\"status\": \"finished\"}')");
+    pg.sql("INSERT INTO task (id, resource) VALUES ('t-1', '{\"status\": \"completed\"}')");
     let msgs = consume(&e.broker.bootstrap(), &kafka_topic, 1, WAIT, Duration::from_millis(500));
     assert_eq!(msgs.len(), 1);
     let log = std::fs::read_to_string(pg.log_path()).unwrap();
-    assert!(
-        log.contains("could not be evaluated") && log.contains("the change is sent as if it matched"),
-        "no warning logged"
-    );
+    let warning = format!("the fhirPathCriteria of topic {topic_id} on public.task could not be evaluated");
+    assert!(log.contains(&warning) && log.contains("the change is sent as if it matched"), "no warning: {warning}");
     pg.sql(&format!("SELECT outbox.drop_topic(url => '{url}', cascade => true)"));
+}
+
+/// Deletes from a FHIR table, best-effort: the old resource, DELETE on its url.
+#[test]
+fn deletes_from_a_fhir_table_carry_the_old_resource() {
+    let e = env();
+    let pg = &e.pg;
+    let kafka_topic = unique("del");
+    e.broker.create_topic(&kafka_topic, 1);
+    pg.sql(
+        "CREATE TABLE \"Odd Table\" (id text PRIMARY KEY, txid bigint, resource jsonb NOT NULL);
+         SELECT outbox.map_resource('Flag', '\"Odd Table\"');
+         INSERT INTO \"Odd Table\" VALUES ('f-1', 7, '{\"status\": \"active\", \"code\": {\"text\": \"x\"}}')",
+    );
+    let url = format!("urn:{kafka_topic}");
+    let topic = json!({"resourceType": "AidboxSubscriptionTopic", "url": url, "status": "active",
+        "trigger": [{"resource": "Flag", "supportedInteraction": ["delete"], "fhirPathCriteria": "%previous.status = 'active'"}]});
+    pg.sql(&format!("SELECT outbox.create_topic({})", sql_json(&topic)));
+    pg.create_destination("flags", &url, "kafka-best-effort", &kafka_topic, &e.broker.bootstrap(), "", "full-resource");
+    pg.sql("DELETE FROM \"Odd Table\" WHERE id = 'f-1'");
+    let msgs = consume(&e.broker.bootstrap(), &kafka_topic, 1, WAIT, Duration::from_millis(500));
+    assert_eq!(msgs.len(), 1);
+    let m = msgs[0].json();
+    assert_eq!(m["entry"][0]["resource"]["notificationEvent"][0]["focus"]["reference"], "Flag/f-1");
+    assert_eq!(
+        m["entry"][1],
+        json!({"resource": {"resourceType": "Flag", "id": "f-1", "meta": {"versionId": "7"}, "status": "active", "code": {"text": "x"}},
+               "fullUrl": "http://aidbox-server/fhir/Flag/f-1",
+               "request": {"method": "DELETE", "url": "/fhir/Flag/f-1"}})
+    );
+    pg.sql(&format!("SELECT outbox.drop_topic(url => '{url}', cascade => true); SELECT outbox.unmap_resource('Flag')"));
 }

@@ -1,20 +1,32 @@
 //! Benchmarks that print figures (nothing here asserts speed).
 //!
-//! `outbox-bench [--seconds N] [--rounds R] [--async-commit] [--drain EVENTS]`
+//! `outbox-bench [--seconds N] [--rounds R] [--async-commit] [--drain EVENTS]
+//!               [--latency-seconds S] [--steady-seconds S]`
 //!
-//! Write path: pgbench, prepared statements, 2 clients, single-row INSERT
-//! transactions per second into identical tables with no destination, a
-//! best-effort destination and an at-least-once destination (broker up, worker
-//! draining), measured in interleaved rounds in one run; the median of each is
-//! reported with its ratio to "no destination".
+//! Write path: pgbench, prepared statements, 2 clients, INSERT transactions per
+//! second into identical tables with no destination, a best-effort destination,
+//! an at-least-once destination and a hand-written PL/pgSQL outbox trigger (the
+//! common alternative), for single-row and for 100-row INSERT statements
+//! (broker up, worker draining), in interleaved rounds in one run; the median
+//! of each is reported with its ratio to "no destination".
 //!
 //! Drain: a backlog of `--drain` events (default 1,000,000) from ~300-byte rows,
 //! built while the broker is frozen, delivered once it thaws: events per second,
-//! against a bare librdkafka producer with the same settings sending as many
-//! messages of the same size in the same run.
+//! against a bare librdkafka producer with the destination's own librdkafka
+//! configuration sending as many messages of the same size in the same run;
+//! then the same drain while another session holds a snapshot open throughout.
+//!
+//! Latency: pgbench at a steady 1,000 single-row transactions/s for
+//! `--latency-seconds` (default 20) into an at-least-once destination; per row,
+//! its commit time (track_commit_timestamp) to the moment a consumer polling
+//! the topic received it (an upper bound of commit to acknowledgement).
+//!
+//! Steady state: pgbench at a steady 1,000 transactions/s for
+//! `--steady-seconds` (default 180); the outbox table's size and tuples over time.
 
 use pg_outbox_test::{unique, Broker, Cluster, PG_BIN};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -26,17 +38,21 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn pgbench(pg: &Cluster, script: &str, seconds: u64) -> f64 {
+/// pgbench with a script, 2 clients; `rate`: a fixed transaction rate.
+fn pgbench_cmd(pg: &Cluster, script: &str, seconds: u64, rate: Option<u64>) -> Command {
     let file = pg.dir.join(format!("bench-{}.sql", unique("s")));
     std::fs::write(&file, script).unwrap();
-    let out = Command::new(format!("{PG_BIN}/pgbench"))
-        .args(["-n", "-M", "prepared", "-c", "2", "-j", "2", "-T", &seconds.to_string(), "-f"])
-        .arg(&file)
-        .arg("-h")
-        .arg(&pg.dir)
-        .args(["-p", &pg.port.to_string(), "-U", "postgres", "postgres"])
-        .output()
-        .expect("pgbench");
+    let mut c = Command::new(format!("{PG_BIN}/pgbench"));
+    c.args(["-n", "-M", "prepared", "-c", "2", "-j", "2", "-T", &seconds.to_string()]);
+    if let Some(r) = rate {
+        c.args(["-R", &r.to_string()]);
+    }
+    c.arg("-f").arg(&file).arg("-h").arg(&pg.dir).args(["-p", &pg.port.to_string(), "-U", "postgres", "postgres"]);
+    c
+}
+
+fn pgbench(pg: &Cluster, script: &str, seconds: u64) -> f64 {
+    let out = pgbench_cmd(pg, script, seconds, None).output().expect("pgbench");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "pgbench failed: {text}{}", String::from_utf8_lossy(&out.stderr));
     text.lines()
@@ -44,67 +60,101 @@ fn pgbench(pg: &Cluster, script: &str, seconds: u64) -> f64 {
         .unwrap_or_else(|| panic!("no tps in pgbench output: {text}"))
 }
 
+/// pgbench at a fixed rate, in the background.
+fn pgbench_at_rate(pg: &Cluster, script: &str, rate: u64, seconds: u64) -> Child {
+    pgbench_cmd(pg, script, seconds, Some(rate)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("pgbench")
+}
+
 /// Wait until the outbox is empty and nothing is in flight, then a moment more.
 fn settle(pg: &Cluster) {
-    pg_outbox_test::wait_for("the worker to drain", std::time::Duration::from_secs(600), || {
+    pg_outbox_test::wait_for("the worker to drain", Duration::from_secs(600), || {
         let busy = pg.count(
             "SELECT (SELECT count(*) FROM outbox.event) + \
                     (SELECT coalesce(sum(messages_in_process), 0) FROM outbox.destination_status)",
         );
         (busy == 0).then_some(())
     });
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(1));
+}
+
+/// A table `name` (bigserial id, text payload), a topic over it and a
+/// destination producing to the Kafka topic `name`.
+fn watched(pg: &Cluster, broker: &Broker, name: &str, kind: &str, content: &str, extra: &str) {
+    broker.create_topic(name, 3);
+    pg.sql(&format!("CREATE TABLE {name} (id bigserial PRIMARY KEY, payload text)"));
+    pg.sql(&format!("SELECT outbox.create_topic('urn:{name}', '[{{\"table\": \"{name}\"}}]')"));
+    pg.create_destination(
+        &name.replace('_', "-"),
+        &format!("urn:{name}"),
+        kind,
+        name,
+        &broker.bootstrap(),
+        extra,
+        content,
+    );
 }
 
 fn main() {
     let seconds = arg("--seconds", 15);
     let rounds = arg("--rounds", 3) as usize;
     let broker = Broker::start();
-    broker.create_topic("bench-be", 3);
-    broker.create_topic("bench-alo", 3);
     // Postgres defaults for durability (fsync on, synchronous_commit on).
-    let pg = Cluster::start(&unique("bench"), &["fsync = on", "synchronous_commit = on", "shared_buffers = 256MB"]);
+    let pg = Cluster::start(
+        &unique("bench"),
+        &["fsync = on", "synchronous_commit = on", "shared_buffers = 256MB", "track_commit_timestamp = on"],
+    );
     pg.sql("CREATE EXTENSION pg_outbox");
-    for (table, kind) in
-        [("bench_none", None), ("bench_be", Some("kafka-best-effort")), ("bench_alo", Some("kafka-at-least-once"))]
-    {
-        pg.sql(&format!("CREATE TABLE {table} (id bigserial PRIMARY KEY, payload text)"));
-        if let Some(kind) = kind {
-            let suffix = if kind.contains("best") { "be" } else { "alo" };
-            pg.sql(&format!("SELECT outbox.create_topic('urn:{table}', '[{{\"table\": \"{table}\"}}]')"));
-            let (id, url, kafka_topic) = (table.replace('_', "-"), format!("urn:{table}"), format!("bench-{suffix}"));
-            pg.create_destination(&id, &url, kind, &kafka_topic, &broker.bootstrap(), "", "full-resource");
-        }
-    }
+    pg.sql("CREATE TABLE bench_none (id bigserial PRIMARY KEY, payload text)");
+    watched(&pg, &broker, "bench_be", "kafka-best-effort", "full-resource", "");
+    watched(&pg, &broker, "bench_alo", "kafka-at-least-once", "full-resource", "");
+    // The common alternative: a PL/pgSQL trigger writing each row to an outbox table.
+    pg.sql(
+        "CREATE TABLE plain_outbox (id bigserial PRIMARY KEY, topic text NOT NULL, payload jsonb NOT NULL,
+                                    created_at timestamptz NOT NULL DEFAULT now());
+         CREATE FUNCTION plain_outbox_capture() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO plain_outbox (topic, payload) VALUES (TG_TABLE_NAME, row_to_json(NEW)::jsonb);
+             RETURN NULL;
+         END $$;
+         CREATE TABLE bench_plpgsql (id bigserial PRIMARY KEY, payload text);
+         CREATE TRIGGER plain_outbox AFTER INSERT OR UPDATE ON bench_plpgsql
+           FOR EACH ROW EXECUTE FUNCTION plain_outbox_capture();",
+    );
     let sync = std::env::args().any(|a| a == "--async-commit");
     if sync {
         pg.sql("ALTER SYSTEM SET synchronous_commit = off");
         pg.sql("SELECT pg_reload_conf()");
     }
-    let variants = ["bench_none", "bench_be", "bench_alo"];
-    let mut tps: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
-    for round in 0..rounds {
-        // Rotate the order, and let the worker finish draining before each run,
-        // so no variant pays for the previous one's backlog.
-        for k in 0..variants.len() {
-            let i = (k + round) % variants.len();
-            let table = variants[i];
-            settle(&pg);
-            let t = pgbench(&pg, &format!("INSERT INTO {table} (payload) VALUES (repeat('x', 200));\n"), seconds);
-            eprintln!("round {}: {table}: {t:.0} tps", round + 1);
-            tps[i].push(t);
+    let variants = ["bench_none", "bench_be", "bench_alo", "bench_plpgsql"];
+    let names = ["no destination", "best-effort destination", "at-least-once destination", "PL/pgSQL outbox trigger"];
+    for (rows, statement) in [
+        (1, "INSERT INTO {t} (payload) VALUES (repeat('x', 200));\n"),
+        (100, "INSERT INTO {t} (payload) SELECT repeat('x', 200) FROM generate_series(1, 100);\n"),
+    ] {
+        let mut tps: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+        for round in 0..rounds {
+            // Rotate the order, and let the worker finish draining before each run,
+            // so no variant pays for the previous one's backlog.
+            for k in 0..variants.len() {
+                let i = (k + round) % variants.len();
+                settle(&pg);
+                pg.sql("TRUNCATE plain_outbox");
+                let t = pgbench(&pg, &statement.replace("{t}", variants[i]), seconds);
+                eprintln!("round {}: {rows}-row INSERT into {}: {t:.0} tps", round + 1, variants[i]);
+                tps[i].push(t);
+            }
         }
-    }
-    let base = median(tps[0].clone());
-    println!("\nwrite path: single-row INSERT transactions/s, pgbench -M prepared -c 2 -j 2 -T {seconds}, {rounds} interleaved round(s), median");
-    println!(
-        "fsync = on, synchronous_commit = {}; 2 cores; broker up, worker draining",
-        if sync { "off" } else { "on" }
-    );
-    println!("{:<28} {:>10} {:>8}", "table", "tps", "ratio");
-    for (i, name) in ["no destination", "best-effort destination", "at-least-once destination"].iter().enumerate() {
-        let m = median(tps[i].clone());
-        println!("{name:<28} {m:>10.0} {:>8.3}", m / base);
+        let base = median(tps[0].clone());
+        println!("\nwrite path: {rows}-row INSERT transactions/s, pgbench -M prepared -c 2 -j 2 -T {seconds}, {rounds} interleaved round(s), median");
+        println!(
+            "fsync = on, synchronous_commit = {}; 2 cores; broker up, worker draining",
+            if sync { "off" } else { "on" }
+        );
+        println!("{:<28} {:>10} {:>8}", "table", "tps", "ratio");
+        for (i, name) in names.iter().enumerate() {
+            let m = median(tps[i].clone());
+            println!("{name:<28} {m:>10.0} {:>8.3}", m / base);
+        }
     }
     // Show that the destinations really got the events.
     settle(&pg);
@@ -112,53 +162,88 @@ fn main() {
         "\nrows written / events delivered / lost / still queued:\n{}",
         pg.sql(
             "SELECT string_agg(format('%s: %s / %s / %s / %s', d.id, \
-                      (SELECT count(*) FROM bench_none) * 0 + CASE d.id WHEN 'bench-be' THEN (SELECT count(*) FROM bench_be) \
-                                                                       ELSE (SELECT count(*) FROM bench_alo) END, \
+                      CASE d.id WHEN 'bench-be' THEN (SELECT count(*) FROM bench_be) ELSE (SELECT count(*) FROM bench_alo) END, \
                       s.messages_delivered, s.messages_lost, s.messages_queued), E'\\n' ORDER BY d.id) \
                FROM outbox.destination d JOIN outbox.destination_status s USING (id)"
         )
     );
-    drain(&pg, &broker, arg("--drain", 1_000_000));
+
+    let events = arg("--drain", 1_000_000);
+    let free = drain(&pg, &broker, events, "drain");
+    bare_producer(&pg, &broker, events, free);
+    // Again, while another session holds a snapshot from before the backlog on.
+    let mut holder = Command::new(format!("{PG_BIN}/psql"))
+        .args(["-X", "-q", "-h"])
+        .arg(&pg.dir)
+        .args(["-p", &pg.port.to_string(), "-U", "postgres", "-d", "postgres", "-c"])
+        .arg("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM pg_class; SELECT pg_sleep(86400);")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("psql");
+    pg_outbox_test::wait_for("the snapshot holder", Duration::from_secs(30), || {
+        let n = pg.count(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(86400)%' \
+                AND backend_xmin IS NOT NULL AND pid <> pg_backend_pid()",
+        );
+        (n == 1).then_some(())
+    });
+    let held = drain(&pg, &broker, events, "drain_held");
+    let _ = holder.kill();
+    let _ = holder.wait();
+    println!("{:<28} {:>12.0} {:>8.3}  (ratio to the drain above)", "drain, snapshot held open", held, held / free);
+
+    latency(&pg, &broker, arg("--latency-seconds", 20));
+    steady(&pg, &broker, arg("--steady-seconds", 180));
     pg.stop("fast");
 }
 
-/// Deliver a backlog and compare with a bare producer.
-fn drain(pg: &Cluster, broker: &Broker, events: u64) {
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    use std::time::{Duration, Instant};
-    broker.create_topic("drain", 3);
-    broker.create_topic("bare", 3);
-    pg.sql("CREATE TABLE drain_t (id bigint PRIMARY KEY, payload text)");
-    pg.sql("SELECT outbox.create_topic('urn:drain', '[{\"table\": \"drain_t\"}]')");
-    let (bootstrap, extra) = (broker.bootstrap(), r#", "deliveryTimeoutMs": 600000"#);
-    pg.create_destination("drain", "urn:drain", "kafka-at-least-once", "drain", &bootstrap, extra, "full-resource");
+/// Build a backlog of `events` rows while the broker is frozen, then time its
+/// delivery; returns events per second.
+fn drain(pg: &Cluster, broker: &Broker, events: u64, name: &str) -> f64 {
+    watched(pg, broker, name, "kafka-at-least-once", "full-resource", r#", "deliveryTimeoutMs": 600000"#);
+    let dest = name.replace('_', "-");
     broker.freeze();
     let started = Instant::now();
     let mut from = 1;
     while from <= events {
         let to = (from + 49_999).min(events);
-        pg.sql(&format!("INSERT INTO drain_t SELECT g, repeat('x', 280) FROM generate_series({from}, {to}) g"));
+        pg.sql(&format!("INSERT INTO {name} SELECT g, repeat('x', 280) FROM generate_series({from}, {to}) g"));
         from = to + 1;
     }
     let filled = started.elapsed();
-    let size = pg.count("SELECT coalesce(max(length(row_data::text)), 0) FROM outbox.event");
     broker.thaw();
     let started = Instant::now();
     pg_outbox_test::wait_for("the backlog to drain", Duration::from_secs(3600), || {
-        (pg.sql("SELECT NOT EXISTS (SELECT 1 FROM outbox.event)") == "t").then_some(())
+        (pg.count(&format!("SELECT count(*) FROM outbox.event WHERE destination_id = '{dest}'")) == 0).then_some(())
     });
-    let drained = started.elapsed();
+    let rate = events as f64 / started.elapsed().as_secs_f64();
+    if name == "drain" {
+        let size = pg.count(&format!("SELECT length(row_to_json(t)::text) FROM {name} t LIMIT 1"));
+        println!(
+            "\ndrain: {events} events of ~{} bytes (row {size} bytes), backlog built in {:.1} s",
+            size + 400,
+            filled.as_secs_f64()
+        );
+        println!("{:<28} {:>12} {:>8}", "", "events/s", "ratio");
+    }
+    pg.sql(&format!("SELECT outbox.drop_destination('{dest}'); SELECT outbox.drop_topic('urn:{name}')"));
+    rate
+}
 
-    // The same number of messages of the Bundle's size, straight from librdkafka.
-    let producer: BaseProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap())
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5")
-        .create()
-        .expect("bare producer");
-    let payload = vec![b'x'; size as usize + 400]; // row plus the Bundle around it
+/// The same number of messages of the Bundle's size, straight from librdkafka
+/// with the drain destination's own configuration.
+fn bare_producer(pg: &Cluster, broker: &Broker, events: u64, drained: f64) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    watched(pg, broker, "bare", "kafka-at-least-once", "full-resource", "");
+    let config: serde_json::Value = serde_json::from_str(&pg.sql("SELECT outbox.destination_config('bare')")).unwrap();
+    let mut client = rdkafka::ClientConfig::new();
+    for (k, v) in config.as_object().unwrap() {
+        if !k.starts_with("pg_outbox.") {
+            client.set(k, v.as_str().unwrap());
+        }
+    }
+    let producer: BaseProducer = client.create().expect("bare producer");
+    let payload = vec![b'x'; 707];
     let started = Instant::now();
     for i in 0..events {
         let key = i.to_string();
@@ -175,14 +260,110 @@ fn drain(pg: &Cluster, broker: &Broker, events: u64) {
         producer.poll(Duration::ZERO);
     }
     producer.flush(Duration::from_secs(600)).expect("flush");
-    let bare = started.elapsed();
-    let rate = |d: Duration| events as f64 / d.as_secs_f64();
+    let bare = events as f64 / started.elapsed().as_secs_f64();
+    println!("{:<28} {:>12.0} {:>8.3}", "pg_outbox drain", drained, drained / bare);
+    println!("{:<28} {:>12.0} {:>8.3}", "bare librdkafka producer", bare, 1.0);
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Commit to receipt by a consumer, at a steady 1,000 events/s.
+fn latency(pg: &Cluster, broker: &Broker, seconds: u64) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    watched(pg, broker, "lat", "kafka-at-least-once", "id-only", "");
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("group.id", "outbox-bench")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .set("log_level", "3")
+        .create()
+        .expect("consumer");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..3 {
+        tpl.add_partition_offset("lat", p, rdkafka::Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut seen: Vec<(i64, f64)> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) {
+                    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+                    if let Some(id) = m.key().and_then(|k| std::str::from_utf8(k).ok()).and_then(|k| k.parse().ok()) {
+                        seen.push((id, now));
+                    }
+                }
+            }
+            seen
+        })
+    };
+    // Warm up: the producer connected, the consumer fetching, before measuring.
+    pg.sql("INSERT INTO lat (payload) VALUES ('warm-up')");
+    pg_outbox_test::wait_for("the warm-up event", Duration::from_secs(60), || {
+        (pg.status_row("lat")["messages_delivered"] == 1).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let mut run = pgbench_at_rate(pg, "INSERT INTO lat (payload) VALUES (repeat('x', 200));\n", 1000, seconds);
+    run.wait().expect("pgbench");
+    settle(pg);
+    stop.store(true, Ordering::Relaxed);
+    let seen = reader.join().unwrap();
+    let committed: std::collections::HashMap<i64, f64> = pg
+        .sql("SELECT string_agg(id || ' ' || extract(epoch FROM pg_xact_commit_timestamp(xmin)), E'\\n') FROM lat WHERE id > 1")
+        .lines()
+        .filter_map(|l| l.split_once(' ').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?))))
+        .collect();
+    let mut ms: Vec<f64> = seen.iter().filter_map(|(id, at)| committed.get(id).map(|c| (at - c) * 1000.0)).collect();
+    ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
     println!(
-        "\ndrain: {events} events of ~{} bytes (row {size} bytes), backlog built in {:.1} s",
-        size + 400,
-        filled.as_secs_f64()
+        "\nlatency: commit (track_commit_timestamp) to receipt by a consumer polling the topic, \
+         pgbench -R 1000 -c 2 -T {seconds}, at-least-once"
     );
-    println!("{:<28} {:>12} {:>8}", "", "events/s", "ratio");
-    println!("{:<28} {:>12.0} {:>8.3}", "pg_outbox drain", rate(drained), rate(drained) / rate(bare));
-    println!("{:<28} {:>12.0} {:>8.3}", "bare librdkafka producer", rate(bare), 1.0);
+    if ms.is_empty() {
+        println!("no events received");
+        return;
+    }
+    println!(
+        "{} events received of {} committed: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        ms.len(),
+        committed.len(),
+        percentile(&ms, 0.50),
+        percentile(&ms, 0.99),
+        ms[ms.len() - 1]
+    );
+}
+
+/// The outbox table over time at a steady 1,000 events/s.
+fn steady(pg: &Cluster, broker: &Broker, seconds: u64) {
+    watched(pg, broker, "steady", "kafka-at-least-once", "full-resource", "");
+    settle(pg);
+    let mut run = pgbench_at_rate(pg, "INSERT INTO steady (payload) VALUES (repeat('x', 200));\n", 1000, seconds);
+    println!(
+        "\nsteady state: pgbench -R 1000 -c 2 -T {seconds} into an at-least-once destination; outbox.event over time"
+    );
+    println!("{:>8} {:>12} {:>12} {:>12} {:>10}", "seconds", "size bytes", "live tuples", "dead tuples", "queued");
+    let started = Instant::now();
+    let every = Duration::from_secs((seconds / 10).max(1));
+    loop {
+        let sample = pg.sql(
+            "SELECT pg_total_relation_size('outbox.event') || ' ' || s.n_live_tup || ' ' || s.n_dead_tup \
+                    || ' ' || (SELECT count(*) FROM outbox.event) \
+               FROM pg_stat_user_tables s WHERE s.relid = 'outbox.event'::regclass",
+        );
+        let v: Vec<&str> = sample.split_whitespace().collect();
+        println!("{:>8} {:>12} {:>12} {:>12} {:>10}", started.elapsed().as_secs(), v[0], v[1], v[2], v[3]);
+        if run.try_wait().expect("pgbench").is_some() {
+            break;
+        }
+        std::thread::sleep(every);
+    }
 }
