@@ -308,6 +308,22 @@ BEGIN
 END
 $$;
 
+-- 22023 unless `resource` is a JSON object of `resource_type` (or without
+-- a resourceType); `example` shows one.
+CREATE FUNCTION outbox._require_resource(resource jsonb, resource_type text, example text)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF jsonb_typeof(resource) IS DISTINCT FROM 'object' THEN
+        PERFORM outbox._fail('22023', format('an %s must be a JSON object', resource_type),
+            format('Paste the resource, e.g. ''%s''.', example));
+    END IF;
+    IF resource ? 'resourceType' AND resource ->> 'resourceType' IS DISTINCT FROM resource_type THEN
+        PERFORM outbox._fail('22023', format('resourceType %s is not %s', resource -> 'resourceType', resource_type),
+            'outbox.create_topic(resource) takes an AidboxSubscriptionTopic, outbox.create_destination(resource) an AidboxTopicDestination.');
+    END IF;
+END
+$$;
+
 -- An AidboxSubscriptionTopic, as Aidbox takes it: each trigger's resource
 -- type names a table (outbox.resource_table, else the lower-cased type),
 -- supportedInteraction its interactions, fhirPathCriteria its criteria.
@@ -320,14 +336,8 @@ DECLARE
     v_key      text;
     v_entry    jsonb;
 BEGIN
-    IF jsonb_typeof(resource) IS DISTINCT FROM 'object' THEN
-        PERFORM outbox._fail('22023', 'an AidboxSubscriptionTopic must be a JSON object',
-            'Paste the resource, e.g. ''{"resourceType": "AidboxSubscriptionTopic", "url": "...", "status": "active", "trigger": [...]}''.');
-    END IF;
-    IF resource ? 'resourceType' AND resource ->> 'resourceType' IS DISTINCT FROM 'AidboxSubscriptionTopic' THEN
-        PERFORM outbox._fail('22023', format('resourceType %s is not AidboxSubscriptionTopic', resource -> 'resourceType'),
-            'outbox.create_topic(resource) takes an AidboxSubscriptionTopic; use outbox.create_destination(resource) for an AidboxTopicDestination.');
-    END IF;
+    PERFORM outbox._require_resource(resource, 'AidboxSubscriptionTopic',
+        '{"resourceType": "AidboxSubscriptionTopic", "url": "...", "status": "active", "trigger": [...]}');
     IF jsonb_typeof(resource -> 'url') IS DISTINCT FROM 'string' THEN
         PERFORM outbox._fail('22023', 'the AidboxSubscriptionTopic has no url', 'Give it a "url", e.g. "http://example.org/topics/forms".');
     END IF;
@@ -483,14 +493,8 @@ DECLARE
     v_pkind   text;
     v_key     text;
 BEGIN
-    IF jsonb_typeof(resource) IS DISTINCT FROM 'object' THEN
-        PERFORM outbox._fail('22023', 'an AidboxTopicDestination must be a JSON object',
-            'Paste the resource, e.g. ''{"resourceType": "AidboxTopicDestination", "id": "...", "topic": "...", "kind": "kafka-at-least-once", "parameter": [...]}''.');
-    END IF;
-    IF resource ? 'resourceType' AND resource ->> 'resourceType' IS DISTINCT FROM 'AidboxTopicDestination' THEN
-        PERFORM outbox._fail('22023', format('resourceType %s is not AidboxTopicDestination', resource -> 'resourceType'),
-            'outbox.create_destination(resource) takes an AidboxTopicDestination; use outbox.create_topic(resource) for an AidboxSubscriptionTopic.');
-    END IF;
+    PERFORM outbox._require_resource(resource, 'AidboxTopicDestination',
+        '{"resourceType": "AidboxTopicDestination", "id": "...", "topic": "...", "kind": "kafka-at-least-once", "parameter": [...]}');
     FOR v_key IN SELECT jsonb_object_keys(resource) LOOP
         IF v_key NOT IN ('resourceType', 'id', 'meta', 'topic', 'kind', 'content', 'parameter', 'status') THEN
             PERFORM outbox._fail('0A000', format('element "%s" of AidboxTopicDestination "%s" is not supported', v_key, resource ->> 'id'),
