@@ -21,7 +21,9 @@ use std::rc::Rc;
 /// What a topic's trigger must do.
 #[derive(Default)]
 struct Route {
-    at_least_once: bool,
+    /// At-least-once destinations: ids, and whether each carries the row.
+    at_least_once: Vec<String>,
+    at_least_once_rows: Vec<bool>,
     /// Some destination carries the row (full-resource): only then is it turned into JSON.
     needs_row: bool,
     best_effort: Vec<(String, Content)>,
@@ -97,7 +99,8 @@ fn load_routes() -> HashMap<i32, Rc<Route>> {
             if kind == "kafka-best-effort" {
                 route.best_effort.push((id, content));
             } else {
-                route.at_least_once = true;
+                route.at_least_once.push(id);
+                route.at_least_once_rows.push(content == Content::FullResource);
             }
         }
         let shapes = client.select(
@@ -178,18 +181,19 @@ fn refresh() -> pg_sys::Oid {
     owner
 }
 
-/// Runs as the extension owner with the writer's search_path: every operator
-/// is schema-qualified, so no operator of the writer's can run as the owner.
+/// Runs as the extension owner with the writer's search_path: no operator is
+/// used, so none of the writer's can run as the owner. The destinations come
+/// from the cached route (reloaded when the configuration generation moves;
+/// events of a destination dropped meanwhile are swept by the worker).
 const INSERT_EVENTS: &str =
     "INSERT INTO outbox.event (destination_id, topic_id, table_name, interaction, key, row_data) \
-     SELECT d.id, $1, $2, $3, $4, CASE WHEN d.content OPERATOR(pg_catalog.=) 'full-resource' THEN $5 END \
-       FROM outbox.destination d JOIN outbox.topic t ON t.url OPERATOR(pg_catalog.=) d.topic_url \
-      WHERE t.id OPERATOR(pg_catalog.=) $1 AND d.kind OPERATOR(pg_catalog.=) 'kafka-at-least-once'";
+     SELECT x.d, $1, $2, $3, $4, CASE WHEN x.f THEN $5 END FROM ROWS FROM (pg_catalog.unnest($6), pg_catalog.unnest($7)) AS x(d, f)";
 
 /// Enqueue one outbox row per at-least-once destination of the topic, in this
 /// transaction, as the extension owner. Returns how many rows were written.
 fn enqueue(
     owner: pg_sys::Oid,
+    route: &Route,
     topic_id: i32,
     table: &str,
     interaction: &str,
@@ -210,14 +214,21 @@ fn enqueue(
                             PgOid::BuiltIn(PgBuiltInOids::TEXTOID),
                             PgOid::BuiltIn(PgBuiltInOids::TEXTOID),
                             PgOid::BuiltIn(PgBuiltInOids::JSONOID),
+                            PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
+                            PgOid::BuiltIn(PgBuiltInOids::BOOLARRAYOID),
                         ],
                     )?
                     .keep(),
             };
-            let args: [pgrx::datum::DatumWithOid; 5] =
-                [topic_id.into(), table.into(), interaction.into(), key.into(), unsafe {
-                    pgrx::datum::DatumWithOid::new(row, pg_sys::JSONOID)
-                }];
+            let args: [pgrx::datum::DatumWithOid; 7] = [
+                topic_id.into(),
+                table.into(),
+                interaction.into(),
+                key.into(),
+                unsafe { pgrx::datum::DatumWithOid::new(row, pg_sys::JSONOID) },
+                route.at_least_once.clone().into(),
+                route.at_least_once_rows.clone().into(),
+            ];
             client.update(&plan, None, &args)?;
             let written = unsafe { pg_sys::SPI_processed };
             STATE.with(|s| s.borrow_mut().insert_plan = Some(plan));
@@ -455,7 +466,9 @@ fn _capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, All
     if !route.best_effort.is_empty() {
         buffer_best_effort(&route.best_effort, table, interaction, key.as_deref(), row.as_deref());
     }
-    if route.at_least_once && enqueue(owner, topic_id, table, interaction, key.as_deref(), row.as_deref()) > 0 {
+    if !route.at_least_once.is_empty()
+        && enqueue(owner, &route, topic_id, table, interaction, key.as_deref(), row.as_deref()) > 0
+    {
         STATE.with(|s| {
             let mut s = s.borrow_mut();
             ensure_callbacks(&mut s);
