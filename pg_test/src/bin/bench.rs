@@ -2,6 +2,7 @@
 //!
 //! `outbox-bench [--seconds N] [--rounds R] [--async-commit] [--drain EVENTS]
 //!               [--latency-seconds S] [--steady-seconds S]`
+//! (a part given 0 is skipped)
 //!
 //! Write path: pgbench, prepared statements, 2 clients, INSERT transactions per
 //! second into identical tables with no destination, a best-effort destination,
@@ -125,6 +126,26 @@ fn main() {
         pg.sql("ALTER SYSTEM SET synchronous_commit = off");
         pg.sql("SELECT pg_reload_conf()");
     }
+    if seconds > 0 {
+        write_path(&pg, seconds, rounds, sync);
+    }
+    let events = arg("--drain", 1_000_000);
+    if events > 0 {
+        drains(&pg, &broker, events);
+    }
+    let latency_seconds = arg("--latency-seconds", 20);
+    if latency_seconds > 0 {
+        latency(&pg, &broker, latency_seconds);
+    }
+    let steady_seconds = arg("--steady-seconds", 180);
+    if steady_seconds > 0 {
+        steady(&pg, &broker, steady_seconds);
+    }
+    pg.stop("fast");
+}
+
+/// pgbench into each variant, single-row and 100-row statements.
+fn write_path(pg: &Cluster, seconds: u64, rounds: usize, sync: bool) {
     let variants = ["bench_none", "bench_be", "bench_alo", "bench_plpgsql"];
     let names = ["no destination", "best-effort destination", "at-least-once destination", "PL/pgSQL outbox trigger"];
     for (rows, statement) in [
@@ -137,9 +158,9 @@ fn main() {
             // so no variant pays for the previous one's backlog.
             for k in 0..variants.len() {
                 let i = (k + round) % variants.len();
-                settle(&pg);
+                settle(pg);
                 pg.sql("TRUNCATE plain_outbox");
-                let t = pgbench(&pg, &statement.replace("{t}", variants[i]), seconds);
+                let t = pgbench(pg, &statement.replace("{t}", variants[i]), seconds);
                 eprintln!("round {}: {rows}-row INSERT into {}: {t:.0} tps", round + 1, variants[i]);
                 tps[i].push(t);
             }
@@ -157,7 +178,7 @@ fn main() {
         }
     }
     // Show that the destinations really got the events.
-    settle(&pg);
+    settle(pg);
     println!(
         "\nrows written / events delivered / lost / still queued:\n{}",
         pg.sql(
@@ -167,10 +188,12 @@ fn main() {
                FROM outbox.destination d JOIN outbox.destination_status s USING (id)"
         )
     );
+}
 
-    let events = arg("--drain", 1_000_000);
-    let free = drain(&pg, &broker, events, "drain");
-    bare_producer(&pg, &broker, events, free);
+/// The drain, against a bare producer, then with a snapshot held open.
+fn drains(pg: &Cluster, broker: &Broker, events: u64) {
+    let free = drain(pg, broker, events, "drain");
+    bare_producer(pg, broker, events, free);
     // Again, while another session holds a snapshot from before the backlog on.
     let mut holder = Command::new(format!("{PG_BIN}/psql"))
         .args(["-X", "-q", "-h"])
@@ -187,14 +210,12 @@ fn main() {
         );
         (n == 1).then_some(())
     });
-    let held = drain(&pg, &broker, events, "drain_held");
+    let held = drain(pg, broker, events, "drain_held");
+    // The server does not notice a killed client while it sleeps: end it.
+    pg.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(86400)%' AND pid <> pg_backend_pid()");
     let _ = holder.kill();
     let _ = holder.wait();
     println!("{:<28} {:>12.0} {:>8.3}  (ratio to the drain above)", "drain, snapshot held open", held, held / free);
-
-    latency(&pg, &broker, arg("--latency-seconds", 20));
-    steady(&pg, &broker, arg("--steady-seconds", 180));
-    pg.stop("fast");
 }
 
 /// Build a backlog of `events` rows while the broker is frozen, then time its
