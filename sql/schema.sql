@@ -100,6 +100,20 @@ BEGIN
 END
 $$;
 
+-- Refuse (with `code`) the first key of `obj` not in `allowed`: the message
+-- is `before` "key" `after` (no format(): they may hold user text).
+CREATE FUNCTION outbox._only_keys(obj jsonb, allowed text[], code text, before text, after text, hint text)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_key text;
+BEGIN
+    SELECT k INTO v_key FROM jsonb_object_keys(obj) AS k WHERE k <> ALL (allowed) LIMIT 1;
+    IF v_key IS NOT NULL THEN
+        PERFORM outbox._fail(code, before || '"' || v_key || '"' || after, hint);
+    END IF;
+END
+$$;
+
 -- Validate one topic entry, attach its row triggers (one per interaction, the
 -- criteria in the WHEN clause) and record them in outbox.topic_table.
 CREATE FUNCTION outbox._attach(p_topic_id integer, p_url text, p_entry jsonb)
@@ -118,7 +132,6 @@ DECLARE
     v_name      text;
     v_args      text;
     v_tgoid     oid;
-    v_key       text;
     v_qualified text;
     v_tgargs    text[];
     v_resource  text;
@@ -129,12 +142,9 @@ BEGIN
         PERFORM outbox._fail('22023', format('invalid trigger entry for topic "%s": %s', p_url, p_entry),
             'Each entry is an object such as {"table": "public.t", "interactions": ["create"], "criteria": "NEW.x > 0"}.');
     END IF;
-    FOR v_key IN SELECT jsonb_object_keys(p_entry) LOOP
-        IF v_key NOT IN ('table', 'resource', 'interactions', 'criteria', 'fhirpath') THEN
-            PERFORM outbox._fail('22023', format('unknown key "%s" in trigger entry for topic "%s"', v_key, p_url),
-                'Allowed keys are "table", "resource", "interactions", "criteria" and "fhirpath".');
-        END IF;
-    END LOOP;
+    PERFORM outbox._only_keys(p_entry, ARRAY['table', 'resource', 'interactions', 'criteria', 'fhirpath'], '22023',
+        'unknown key ', format(' in trigger entry for topic "%s"', p_url),
+        'Allowed keys are "table", "resource", "interactions", "criteria" and "fhirpath".');
     IF p_entry ? 'resource' THEN
         v_resource := p_entry ->> 'resource';
         IF jsonb_typeof(p_entry -> 'resource') IS DISTINCT FROM 'string' OR v_resource !~ '^[A-Z][A-Za-z0-9]{0,63}$' THEN
@@ -333,7 +343,6 @@ DECLARE
     v_url      text := resource ->> 'url';
     v_triggers jsonb := '[]';
     v_t        jsonb;
-    v_key      text;
     v_entry    jsonb;
 BEGIN
     PERFORM outbox._require_resource(resource, 'AidboxSubscriptionTopic',
@@ -353,13 +362,10 @@ BEGIN
         IF jsonb_typeof(v_t) IS DISTINCT FROM 'object' THEN
             PERFORM outbox._fail('22023', format('invalid trigger %s in topic "%s"', v_t, v_url), 'Each trigger is an object with a "resource".');
         END IF;
-        FOR v_key IN SELECT jsonb_object_keys(v_t) LOOP
-            -- canFilterBy declares what subscribers may filter on: nothing to do here.
-            IF v_key NOT IN ('resource', 'supportedInteraction', 'fhirPathCriteria', 'description', 'canFilterBy') THEN
-                PERFORM outbox._fail('0A000', format('trigger element "%s" in topic "%s" is not supported', v_key, v_url),
-                    'Triggers take resource, supportedInteraction, fhirPathCriteria, description (and canFilterBy, which needs nothing here).');
-            END IF;
-        END LOOP;
+        -- canFilterBy declares what subscribers may filter on: nothing to do here.
+        PERFORM outbox._only_keys(v_t, ARRAY['resource', 'supportedInteraction', 'fhirPathCriteria', 'description', 'canFilterBy'],
+            '0A000', 'trigger element ', format(' in topic "%s" is not supported', v_url),
+            'Triggers take resource, supportedInteraction, fhirPathCriteria, description (and canFilterBy, which needs nothing here).');
         IF jsonb_typeof(v_t -> 'resource') IS DISTINCT FROM 'string' THEN
             PERFORM outbox._fail('22023', format('a trigger of topic "%s" has no resource', v_url),
                 'Name the resource type, e.g. "resource": "QuestionnaireResponse".');
@@ -491,16 +497,12 @@ DECLARE
     v_kind    text := resource ->> 'kind';
     v_profile text;
     v_pkind   text;
-    v_key     text;
 BEGIN
     PERFORM outbox._require_resource(resource, 'AidboxTopicDestination',
         '{"resourceType": "AidboxTopicDestination", "id": "...", "topic": "...", "kind": "kafka-at-least-once", "parameter": [...]}');
-    FOR v_key IN SELECT jsonb_object_keys(resource) LOOP
-        IF v_key NOT IN ('resourceType', 'id', 'meta', 'topic', 'kind', 'content', 'parameter', 'status') THEN
-            PERFORM outbox._fail('0A000', format('element "%s" of AidboxTopicDestination "%s" is not supported', v_key, resource ->> 'id'),
-                'A destination takes id, topic, kind, content, parameter, status and meta.profile.');
-        END IF;
-    END LOOP;
+    PERFORM outbox._only_keys(resource, ARRAY['resourceType', 'id', 'meta', 'topic', 'kind', 'content', 'parameter', 'status'],
+        '0A000', 'element ', format(' of AidboxTopicDestination "%s" is not supported', resource ->> 'id'),
+        'A destination takes id, topic, kind, content, parameter, status and meta.profile.');
     IF resource ? 'status' AND resource ->> 'status' IS DISTINCT FROM 'active' THEN
         PERFORM outbox._fail('22023', format('destination "%s" has status %s: only active destinations are served', resource ->> 'id', resource -> 'status'),
             'Set "status": "active".');

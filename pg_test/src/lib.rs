@@ -609,3 +609,18 @@ pub fn is_fhir_instant_seconds(s: &str) -> bool {
             _ => c.is_ascii_digit(),
         })
 }
+
+/// A broker and a cluster with pg_outbox created, shared by a test file's tests.
+pub struct Env {
+    pub pg: Cluster,
+    pub broker: Broker,
+}
+
+impl Env {
+    pub fn start(name: &str, extra_conf: &[&str]) -> Env {
+        let broker = Broker::start();
+        let pg = Cluster::start(name, extra_conf);
+        pg.sql("CREATE EXTENSION pg_outbox");
+        Env { pg, broker }
+    }
+}

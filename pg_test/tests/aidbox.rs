@@ -3,7 +3,7 @@
 //! Aidbox's layout, FHIRPath criteria, and the notification compared field by
 //! field with Aidbox's documented one.
 
-use pg_outbox_test::{consume, unique, wait_for, Broker, Cluster, Received};
+use pg_outbox_test::{consume, unique, wait_for, Env, Received};
 use serde_json::{json, Value};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -11,17 +11,11 @@ use std::time::Duration;
 const WAIT: Duration = Duration::from_secs(60);
 const TOPIC_URL: &str = "http://example.org/FHIR/R5/SubscriptionTopic/QuestionnaireResponse-topic";
 
-struct Env {
-    pg: Cluster,
-    broker: Broker,
-}
-
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
-        let broker = Broker::start();
-        let pg = Cluster::start("aidbox", &["outbox.fhir_base_url = 'http://aidbox-server/fhir'"]);
-        pg.sql("CREATE EXTENSION pg_outbox");
+        let e = Env::start("aidbox", &["outbox.fhir_base_url = 'http://aidbox-server/fhir'"]);
+        let pg = &e.pg;
         // Aidbox's storage: one table per resource type, named in lower case.
         pg.sql(
             "CREATE TYPE resource_status AS ENUM ('created', 'updated', 'deleted', 'recreated');
@@ -34,7 +28,7 @@ fn env() -> &'static Env {
                    status resource_status NOT NULL DEFAULT 'created', resource jsonb NOT NULL)"
             ));
         }
-        Env { pg, broker }
+        e
     })
 }
 

@@ -2,23 +2,13 @@
 //! over TCP, and assertions on what arrived in Kafka and what stayed in Postgres.
 //! Tests share one cluster and broker and use their own tables and topics.
 
-use pg_outbox_test::{consume, unique, wait_for, Broker, Cluster, Received};
+use pg_outbox_test::{consume, unique, wait_for, Env, Received};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-struct Env {
-    pg: Cluster,
-    broker: Broker,
-}
-
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let broker = Broker::start();
-        let pg = Cluster::start("e2e", &[]);
-        pg.sql("CREATE EXTENSION pg_outbox");
-        Env { pg, broker }
-    })
+    ENV.get_or_init(|| Env::start("e2e", &[]))
 }
 
 const WAIT: Duration = Duration::from_secs(30);
