@@ -78,6 +78,9 @@ pub struct Control {
     latch: AtomicUsize,
     /// Bumped on every committed configuration change.
     config_generation: AtomicU64,
+    /// Bumped when events were put back into the outbox with old numbers
+    /// (outbox.retry_dead_letters): the worker's next claims scan from the start.
+    rescan_generation: AtomicU64,
     /// A fault the worker injects into its next pass (tests): 1 error, 2 panic.
     fault: std::sync::atomic::AtomicU32,
 }
@@ -116,6 +119,16 @@ pub fn config_generation() -> u64 {
         return 0;
     }
     CONTROL.get().config_generation.load(Ordering::Acquire)
+}
+
+pub fn request_rescan() {
+    if crate::preloaded() {
+        CONTROL.get().rescan_generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+pub fn rescan_generation() -> u64 {
+    CONTROL.get().rescan_generation.load(Ordering::Acquire)
 }
 
 /// Take the fault the worker should inject into this pass (0: none).

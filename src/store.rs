@@ -70,20 +70,40 @@ pub fn destinations() -> SpiResult<Vec<DestinationRow>> {
     })
 }
 
-/// The oldest `limit` events of a destination, in id order.
-pub fn claim(destination_id: &str, limit: i64) -> SpiResult<Vec<Event>> {
+/// What a claim saw: the transactions in progress in its snapshot
+/// (`pg_snapshot_xip`), which may still commit events numbered below the
+/// claimed ones.
+pub struct Claimed {
+    pub events: Vec<Event>,
+    pub in_progress: Vec<u64>,
+}
+
+/// The oldest `limit` events of a destination numbered above `after`, in id
+/// order, leaving out `skip` (events already in flight).
+pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64) -> SpiResult<Claimed> {
     Spi::connect(|client| {
+        // One statement, so the snapshot reported is the one the rows were read with.
         let rows = client.select(
-            "SELECT id, table_name, interaction, key, row_data::text, \
-                    to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') \
-               FROM outbox.event WHERE destination_id = $1 ORDER BY id LIMIT $2",
+            "SELECT e.id, e.table_name, e.interaction, e.key, e.row_data::text, \
+                    to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
+                    NULL::text \
+               FROM (SELECT * FROM outbox.event WHERE destination_id = $1 AND id > $2 AND id <> ALL($3) \
+                      ORDER BY id LIMIT $4) e \
+             UNION ALL \
+             SELECT NULL, NULL, NULL, NULL, NULL, NULL, \
+                    (SELECT pg_catalog.string_agg(x::text, ',') FROM pg_catalog.pg_snapshot_xip(pg_catalog.pg_current_snapshot()) x)",
             None,
-            &[destination_id.into(), limit.into()],
+            &[destination_id.into(), after.into(), skip.to_vec().into(), limit.into()],
         )?;
-        let mut out = Vec::with_capacity(rows.len());
+        let mut out = Claimed { events: Vec::with_capacity(rows.len()), in_progress: Vec::new() };
         for row in rows {
-            out.push(Event {
-                id: row.get(1)?.unwrap_or_default(),
+            let Some(id) = row.get::<i64>(1)? else {
+                let xip: Option<String> = row.get(7)?;
+                out.in_progress = xip.unwrap_or_default().split(',').filter_map(|x| x.parse().ok()).collect();
+                continue;
+            };
+            out.events.push(Event {
+                id,
                 table: row.get(2)?.unwrap_or_default(),
                 interaction: row.get(3)?.unwrap_or_default(),
                 key: row.get(4)?,

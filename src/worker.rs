@@ -40,6 +40,10 @@ const TXN_STEP: Duration = Duration::from_millis(100);
 /// buffer is full (Java's send() would block up to maxBlockMs instead).
 const BLOCKED_MAX: usize = 100_000;
 const BLOCKED_MAX_BYTES: usize = 64 << 20;
+/// A claim scans the outbox from the start at least this often.
+const FULL_SCAN_MAX: Duration = Duration::from_secs(30);
+/// At-least-once batches a destination may have in flight at once.
+const PIPELINE: usize = 3;
 
 pub fn register() {
     BackgroundWorkerBuilder::new("pg_outbox worker")
@@ -108,9 +112,18 @@ struct Destination {
     /// A broker refused a batch as poison: send one event at a time up to this
     /// event id, so only the culprit goes to the dead letters.
     isolate_until: i64,
-    /// Size and last event id of the batch in flight.
+    /// Events in flight when the last batch was produced, and the highest
+    /// event id in flight since the pipeline was last empty.
     batch_len: usize,
     batch_last: i64,
+    /// Pipelined claims: the highest event id claimed, and the transactions
+    /// in progress when it was claimed (they alone may still commit events
+    /// numbered below it). None: the next claim scans from the start.
+    claimed_up_to: i64,
+    watch: Option<Vec<u64>>,
+    /// When a claim last scanned from the start (which finds events put back
+    /// with old numbers, e.g. by outbox.retry_dead_letters).
+    full_scan_at: Option<Instant>,
     /// Best-effort outcomes waiting to be counted.
     delivered_best_effort: u64,
     lost_best_effort: u64,
@@ -157,6 +170,9 @@ impl Destination {
             isolate_until: 0,
             batch_len: 0,
             batch_last: 0,
+            claimed_up_to: 0,
+            watch: None,
+            full_scan_at: None,
             delivered_best_effort: 0,
             lost_best_effort: 0,
             lost_reason: None,
@@ -201,11 +217,17 @@ impl Destination {
         self.retry_at = Some(Instant::now() + self.backoff);
     }
 
-    /// An at-least-once destination may claim its next batch.
+    /// An at-least-once destination may claim its next batch: while earlier
+    /// batches are in flight too, up to `PIPELINE` of them (not while a
+    /// transaction or the search for a poison event needs one at a time).
     fn ready(&self, now: Instant) -> bool {
+        let room = self.in_flight.is_empty()
+            || (!self.params.transactional
+                && self.isolate_until == 0
+                && self.in_flight.len() < (PIPELINE - 1) * config::BATCH_SIZE.get() as usize);
         !self.best_effort
             && self.retiring_until.is_none()
-            && self.in_flight.is_empty()
+            && room
             && !self.txn_open
             && self.held.is_empty()
             && self.acked.is_empty()
@@ -493,6 +515,8 @@ struct Worker {
     wake_write: RawFd,
     next_epoch: u64,
     seen_generation: u64,
+    /// The rescan generation (status::request_rescan) last acted on.
+    seen_rescan: u64,
     last_reload: Option<Instant>,
     extension_present: bool,
     /// pg_extension oid of the installation being served.
@@ -512,6 +536,22 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
     let database = config::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     pgrx::log!("pg_outbox worker started for database \"{database}\"");
+    // The worker's own commits (deleting acknowledged events, recording
+    // failures, moving dead letters) need not wait for the WAL flush: one lost
+    // in a crash only means those events are sent again, never lost.
+    // Its claims must walk the outbox's (destination_id, id) index in order:
+    // before autovacuum first analyzes a fresh outbox the planner would
+    // rather collect and sort the whole backlog for every batch.
+    for (name, value) in [(c"synchronous_commit", c"off"), (c"enable_sort", c"off"), (c"enable_bitmapscan", c"off")] {
+        unsafe {
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            )
+        };
+    }
 
     let mut fds = [0 as libc::c_int; 2];
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
@@ -526,6 +566,7 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
         wake_write: fds[1],
         next_epoch: 1,
         seen_generation: u64::MAX,
+        seen_rescan: 0,
         last_reload: None,
         extension_present: false,
         extension: None,
@@ -896,6 +937,10 @@ impl Worker {
             let acked = std::mem::take(&mut d.acked);
             let failed = std::mem::take(&mut d.failed);
             let poisoned = std::mem::take(&mut d.poisoned);
+            if !failed.is_empty() || !poisoned.is_empty() {
+                // Events left behind: the next claim scans from the start.
+                d.watch = None;
+            }
             let failed_ids: Vec<i64> = failed.iter().map(|(id, _)| *id).collect();
             let first_error = failed.first().map(|(_, e)| e.clone()).unwrap_or_default();
             let done = in_transaction("recording deliveries", || -> pgrx::spi::SpiResult<()> {
@@ -914,6 +959,7 @@ impl Worker {
             if !matches!(done, Some(Ok(()))) {
                 // Not recorded: the events are still in the outbox and will be
                 // sent again (a duplicate, never a loss).
+                d.watch = None;
                 d.back_off();
                 continue;
             }
@@ -945,6 +991,12 @@ impl Worker {
         }
         let now = Instant::now();
         let batch = config::BATCH_SIZE.get() as i64;
+        // Events were put back with old numbers: every claim starts over.
+        let rescan = status::rescan_generation();
+        if rescan != self.seen_rescan {
+            self.seen_rescan = rescan;
+            self.destinations.values_mut().for_each(|d| d.watch = None);
+        }
         let ids: Vec<String> = self
             .destinations
             .values()
@@ -956,18 +1008,44 @@ impl Worker {
                 Some(d) if d.isolate_until > 0 => 1,
                 _ => batch,
             };
-            let Some(events) = in_transaction("claiming events", || store::claim(&id, limit)) else {
+            let Some(d) = self.destinations.get(&id) else { continue };
+            // Claim above the last claim if no transaction that was running
+            // then has finished since (only those can commit events numbered
+            // lower); else scan from the start, leaving out what is in flight.
+            // Scan from the start anyway now and then (a safety net).
+            let full_due = d.full_scan_at.is_none_or(|t| now.saturating_duration_since(t) >= FULL_SCAN_MAX);
+            let fast = d.watch.clone().filter(|_| !full_due).map(|w| (d.claimed_up_to, w));
+            let in_flight: Vec<i64> = d.in_flight.iter().copied().collect();
+            let mut full_scan = false;
+            let claim = || -> pgrx::spi::SpiResult<store::Claimed> {
+                if let Some((after, watch)) = &fast {
+                    let skip: Vec<i64> = in_flight.iter().copied().filter(|i| i > after).collect();
+                    let c = store::claim(&id, *after, &skip, limit)?;
+                    if watch.iter().all(|x| c.in_progress.contains(x)) {
+                        return Ok(c);
+                    }
+                }
+                full_scan = true;
+                store::claim(&id, 0, &in_flight, limit)
+            };
+            let Some(claimed) = in_transaction("claiming events", claim) else {
                 self.last_reload = None; // maybe the extension went away: look again
                 return;
             };
-            let events = match events {
-                Ok(e) => e,
+            let claimed = match claimed {
+                Ok(c) => c,
                 Err(e) => {
                     pgrx::warning!("pg_outbox worker: claiming events failed: {e}");
                     continue;
                 }
             };
+            let events = claimed.events;
             let Some(d) = self.destinations.get_mut(&id) else { continue };
+            if full_scan {
+                d.full_scan_at = Some(now);
+            }
+            // Set again below once the whole claim is on its way.
+            d.watch = events.is_empty().then_some(claimed.in_progress.clone());
             if events.first().is_some_and(|e| e.id > d.isolate_until) {
                 d.isolate_until = 0; // past the batch that held the culprit
             }
@@ -985,21 +1063,35 @@ impl Worker {
             self.busy = true;
             d.retry_at = None;
             d.batch_failed = false;
-            d.batch_len = events.len();
-            d.batch_last = events.last().map_or(0, |e| e.id);
+            if d.in_flight.is_empty() {
+                d.batch_last = 0;
+            }
+            d.batch_last = d.batch_last.max(events.last().map_or(0, |e| e.id));
+            let mut all_sent = true;
             for ev in &events {
                 match d.send(ev) {
-                    Ok(()) => {}
+                    Ok(()) => d.claimed_up_to = ev.id,
                     // The rest stays in the outbox for the next batch.
-                    Err(Refused::Full) => break,
+                    Err(Refused::Full) => {
+                        all_sent = false;
+                        break;
+                    }
                     // Never acceptable: set it aside, the others go on.
                     Err(Refused::Poison(error)) => d.poisoned.push((ev.id, format!("produce refused: {error}"))),
                     Err(Refused::Other(error)) => {
                         // Stop here: what follows must not overtake this event.
                         d.failed.push((ev.id, format!("produce refused: {error}")));
+                        all_sent = false;
                         break;
                     }
                 }
+            }
+            // The claim took the lowest events its snapshot saw: all of them up
+            // to `claimed_up_to` are now in flight or gone, unless a transaction
+            // then in progress commits more (watched by the next claim).
+            d.batch_len = d.in_flight.len();
+            if all_sent && d.poisoned.is_empty() {
+                d.watch = Some(claimed.in_progress);
             }
             if let Some(p) = &d.producer {
                 p.poll(Duration::ZERO);
