@@ -5,8 +5,13 @@
 //!   on the outbox tables).
 //! - A per-backend cache of each topic's destinations is invalidated by the
 //!   configuration generation in shared memory.
+//! - At-least-once events are kept in backend memory and written to the outbox
+//!   with one INSERT when the statement finishes (ExecutorFinish), every 1,000
+//!   events, and at COMMIT/PREPARE for what is left (COPY, events of a
+//!   subtransaction), in the same transaction: not one INSERT per row.
 //! - Best-effort events are kept in backend memory and handed to the shared
-//!   queue on COMMIT only (a rolled-back savepoint drops its own events).
+//!   queue on COMMIT only (a rolled-back savepoint drops its own events, of
+//!   either kind).
 //! - One worker wake-up per committing transaction that captured anything.
 
 use crate::kafka::Content;
@@ -50,6 +55,11 @@ struct State {
     config_changed: bool,
     /// This transaction enqueued at-least-once events.
     wake: bool,
+    /// This transaction put events back with old numbers.
+    rescan: bool,
+    /// At-least-once events of this transaction not yet in the outbox.
+    queued: Vec<Queued>,
+    queued_bytes: usize,
     /// Best-effort events of this transaction: (subtransaction, destination, encoded).
     pending: Vec<(pg_sys::SubTransactionId, String, Vec<u8>)>,
     pending_bytes: usize,
@@ -62,6 +72,21 @@ struct State {
     /// The outbox INSERT, prepared once per backend and configuration.
     insert_plan: Option<pgrx::spi::OwnedPreparedStatement>,
 }
+
+/// An at-least-once event waiting for the next flush into the outbox.
+struct Queued {
+    subid: pg_sys::SubTransactionId,
+    destination: String,
+    topic_id: i32,
+    table: String,
+    interaction: &'static str,
+    key: Option<String>,
+    row: Option<String>,
+}
+
+/// A flush is due at this many queued events or bytes (rows and keys).
+const FLUSH_EVENTS: usize = 1000;
+const FLUSH_BYTES: usize = 8 << 20;
 
 thread_local! {
     static STATE: RefCell<State> = RefCell::new(State::default());
@@ -151,15 +176,15 @@ fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// Make sure the cached routes are current; returns the extension owner.
-fn refresh() -> pg_sys::Oid {
+/// Make sure the cached routes (and the extension owner) are current.
+fn refresh() {
     let generation = status::config_generation();
     let cached = STATE.with(|s| {
         let s = s.borrow();
-        (s.routes.is_some() && s.generation == generation && !s.dirty).then_some(s.owner)
+        s.routes.is_some() && s.generation == generation && !s.dirty
     });
-    if let Some(owner) = cached {
-        return owner;
+    if cached {
+        return;
     }
     let owner = extension_owner();
     let routes = as_owner(owner, load_routes);
@@ -178,64 +203,157 @@ fn refresh() -> pg_sys::Oid {
         s.owner = owner;
         s.insert_plan = None;
     });
-    owner
 }
 
 /// Runs as the extension owner with the writer's search_path: no operator is
 /// used, so none of the writer's can run as the owner. The destinations come
 /// from the cached route (reloaded when the configuration generation moves;
-/// events of a destination dropped meanwhile are swept by the worker).
+/// events of a destination dropped meanwhile are swept by the worker). Event
+/// numbers follow the arrays' order, which is the order of the changes.
 const INSERT_EVENTS: &str =
     "INSERT INTO outbox.event (destination_id, topic_id, table_name, interaction, key, row_data) \
-     SELECT x.d, $1, $2, $3, $4, CASE WHEN x.f THEN $5 END FROM ROWS FROM (pg_catalog.unnest($6), pg_catalog.unnest($7)) AS x(d, f)";
+     SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3), \
+                              pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($6))";
 
-/// Enqueue one outbox row per at-least-once destination of the topic, in this
-/// transaction, as the extension owner. Returns how many rows were written.
-fn enqueue(
-    owner: pg_sys::Oid,
+/// Queue one event per at-least-once destination of the topic; write the
+/// queue out when it is large enough.
+fn queue_at_least_once(
     route: &Route,
     topic_id: i32,
     table: &str,
-    interaction: &str,
-    key: Option<&str>,
-    row: Option<&str>,
-) -> u64 {
-    as_owner(owner, || {
+    interaction: &'static str,
+    key: Option<String>,
+    row: Option<String>,
+) {
+    let subid = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let due = STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        ensure_callbacks(&mut s);
+        let size = table.len() + key.as_ref().map_or(0, String::len) + row.as_ref().map_or(0, String::len) + 64;
+        for (destination, with_row) in route.at_least_once.iter().zip(&route.at_least_once_rows) {
+            s.queued_bytes += size;
+            s.queued.push(Queued {
+                subid,
+                destination: destination.clone(),
+                topic_id,
+                table: table.to_string(),
+                interaction,
+                key: key.clone(),
+                row: if *with_row { row.clone() } else { None },
+            });
+        }
+        // Only when all of it belongs to this subtransaction (or committed
+        // ones below it): an enclosing subtransaction's events written here
+        // would be undone by a rollback of this one, and written later they
+        // would be numbered after changes made after them.
+        s.queued.len() >= FLUSH_EVENTS || s.queued_bytes >= FLUSH_BYTES
+    });
+    if due {
+        flush_if_own();
+    }
+}
+
+/// Write the queued events when a statement has finished (its AFTER ROW
+/// triggers have run), unless some belong to an enclosing subtransaction.
+fn flush_if_own() {
+    let subid = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let due = STATE.with(|s| s.try_borrow().is_ok_and(|s| s.queued.first().is_some_and(|q| q.subid >= subid)));
+    if due {
+        flush();
+    }
+}
+
+static mut PREV_EXECUTOR_FINISH: pg_sys::ExecutorFinish_hook_type = None;
+
+/// Installed by _PG_init: each statement's at-least-once events enter the
+/// outbox with one INSERT when it finishes, not one per row.
+pub fn install_hooks() {
+    unsafe {
+        PREV_EXECUTOR_FINISH = pg_sys::ExecutorFinish_hook;
+        pg_sys::ExecutorFinish_hook = Some(executor_finish);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_finish(query_desc: *mut pg_sys::QueryDesc) {
+    unsafe {
+        match PREV_EXECUTOR_FINISH {
+            Some(prev) => prev(query_desc),
+            None => pg_sys::standard_ExecutorFinish(query_desc),
+        }
+    }
+    flush_if_own();
+}
+
+/// Write the queued at-least-once events into the outbox, in this
+/// transaction, as the extension owner, with one INSERT.
+fn flush() {
+    let (queued, owner, plan) = STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        s.queued_bytes = 0;
+        (std::mem::take(&mut s.queued), s.owner, s.insert_plan.take())
+    });
+    if queued.is_empty() {
+        STATE.with(|s| s.borrow_mut().insert_plan = plan);
+        return;
+    }
+    let n = queued.len();
+    let (mut destinations, mut topics, mut tables, mut interactions, mut keys, mut rows) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for q in queued {
+        destinations.push(q.destination);
+        topics.push(q.topic_id);
+        tables.push(q.table);
+        interactions.push(q.interaction);
+        keys.push(q.key);
+        rows.push(q.row.map(pgrx::datum::JsonString));
+    }
+    // At COMMIT no statement is running: SPI needs a snapshot of its own.
+    let push = unsafe { !pg_sys::ActiveSnapshotSet() };
+    if push {
+        unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+    }
+    let (written, plan) = as_owner(owner, || {
         Spi::connect_mut(|client| {
-            let plan = STATE.with(|s| s.borrow_mut().insert_plan.take());
             let plan = match plan {
                 Some(p) => p,
                 None => client
                     .prepare_mut(
                         INSERT_EVENTS,
                         &[
-                            PgOid::BuiltIn(PgBuiltInOids::INT4OID),
-                            PgOid::BuiltIn(PgBuiltInOids::TEXTOID),
-                            PgOid::BuiltIn(PgBuiltInOids::TEXTOID),
-                            PgOid::BuiltIn(PgBuiltInOids::TEXTOID),
-                            PgOid::BuiltIn(PgBuiltInOids::JSONOID),
                             PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
-                            PgOid::BuiltIn(PgBuiltInOids::BOOLARRAYOID),
+                            PgOid::BuiltIn(PgBuiltInOids::INT4ARRAYOID),
+                            PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
+                            PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
+                            PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
+                            PgOid::BuiltIn(PgBuiltInOids::JSONARRAYOID),
                         ],
                     )?
                     .keep(),
             };
-            let args: [pgrx::datum::DatumWithOid; 7] = [
-                topic_id.into(),
-                table.into(),
-                interaction.into(),
-                key.into(),
-                unsafe { pgrx::datum::DatumWithOid::new(row, pg_sys::JSONOID) },
-                route.at_least_once.clone().into(),
-                route.at_least_once_rows.clone().into(),
-            ];
+            let args: [pgrx::datum::DatumWithOid; 6] =
+                [destinations.into(), topics.into(), tables.into(), interactions.into(), keys.into(), rows.into()];
             client.update(&plan, None, &args)?;
-            let written = unsafe { pg_sys::SPI_processed };
-            STATE.with(|s| s.borrow_mut().insert_plan = Some(plan));
-            Ok::<_, pgrx::spi::SpiError>(written)
+            Ok::<_, pgrx::spi::SpiError>((unsafe { pg_sys::SPI_processed }, plan))
         })
         .unwrap_or_else(|e| pgrx::error!("pg_outbox: writing the outbox failed: {e}"))
-    })
+    });
+    if push {
+        unsafe { pg_sys::PopActiveSnapshot() };
+    }
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        s.insert_plan = Some(plan);
+        if written > 0 {
+            s.wake = true;
+        }
+    });
 }
 
 /// Keep a change for the topic's best-effort destinations until COMMIT.
@@ -406,7 +524,7 @@ fn _capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, All
     let (Some(topic_id), Some(table)) = (args.first().and_then(|a| a.parse::<i32>().ok()), args.get(1)) else {
         pgrx::error!("pg_outbox: outbox._capture() needs a topic id and a table name as trigger arguments");
     };
-    let owner = refresh();
+    refresh();
     let Some(route) = STATE.with(|s| s.borrow().routes.as_ref().and_then(|r| r.get(&topic_id).cloned())) else {
         return Ok(None); // no destination (yet)
     };
@@ -466,25 +584,21 @@ fn _capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, All
     if !route.best_effort.is_empty() {
         buffer_best_effort(&route.best_effort, table, interaction, key.as_deref(), row.as_deref());
     }
-    if !route.at_least_once.is_empty()
-        && enqueue(owner, &route, topic_id, table, interaction, key.as_deref(), row.as_deref()) > 0
-    {
-        STATE.with(|s| {
-            let mut s = s.borrow_mut();
-            ensure_callbacks(&mut s);
-            s.wake = true;
-        });
+    if !route.at_least_once.is_empty() {
+        queue_at_least_once(&route, topic_id, table, interaction, key, row);
     }
     Ok(None)
 }
 
-/// Wake the worker when this transaction commits (outbox.retry_dead_letters).
+/// Wake the worker when this transaction commits, to claim from the start of
+/// the outbox (outbox.retry_dead_letters puts events back with old numbers).
 #[pg_extern(volatile, parallel_unsafe)]
 fn _wake_on_commit() {
     STATE.with(|s| {
         let mut s = s.borrow_mut();
         ensure_callbacks(&mut s);
         s.wake = true;
+        s.rescan = true;
     });
 }
 
@@ -505,6 +619,9 @@ fn reset(s: &mut State) {
     }
     s.config_changed = false;
     s.wake = false;
+    s.rescan = false;
+    s.queued.clear();
+    s.queued_bytes = 0;
     s.pending.clear();
     s.pending_bytes = 0;
     s.dropped.clear();
@@ -536,6 +653,13 @@ fn hand_over(s: &mut State) -> bool {
 #[pg_guard]
 unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
+    // Still inside the transaction (an error aborts it): the queued
+    // at-least-once events go into the outbox with the changes.
+    if matches!(event, XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE)
+        && STATE.with(|s| s.try_borrow().is_ok_and(|s| !s.queued.is_empty()))
+    {
+        flush();
+    }
     STATE.with(|cell| {
         let Ok(mut s) = cell.try_borrow_mut() else { return };
         match event {
@@ -548,6 +672,9 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
                     let pushed = hand_over(&mut s);
                     if s.config_changed {
                         status::bump_config_generation();
+                    }
+                    if s.rescan {
+                        status::request_rescan();
                     }
                     if pushed || s.wake || s.config_changed {
                         status::wake_worker();
@@ -593,6 +720,11 @@ unsafe extern "C-unwind" fn on_subxact(
     STATE.with(|cell| {
         let Ok(mut s) = cell.try_borrow_mut() else { return };
         // Subtransaction ids grow: the aborted one and its children are >= my_subid.
+        let queued = s.queued.len();
+        s.queued.retain(|q| q.subid < my_subid);
+        if s.queued.len() != queued {
+            s.queued_bytes = s.queued.iter().map(|q| q.row.as_ref().map_or(0, String::len) + 64).sum();
+        }
         let before = s.pending.len();
         s.pending.retain(|(subid, _, _)| *subid < my_subid);
         s.dropped.retain(|(subid, _)| *subid < my_subid);

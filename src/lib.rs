@@ -53,6 +53,7 @@ pub extern "C-unwind" fn _PG_init() {
     status::init_shmem();
     ring::init();
     worker::register();
+    capture::install_hooks();
 }
 
 #[cfg(any(test, feature = "pg_test"))]
