@@ -290,14 +290,16 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// Commit to receipt by a consumer, at a steady 1,000 events/s.
-fn latency(pg: &Cluster, broker: &Broker, seconds: u64) {
+/// A consumer of `topic` (3 partitions, from the beginning) on its own
+/// thread, noting (numeric key, receipt time, the message's create time set
+/// by the producer when it was handed the message; epoch seconds) until `stop`.
+fn receipts(
+    broker: &Broker,
+    topic: &str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<(i64, f64, f64)>> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::Message;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-    use std::time::{SystemTime, UNIX_EPOCH};
-    watched(pg, broker, "lat", "kafka-at-least-once", "id-only", "");
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", broker.bootstrap())
         .set("group.id", "outbox-bench")
@@ -308,25 +310,59 @@ fn latency(pg: &Cluster, broker: &Broker, seconds: u64) {
         .expect("consumer");
     let mut tpl = rdkafka::TopicPartitionList::new();
     for p in 0..3 {
-        tpl.add_partition_offset("lat", p, rdkafka::Offset::Beginning).unwrap();
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning).unwrap();
     }
     consumer.assign(&tpl).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let reader = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut seen: Vec<(i64, f64)> = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) {
-                    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
-                    if let Some(id) = m.key().and_then(|k| std::str::from_utf8(k).ok()).and_then(|k| k.parse().ok()) {
-                        seen.push((id, now));
-                    }
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) {
+                let now = epoch_seconds();
+                let created = m.timestamp().to_millis().unwrap_or(0) as f64 / 1000.0;
+                if let Some(id) = m.key().and_then(|k| std::str::from_utf8(k).ok()).and_then(|k| k.parse().ok()) {
+                    seen.push((id, now, created));
                 }
             }
-            seen
-        })
-    };
+        }
+        seen
+    })
+}
+
+fn epoch_seconds() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+/// Milliseconds from `sent` (by key) to receipt (or to the create time the
+/// producer gave the message), sorted; printed as p50/p99/max.
+fn report_latency(label: &str, seen: &[(i64, f64, f64)], sent: &std::collections::HashMap<i64, f64>, produced: bool) {
+    let mut ms: Vec<f64> = seen
+        .iter()
+        .filter_map(|(id, at, created)| sent.get(id).map(|c| ((if produced { created } else { at }) - c) * 1000.0))
+        .collect();
+    ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if ms.is_empty() {
+        println!("{label}: no events received");
+        return;
+    }
+    println!(
+        "{label:<34} {:>6} of {:>6}  p50 {:>6.1} ms  p99 {:>6.1} ms  max {:>6.1} ms",
+        ms.len(),
+        sent.len(),
+        percentile(&ms, 0.50),
+        percentile(&ms, 0.99),
+        ms[ms.len() - 1]
+    );
+}
+
+/// Commit to receipt by a consumer, at a steady 1,000 events/s; beside it the
+/// same path without Postgres: a bare producer with the destination's
+/// configuration sending 1,000 messages/s, send to receipt.
+fn latency(pg: &Cluster, broker: &Broker, seconds: u64) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    watched(pg, broker, "lat", "kafka-at-least-once", "id-only", "");
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = receipts(broker, "lat", stop.clone());
     // Warm up: the producer connected, the consumer fetching, before measuring.
     pg.sql("INSERT INTO lat (payload) VALUES ('warm-up')");
     pg_outbox_test::wait_for("the warm-up event", Duration::from_secs(60), || {
@@ -343,24 +379,51 @@ fn latency(pg: &Cluster, broker: &Broker, seconds: u64) {
         .lines()
         .filter_map(|l| l.split_once(' ').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?))))
         .collect();
-    let mut ms: Vec<f64> = seen.iter().filter_map(|(id, at)| committed.get(id).map(|c| (at - c) * 1000.0)).collect();
-    ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
     println!(
-        "\nlatency: commit (track_commit_timestamp) to receipt by a consumer polling the topic, \
-         pgbench -R 1000 -c 2 -T {seconds}, at-least-once"
+        "\nlatency at 1,000 events/s for {seconds} s (pgbench -R 1000 -c 2), received by a consumer polling the topic"
     );
-    if ms.is_empty() {
-        println!("no events received");
-        return;
+    report_latency("pg_outbox, commit to receipt", &seen, &committed, false);
+    report_latency("pg_outbox, commit to produce", &seen, &committed, true);
+    bare_latency(pg, broker, seconds);
+}
+
+/// The baseline: the broker and consumer path alone.
+fn bare_latency(pg: &Cluster, broker: &Broker, seconds: u64) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    broker.create_topic("lat_bare", 3);
+    let config: serde_json::Value = serde_json::from_str(&pg.sql("SELECT outbox.destination_config('lat')")).unwrap();
+    let mut client = rdkafka::ClientConfig::new();
+    for (k, v) in config.as_object().unwrap() {
+        if !k.starts_with("pg_outbox.") {
+            client.set(k, v.as_str().unwrap());
+        }
     }
-    println!(
-        "{} events received of {} committed: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        ms.len(),
-        committed.len(),
-        percentile(&ms, 0.50),
-        percentile(&ms, 0.99),
-        ms[ms.len() - 1]
-    );
+    let producer: BaseProducer = client.create().expect("bare producer");
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = receipts(broker, "lat_bare", stop.clone());
+    let payload = vec![b'x'; 400];
+    let mut sent = std::collections::HashMap::new();
+    let started = Instant::now();
+    for i in 0..(seconds * 1000) as i64 {
+        // Warm-up message first, then one per millisecond.
+        let due = started + Duration::from_secs(1) + Duration::from_millis(i as u64);
+        while Instant::now() < due {
+            producer.poll(Duration::ZERO);
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        let key = i.to_string();
+        if i > 0 {
+            sent.insert(i, epoch_seconds());
+        }
+        producer.send(BaseRecord::to("lat_bare").key(&key).payload(&payload)).map_err(|(e, _)| e).expect("send");
+    }
+    producer.flush(Duration::from_secs(60)).expect("flush");
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let seen = reader.join().unwrap();
+    report_latency("bare producer, send to receipt", &seen, &sent, false);
 }
 
 /// The outbox table over time at a steady 1,000 events/s.
