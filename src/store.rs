@@ -70,12 +70,32 @@ pub fn destinations() -> SpiResult<Vec<DestinationRow>> {
     })
 }
 
-/// What a claim saw: the transactions in progress in its snapshot
-/// (`pg_snapshot_xip`), which may still commit events numbered below the
-/// claimed ones.
+/// What a claim saw: its events, and the transactions in progress then,
+/// which alone may still commit events numbered below the claimed ones.
 pub struct Claimed {
     pub events: Vec<Event>,
-    pub in_progress: Vec<u64>,
+    /// The snapshot's xmax and xip: a transaction is running in it if listed
+    /// in xip or not below xmax (nothing at or above xmax has completed).
+    xmax: u64,
+    xip: Vec<u64>,
+    /// The next transaction id, read after the claim.
+    next_xid: u64,
+}
+
+impl Claimed {
+    /// Whether `xid` was still running when this claim's snapshot was taken.
+    pub fn running(&self, xid: u64) -> bool {
+        xid >= self.xmax || self.xip.contains(&xid)
+    }
+
+    /// The transactions that were running in the snapshot: the xip list and
+    /// those at or above xmax (pg_snapshot_xip leaves those out), up to the
+    /// next id read afterwards (later ones number their events higher).
+    pub fn in_progress(&self) -> Vec<u64> {
+        let mut all = self.xip.clone();
+        all.extend(self.xmax..self.next_xid.max(self.xmax));
+        all
+    }
 }
 
 /// The oldest `limit` events of a destination numbered above `after`, in id
@@ -90,16 +110,19 @@ pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64) -> SpiR
                FROM (SELECT * FROM outbox.event WHERE destination_id = $1 AND id > $2 AND id <> ALL($3) \
                       ORDER BY id LIMIT $4) e \
              UNION ALL \
-             SELECT NULL, NULL, NULL, NULL, NULL, NULL, \
-                    (SELECT pg_catalog.string_agg(x::text, ',') FROM pg_catalog.pg_snapshot_xip(pg_catalog.pg_current_snapshot()) x)",
+             SELECT NULL, NULL, NULL, NULL, NULL, NULL, pg_catalog.pg_current_snapshot()::text",
             None,
             &[destination_id.into(), after.into(), skip.to_vec().into(), limit.into()],
         )?;
-        let mut out = Claimed { events: Vec::with_capacity(rows.len()), in_progress: Vec::new() };
+        let mut out = Claimed { events: Vec::with_capacity(rows.len()), xmax: 0, xip: Vec::new(), next_xid: 0 };
         for row in rows {
             let Some(id) = row.get::<i64>(1)? else {
-                let xip: Option<String> = row.get(7)?;
-                out.in_progress = xip.unwrap_or_default().split(',').filter_map(|x| x.parse().ok()).collect();
+                // xmin:xmax:xip,xip,...
+                let snapshot: String = row.get(7)?.unwrap_or_default();
+                let mut parts = snapshot.split(':');
+                let _xmin = parts.next();
+                out.xmax = parts.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+                out.xip = parts.next().unwrap_or("").split(',').filter_map(|x| x.parse().ok()).collect();
                 continue;
             };
             out.events.push(Event {
@@ -111,6 +134,7 @@ pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64) -> SpiR
                 timestamp: row.get(6)?.unwrap_or_default(),
             });
         }
+        out.next_xid = unsafe { pg_sys::ReadNextFullTransactionId() }.value;
         Ok(out)
     })
 }

@@ -976,8 +976,9 @@ impl Worker {
                 d.batch_failed = true;
                 d.error(&format!("delivery of {} event(s) failed: {first_error}", failed_ids.len()));
                 d.back_off();
-            } else if d.in_flight.is_empty() && !d.batch_failed {
-                // The whole batch went through: the next one need not wait.
+            } else if !d.batch_failed {
+                // What was claimed since the last failure went through: the
+                // next claim need not wait.
                 d.backoff = Duration::ZERO;
                 d.retry_at = None;
             }
@@ -1021,7 +1022,7 @@ impl Worker {
                 if let Some((after, watch)) = &fast {
                     let skip: Vec<i64> = in_flight.iter().copied().filter(|i| i > after).collect();
                     let c = store::claim(&id, *after, &skip, limit)?;
-                    if watch.iter().all(|x| c.in_progress.contains(x)) {
+                    if watch.iter().all(|x| c.running(*x)) {
                         return Ok(c);
                     }
                 }
@@ -1032,20 +1033,20 @@ impl Worker {
                 self.last_reload = None; // maybe the extension went away: look again
                 return;
             };
-            let claimed = match claimed {
+            let mut claimed = match claimed {
                 Ok(c) => c,
                 Err(e) => {
                     pgrx::warning!("pg_outbox worker: claiming events failed: {e}");
                     continue;
                 }
             };
-            let events = claimed.events;
+            let events = std::mem::take(&mut claimed.events);
             let Some(d) = self.destinations.get_mut(&id) else { continue };
             if full_scan {
                 d.full_scan_at = Some(now);
             }
             // Set again below once the whole claim is on its way.
-            d.watch = events.is_empty().then_some(claimed.in_progress.clone());
+            d.watch = events.is_empty().then(|| claimed.in_progress());
             if events.first().is_some_and(|e| e.id > d.isolate_until) {
                 d.isolate_until = 0; // past the batch that held the culprit
             }
@@ -1091,7 +1092,7 @@ impl Worker {
             // then in progress commits more (watched by the next claim).
             d.batch_len = d.in_flight.len();
             if all_sent && d.poisoned.is_empty() {
-                d.watch = Some(claimed.in_progress);
+                d.watch = Some(claimed.in_progress());
             }
             if let Some(p) = &d.producer {
                 p.poll(Duration::ZERO);
