@@ -60,6 +60,9 @@ struct State {
     /// At-least-once events of this transaction not yet in the outbox.
     queued: Vec<Queued>,
     queued_bytes: usize,
+    /// The PRE_COMMIT flush ran: a change captured after it (by a commit
+    /// callback that runs after ours) is written at once.
+    committing: bool,
     /// Best-effort events of this transaction: (subtransaction, destination, encoded).
     pending: Vec<(pg_sys::SubTransactionId, String, Vec<u8>)>,
     pending_bytes: usize,
@@ -82,6 +85,13 @@ struct Queued {
     interaction: &'static str,
     key: Option<String>,
     row: Option<String>,
+}
+
+impl Queued {
+    /// Bytes counted against FLUSH_BYTES.
+    fn size(&self) -> usize {
+        self.table.len() + self.key.as_ref().map_or(0, String::len) + self.row.as_ref().map_or(0, String::len) + 64
+    }
 }
 
 /// A flush is due at this many queued events or bytes (rows and keys).
@@ -226,13 +236,11 @@ fn queue_at_least_once(
     row: Option<String>,
 ) {
     let subid = unsafe { pg_sys::GetCurrentSubTransactionId() };
-    let due = STATE.with(|s| {
+    let (due, committing) = STATE.with(|s| {
         let mut s = s.borrow_mut();
         ensure_callbacks(&mut s);
-        let size = table.len() + key.as_ref().map_or(0, String::len) + row.as_ref().map_or(0, String::len) + 64;
         for (destination, with_row) in route.at_least_once.iter().zip(&route.at_least_once_rows) {
-            s.queued_bytes += size;
-            s.queued.push(Queued {
+            let q = Queued {
                 subid,
                 destination: destination.clone(),
                 topic_id,
@@ -240,26 +248,33 @@ fn queue_at_least_once(
                 interaction,
                 key: key.clone(),
                 row: if *with_row { row.clone() } else { None },
-            });
+            };
+            s.queued_bytes += q.size();
+            s.queued.push(q);
         }
-        // Only when all of it belongs to this subtransaction (or committed
-        // ones below it): an enclosing subtransaction's events written here
-        // would be undone by a rollback of this one, and written later they
-        // would be numbered after changes made after them.
-        s.queued.len() >= FLUSH_EVENTS || s.queued_bytes >= FLUSH_BYTES
+        (s.queued.len() >= FLUSH_EVENTS || s.queued_bytes >= FLUSH_BYTES, s.committing)
     });
-    if due {
+    if committing {
+        flush(true);
+    } else if due {
         flush_if_own();
     }
 }
 
 /// Write the queued events when a statement has finished (its AFTER ROW
-/// triggers have run), unless some belong to an enclosing subtransaction.
+/// triggers have run). Not when some belong to an enclosing subtransaction:
+/// written here they would be undone by a rollback of this one, and written
+/// later they would be numbered after changes made after them. Not in
+/// parallel mode or a transaction made read-only since (no INSERT there):
+/// COMMIT writes them.
 fn flush_if_own() {
+    if unsafe { pg_sys::IsInParallelMode() || pg_sys::XactReadOnly } {
+        return;
+    }
     let subid = unsafe { pg_sys::GetCurrentSubTransactionId() };
     let due = STATE.with(|s| s.try_borrow().is_ok_and(|s| s.queued.first().is_some_and(|q| q.subid >= subid)));
     if due {
-        flush();
+        flush(false);
     }
 }
 
@@ -286,8 +301,9 @@ unsafe extern "C-unwind" fn executor_finish(query_desc: *mut pg_sys::QueryDesc) 
 }
 
 /// Write the queued at-least-once events into the outbox, in this
-/// transaction, as the extension owner, with one INSERT.
-fn flush() {
+/// transaction, as the extension owner, with one INSERT. At COMMIT even if
+/// the transaction was made read-only after its changes.
+fn flush(at_commit: bool) {
     let (queued, owner, plan) = STATE.with(|s| {
         let mut s = s.borrow_mut();
         s.queued_bytes = 0;
@@ -319,6 +335,8 @@ fn flush() {
     if push {
         unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
     }
+    let read_only =
+        at_commit && unsafe { std::mem::replace(&mut *std::ptr::addr_of_mut!(pg_sys::XactReadOnly), false) };
     let (written, plan) = as_owner(owner, || {
         Spi::connect_mut(|client| {
             let plan = match plan {
@@ -344,6 +362,9 @@ fn flush() {
         })
         .unwrap_or_else(|e| pgrx::error!("pg_outbox: writing the outbox failed: {e}"))
     });
+    if read_only {
+        unsafe { pg_sys::XactReadOnly = true };
+    }
     if push {
         unsafe { pg_sys::PopActiveSnapshot() };
     }
@@ -622,6 +643,7 @@ fn reset(s: &mut State) {
     s.rescan = false;
     s.queued.clear();
     s.queued_bytes = 0;
+    s.committing = false;
     s.pending.clear();
     s.pending_bytes = 0;
     s.dropped.clear();
@@ -655,10 +677,15 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
     use pg_sys::XactEvent::*;
     // Still inside the transaction (an error aborts it): the queued
     // at-least-once events go into the outbox with the changes.
-    if matches!(event, XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE)
-        && STATE.with(|s| s.try_borrow().is_ok_and(|s| !s.queued.is_empty()))
-    {
-        flush();
+    if matches!(event, XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE) {
+        if STATE.with(|s| s.try_borrow().is_ok_and(|s| !s.queued.is_empty())) {
+            flush(true);
+        }
+        STATE.with(|s| {
+            if let Ok(mut s) = s.try_borrow_mut() {
+                s.committing = true;
+            }
+        });
     }
     STATE.with(|cell| {
         let Ok(mut s) = cell.try_borrow_mut() else { return };
@@ -723,7 +750,7 @@ unsafe extern "C-unwind" fn on_subxact(
         let queued = s.queued.len();
         s.queued.retain(|q| q.subid < my_subid);
         if s.queued.len() != queued {
-            s.queued_bytes = s.queued.iter().map(|q| q.row.as_ref().map_or(0, String::len) + 64).sum();
+            s.queued_bytes = s.queued.iter().map(Queued::size).sum();
         }
         let before = s.pending.len();
         s.pending.retain(|(subid, _, _)| *subid < my_subid);

@@ -141,6 +141,31 @@ fn rollback_and_rolled_back_savepoint_send_nothing() {
     wait_drained(&s.dest);
 }
 
+/// Events are written per statement (and every 1,000), COPY's at COMMIT even
+/// when the transaction was made read-only after it, and a rolled-back inner
+/// block drops only its own: all in the order of the changes.
+#[test]
+fn statements_copy_read_only_commits_and_inner_rollbacks_enqueue_in_change_order() {
+    let s = setup("id int PRIMARY KEY", "", "empty");
+    let pg = &env().pg;
+    let t = &s.table;
+    pg.sql(&format!("INSERT INTO {t} SELECT g FROM generate_series(1, 2500) g"));
+    pg.sql(&format!(
+        "BEGIN; COPY {t} FROM PROGRAM 'seq 2501 2600'; SET transaction_read_only = on; \
+         SELECT count(*) FROM outbox.event; COMMIT;"
+    ));
+    pg.sql(&format!(
+        "DO $$ BEGIN INSERT INTO {t} VALUES (2601); \
+           BEGIN INSERT INTO {t} VALUES (2602); RAISE EXCEPTION 'undo'; EXCEPTION WHEN others THEN NULL; END; \
+           INSERT INTO {t} VALUES (2603); END $$"
+    ));
+    let msgs = received(&s, 2602);
+    let keys: Vec<i64> = msgs.iter().map(|m| m.key.as_deref().unwrap().parse().unwrap()).collect();
+    let want: Vec<i64> = (1..=2601).chain([2603]).collect();
+    assert_eq!(keys, want);
+    wait_drained(&s.dest);
+}
+
 #[test]
 fn two_destinations_on_one_topic_each_receive_every_event() {
     let s = setup("id int PRIMARY KEY, v text", "", "full-resource");
