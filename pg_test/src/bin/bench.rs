@@ -8,8 +8,10 @@
 //! second into identical tables with no destination, a best-effort destination,
 //! an at-least-once destination and a hand-written PL/pgSQL outbox trigger (the
 //! common alternative), for single-row and for 100-row INSERT statements
-//! (broker up, worker draining), in interleaved rounds in one run; the median
-//! of each is reported with its ratio to "no destination".
+//! (broker up, worker draining), and the at-least-once table again with the
+//! broker frozen (capture alone, no delivery competing for the CPU), in
+//! interleaved rounds in one run; the median of each is reported with its
+//! ratio to "no destination".
 //!
 //! Drain: a backlog of `--drain` events (default 1,000,000) from ~300-byte rows,
 //! built while the broker is frozen, delivered once it thaws: events per second,
@@ -20,7 +22,9 @@
 //! Latency: pgbench at a steady 1,000 single-row transactions/s for
 //! `--latency-seconds` (default 20) into an at-least-once destination; per row,
 //! its commit time (track_commit_timestamp) to the moment a consumer polling
-//! the topic received it (an upper bound of commit to acknowledgement).
+//! the topic received it (an upper bound of commit to acknowledgement), and to
+//! the create time librdkafka gave the message (commit to produce); beside it
+//! a bare producer's send-to-receipt through the same broker and consumer.
 //!
 //! Steady state: pgbench at a steady 1,000 transactions/s for
 //! `--steady-seconds` (default 180); the outbox table's size and tuples over time.
@@ -127,7 +131,7 @@ fn main() {
         pg.sql("SELECT pg_reload_conf()");
     }
     if seconds > 0 {
-        write_path(&pg, seconds, rounds, sync);
+        write_path(&pg, &broker, seconds, rounds, sync);
     }
     let events = arg("--drain", 1_000_000);
     if events > 0 {
@@ -145,9 +149,19 @@ fn main() {
 }
 
 /// pgbench into each variant, single-row and 100-row statements.
-fn write_path(pg: &Cluster, seconds: u64, rounds: usize, sync: bool) {
-    let variants = ["bench_none", "bench_be", "bench_alo", "bench_plpgsql"];
-    let names = ["no destination", "best-effort destination", "at-least-once destination", "PL/pgSQL outbox trigger"];
+fn write_path(pg: &Cluster, broker: &Broker, seconds: u64, rounds: usize, sync: bool) {
+    let variants = ["bench_none", "bench_be", "bench_alo", "bench_plpgsql", "bench_alo"];
+    let names = [
+        "no destination",
+        "best-effort destination",
+        "at-least-once destination",
+        "PL/pgSQL outbox trigger",
+        "at-least-once, broker paused",
+    ];
+    // The last variant measures what capture alone costs the writers: the
+    // broker is frozen, so the worker delivers nothing meanwhile (on two
+    // cores, delivering 50k+ events/s competes with the writers for CPU).
+    let paused = variants.len() - 1;
     for (rows, statement) in [
         (1, "INSERT INTO {t} (payload) VALUES (repeat('x', 200));\n"),
         (100, "INSERT INTO {t} (payload) SELECT repeat('x', 200) FROM generate_series(1, 100);\n"),
@@ -160,15 +174,21 @@ fn write_path(pg: &Cluster, seconds: u64, rounds: usize, sync: bool) {
                 let i = (k + round) % variants.len();
                 settle(pg);
                 pg.sql("TRUNCATE plain_outbox");
+                if i == paused {
+                    broker.freeze();
+                }
                 let t = pgbench(pg, &statement.replace("{t}", variants[i]), seconds);
-                eprintln!("round {}: {rows}-row INSERT into {}: {t:.0} tps", round + 1, variants[i]);
+                if i == paused {
+                    broker.thaw();
+                }
+                eprintln!("round {}: {rows}-row INSERT, {}: {t:.0} tps", round + 1, names[i]);
                 tps[i].push(t);
             }
         }
         let base = median(tps[0].clone());
         println!("\nwrite path: {rows}-row INSERT transactions/s, pgbench -M prepared -c 2 -j 2 -T {seconds}, {rounds} interleaved round(s), median");
         println!(
-            "fsync = on, synchronous_commit = {}; 2 cores; broker up, worker draining",
+            "fsync = on, synchronous_commit = {}; 2 cores; broker up and the worker draining unless paused",
             if sync { "off" } else { "on" }
         );
         println!("{:<28} {:>10} {:>8}", "table", "tps", "ratio");
