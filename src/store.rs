@@ -139,6 +139,12 @@ pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64) -> SpiR
     })
 }
 
+/// The lowest and highest of `ids` (not empty): bounds the index scan, which
+/// then checks each entry against the hashed list.
+fn span(ids: &[i64]) -> (i64, i64) {
+    (ids.iter().copied().min().unwrap_or(0), ids.iter().copied().max().unwrap_or(0))
+}
+
 /// Kafka acknowledged these events: they leave the outbox.
 pub fn acknowledge(destination_id: &str, ids: &[i64]) -> SpiResult<()> {
     if ids.is_empty() {
@@ -146,9 +152,9 @@ pub fn acknowledge(destination_id: &str, ids: &[i64]) -> SpiResult<()> {
     }
     Spi::connect_mut(|client| {
         client.update(
-            "DELETE FROM outbox.event WHERE destination_id = $1 AND id = ANY($2)",
+            "DELETE FROM outbox.event WHERE destination_id = $1 AND id BETWEEN $3 AND $4 AND id = ANY($2)",
             None,
-            &[destination_id.into(), ids.to_vec().into()],
+            &[destination_id.into(), ids.to_vec().into(), span(ids).0.into(), span(ids).1.into()],
         )?;
         Ok(())
     })
@@ -178,9 +184,9 @@ pub fn record_failure(destination_id: &str, ids: &[i64], error: &str) -> SpiResu
     Spi::connect_mut(|client| {
         client.update(
             "UPDATE outbox.event SET attempts = attempts + 1, last_error = $3 \
-              WHERE destination_id = $1 AND id = ANY($2)",
+              WHERE destination_id = $1 AND id BETWEEN $4 AND $5 AND id = ANY($2)",
             None,
-            &[destination_id.into(), ids.to_vec().into(), error.into()],
+            &[destination_id.into(), ids.to_vec().into(), error.into(), span(ids).0.into(), span(ids).1.into()],
         )?;
         Ok(())
     })
