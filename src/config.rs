@@ -9,7 +9,7 @@ pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>
 /// Safety-net poll interval of the worker, in milliseconds (reload).
 pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 /// Events claimed and produced per batch and destination (reload).
-pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 /// First retry delay after a failed delivery, doubled up to `RETRY_MAX_MS` (reload).
 pub static RETRY_MIN_MS: GucSetting<i32> = GucSetting::<i32>::new(500);
 /// Longest retry delay, in milliseconds (reload).

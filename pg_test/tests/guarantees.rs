@@ -142,7 +142,8 @@ fn drained(pg: &Cluster) {
 
 #[test]
 fn crash_of_postmaster_and_of_worker_during_a_stream_loses_nothing() {
-    let (broker, pg) = setup("g_crash", &[]);
+    // Small batches, so the duplicate bound below means something.
+    let (broker, pg) = setup("g_crash", &["outbox.batch_size = 1000"]);
     broker.create_topic("alo", 4);
     install(&pg, &broker, "alo", "kafka-at-least-once", "");
     let writers = start_writers(&pg, 4);
