@@ -1,7 +1,7 @@
 //! Benchmarks that print figures (nothing here asserts speed).
 //!
 //! `outbox-bench [--seconds N] [--rounds R] [--async-commit] [--drain EVENTS]
-//!               [--latency-seconds S] [--steady-seconds S]`
+//!               [--latency-seconds S] [--steady-seconds S] [--batch-size N]`
 //! (a part given 0 is skipped)
 //!
 //! Write path: pgbench, prepared statements, 2 clients, INSERT transactions per
@@ -125,6 +125,12 @@ fn main() {
          CREATE TRIGGER plain_outbox AFTER INSERT OR UPDATE ON bench_plpgsql
            FOR EACH ROW EXECUTE FUNCTION plain_outbox_capture();",
     );
+    // outbox.batch_size (events per claim), if given; else the default.
+    let batch_size = arg("--batch-size", 0);
+    if batch_size > 0 {
+        pg.sql(&format!("ALTER SYSTEM SET outbox.batch_size = {batch_size}"));
+        pg.sql("SELECT pg_reload_conf()");
+    }
     let sync = std::env::args().any(|a| a == "--async-commit");
     if sync {
         pg.sql("ALTER SYSTEM SET synchronous_commit = off");
@@ -146,6 +152,8 @@ fn main() {
         steady(&pg, &broker, steady_seconds);
     }
     pg.stop("fast");
+    // A full run leaves gigabytes of WAL and tables behind.
+    let _ = std::fs::remove_dir_all(&pg.dir);
 }
 
 /// pgbench into each variant, single-row and 100-row statements.
