@@ -55,8 +55,10 @@ CREATE INDEX destination_topic_url_idx ON outbox.destination (topic_url);
 -- Only src/store.rs (the worker side) and src/capture.rs (the row trigger
 -- outbox._capture(), the enqueue side) know this layout. row_data is the row
 -- as row_to_json() gives it (columns in table order), only for full-resource.
--- No primary key: ids come from the identity and every query goes by
--- (destination_id, id); one index less to maintain per event.
+-- No primary key on id: ids come from the identity and every query goes by
+-- (destination_id, id), which is unique and the replica identity (a FOR ALL
+-- TABLES publication would otherwise refuse the worker's deletes): one index
+-- per event, not two.
 CREATE TABLE outbox.event (
     id             bigint GENERATED ALWAYS AS IDENTITY,
     destination_id text NOT NULL,
@@ -69,7 +71,8 @@ CREATE TABLE outbox.event (
     attempts       integer NOT NULL DEFAULT 0,
     last_error     text
 );
-CREATE INDEX event_destination_idx ON outbox.event (destination_id, id);
+CREATE UNIQUE INDEX event_destination_idx ON outbox.event (destination_id, id);
+ALTER TABLE outbox.event REPLICA IDENTITY USING INDEX event_destination_idx;
 
 -- Events Kafka will never accept as they are (too large, invalid): moved here by
 -- the worker so they do not hold back the events behind them.

@@ -149,3 +149,16 @@ fn best_effort_destinations_write_nothing_to_the_outbox() {
     assert_eq!(count("SELECT count(*) FROM outbox.event"), 2); // the two at-least-once destinations
     assert_eq!(count("SELECT count(*) FROM outbox.event WHERE destination_id = 'orders-be'"), 0);
 }
+
+/// A publication of all tables takes in the outbox: the worker's deletes and
+/// updates need a replica identity, which (destination_id, id) provides.
+#[pg_test]
+fn outbox_changes_work_under_a_publication_for_all_tables() {
+    Spi::run("CREATE PUBLICATION everything FOR ALL TABLES").unwrap();
+    for sql in [
+        "DELETE FROM outbox.event WHERE destination_id = 'd' AND id BETWEEN 1 AND 2 AND id = ANY('{1,2}')",
+        "UPDATE outbox.event SET attempts = attempts + 1, last_error = 'x' WHERE destination_id = 'd' AND id = 1",
+    ] {
+        assert_eq!(error_of(sql), None, "{sql}");
+    }
+}
