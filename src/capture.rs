@@ -293,7 +293,7 @@ pub fn install_hooks() {
 unsafe extern "C-unwind" fn executor_finish(query_desc: *mut pg_sys::QueryDesc) {
     unsafe {
         match PREV_EXECUTOR_FINISH {
-            Some(prev) => prev(query_desc),
+            Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| prev(query_desc)),
             None => pg_sys::standard_ExecutorFinish(query_desc),
         }
     }

@@ -85,16 +85,23 @@ pub struct Claimed {
 impl Claimed {
     /// Whether `xid` was still running when this claim's snapshot was taken.
     pub fn running(&self, xid: u64) -> bool {
-        xid >= self.xmax || self.xip.contains(&xid)
+        // An unreadable snapshot (xmax 0) vouches for nothing.
+        (self.xmax > 0 && xid >= self.xmax) || self.xip.contains(&xid)
     }
 
     /// The transactions that were running in the snapshot: the xip list and
     /// those at or above xmax (pg_snapshot_xip leaves those out), up to the
     /// next id read afterwards (later ones number their events higher).
-    pub fn in_progress(&self) -> Vec<u64> {
+    /// None when there are too many to watch (many subtransaction ids): the
+    /// next claim then scans from the start.
+    pub fn in_progress(&self) -> Option<Vec<u64>> {
+        let above = self.next_xid.saturating_sub(self.xmax);
+        if self.xmax == 0 || self.xip.len() as u64 + above > 10_000 {
+            return None;
+        }
         let mut all = self.xip.clone();
-        all.extend(self.xmax..self.next_xid.max(self.xmax));
-        all
+        all.extend(self.xmax..self.xmax + above);
+        Some(all)
     }
 }
 

@@ -1046,7 +1046,7 @@ impl Worker {
                 d.full_scan_at = Some(now);
             }
             // Set again below once the whole claim is on its way.
-            d.watch = events.is_empty().then(|| claimed.in_progress());
+            d.watch = if events.is_empty() { claimed.in_progress() } else { None };
             if events.first().is_some_and(|e| e.id > d.isolate_until) {
                 d.isolate_until = 0; // past the batch that held the culprit
             }
@@ -1092,7 +1092,7 @@ impl Worker {
             // then in progress commits more (watched by the next claim).
             d.batch_len = d.in_flight.len();
             if all_sent && d.poisoned.is_empty() {
-                d.watch = Some(claimed.in_progress());
+                d.watch = claimed.in_progress();
             }
             if let Some(p) = &d.producer {
                 p.poll(Duration::ZERO);
