@@ -141,13 +141,12 @@ fn main() {
     }
     let events = arg("--drain", 1_000_000);
     if events > 0 {
+        quiesce(&pg);
         drains(&pg, &broker, events);
     }
     let latency_seconds = arg("--latency-seconds", 20);
     if latency_seconds > 0 {
-        // Not while autovacuum works through what the parts above left behind.
-        pg.sql("VACUUM outbox.event");
-        pg.sql("CHECKPOINT");
+        quiesce(&pg);
         latency(&pg, &broker, latency_seconds);
     }
     let steady_seconds = arg("--steady-seconds", 180);
@@ -157,6 +156,12 @@ fn main() {
     pg.stop("fast");
     // A full run leaves gigabytes of WAL and tables behind.
     let _ = std::fs::remove_dir_all(&pg.dir);
+}
+
+/// Not while autovacuum works through what the parts before left behind.
+fn quiesce(pg: &Cluster) {
+    pg.sql("VACUUM outbox.event");
+    pg.sql("CHECKPOINT");
 }
 
 /// pgbench into each variant, single-row and 100-row statements.
