@@ -287,19 +287,25 @@ fn drain(pg: &Cluster, broker: &Broker, events: u64, name: &str) -> f64 {
     rate
 }
 
-/// The same number of messages of the Bundle's size, straight from librdkafka
-/// with the drain destination's own configuration.
-fn bare_producer(pg: &Cluster, broker: &Broker, events: u64, drained: f64) {
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    watched(pg, broker, "bare", "kafka-at-least-once", "full-resource", "");
-    let config: serde_json::Value = serde_json::from_str(&pg.sql("SELECT outbox.destination_config('bare')")).unwrap();
+/// A bare librdkafka producer with destination `id`'s effective configuration.
+fn producer_like(pg: &Cluster, id: &str) -> rdkafka::producer::BaseProducer {
+    let config: serde_json::Value =
+        serde_json::from_str(&pg.sql(&format!("SELECT outbox.destination_config('{id}')"))).unwrap();
     let mut client = rdkafka::ClientConfig::new();
     for (k, v) in config.as_object().unwrap() {
         if !k.starts_with("pg_outbox.") {
             client.set(k, v.as_str().unwrap());
         }
     }
-    let producer: BaseProducer = client.create().expect("bare producer");
+    client.create().expect("bare producer")
+}
+
+/// The same number of messages of the Bundle's size, straight from librdkafka
+/// with the drain destination's own configuration.
+fn bare_producer(pg: &Cluster, broker: &Broker, events: u64, drained: f64) {
+    use rdkafka::producer::{BaseRecord, Producer};
+    watched(pg, broker, "bare", "kafka-at-least-once", "full-resource", "");
+    let producer = producer_like(pg, "bare");
     let payload = vec![b'x'; 707];
     let started = Instant::now();
     for i in 0..events {
@@ -425,18 +431,11 @@ fn latency(pg: &Cluster, broker: &Broker, seconds: u64) {
 
 /// The baseline: the broker and consumer path alone.
 fn bare_latency(pg: &Cluster, broker: &Broker, seconds: u64) {
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use rdkafka::producer::{BaseRecord, Producer};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     broker.create_topic("lat_bare", 3);
-    let config: serde_json::Value = serde_json::from_str(&pg.sql("SELECT outbox.destination_config('lat')")).unwrap();
-    let mut client = rdkafka::ClientConfig::new();
-    for (k, v) in config.as_object().unwrap() {
-        if !k.starts_with("pg_outbox.") {
-            client.set(k, v.as_str().unwrap());
-        }
-    }
-    let producer: BaseProducer = client.create().expect("bare producer");
+    let producer = producer_like(pg, "lat");
     let stop = Arc::new(AtomicBool::new(false));
     let reader = receipts(broker, "lat_bare", stop.clone());
     let payload = vec![b'x'; 400];
