@@ -119,6 +119,21 @@ BEGIN
 END
 $$;
 
+-- An entry's optional text option `key` for `tbl`: NULL when absent or null,
+-- refused (22023, with `hint`) unless a non-empty string.
+CREATE FUNCTION outbox._entry_text(entry jsonb, key text, tbl text, hint text)
+RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT entry ? key OR jsonb_typeof(entry -> key) = 'null' THEN
+        RETURN NULL;
+    END IF;
+    IF jsonb_typeof(entry -> key) <> 'string' OR btrim(entry ->> key) = '' THEN
+        PERFORM outbox._fail('22023', format('"%s" for table "%s" must be a non-empty string', key, tbl), hint);
+    END IF;
+    RETURN entry ->> key;
+END
+$$;
+
 -- Validate one topic entry, attach its row triggers (one per interaction, the
 -- criteria in the WHEN clause) and record them in outbox.topic_table.
 CREATE FUNCTION outbox._attach(p_topic_id integer, p_url text, p_entry jsonb)
@@ -194,12 +209,9 @@ BEGIN
        AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = v_oid AND a.attname = 'id' AND NOT a.attisdropped) THEN
         v_rtype := v_resource;
     END IF;
-    IF p_entry ? 'fhirpath' AND jsonb_typeof(p_entry -> 'fhirpath') <> 'null' THEN
-        IF jsonb_typeof(p_entry -> 'fhirpath') <> 'string' OR btrim(p_entry ->> 'fhirpath') = '' THEN
-            PERFORM outbox._fail('22023', format('"fhirpath" for table "%s" must be a non-empty string', v_table),
-                'Write a FHIRPath boolean expression, e.g. "status = ''completed''" or "%current.status != %previous.status".');
-        END IF;
-        v_fhirpath := p_entry ->> 'fhirpath';
+    v_fhirpath := outbox._entry_text(p_entry, 'fhirpath', v_table,
+        'Write a FHIRPath boolean expression, e.g. "status = ''completed''" or "%current.status != %previous.status".');
+    IF v_fhirpath IS NOT NULL THEN
         PERFORM outbox._check_fhirpath(v_fhirpath, format('table "%s" in topic "%s"', v_table, p_url));
     END IF;
     SELECT c.relkind INTO v_kind FROM pg_class c WHERE c.oid = v_oid;
@@ -230,13 +242,8 @@ BEGIN
         v_inter := ARRAY['create', 'delete', 'update'];
     END IF;
 
-    IF p_entry ? 'criteria' AND jsonb_typeof(p_entry -> 'criteria') <> 'null' THEN
-        IF jsonb_typeof(p_entry -> 'criteria') <> 'string' OR btrim(p_entry ->> 'criteria') = '' THEN
-            PERFORM outbox._fail('22023', format('"criteria" for table "%s" must be a non-empty string', v_table),
-                'Write a boolean SQL expression over NEW and OLD, e.g. "NEW.status = ''done''".');
-        END IF;
-        v_criteria := p_entry ->> 'criteria';
-    END IF;
+    v_criteria := outbox._entry_text(p_entry, 'criteria', v_table,
+        'Write a boolean SQL expression over NEW and OLD, e.g. "NEW.status = ''done''".');
 
     SELECT coalesce(array_agg(a.attname::text ORDER BY k.ord), '{}') INTO v_keys
       FROM pg_index i

@@ -116,6 +116,8 @@ fn user_errors_carry_sqlstate_message_and_hint() {
         ("SELECT outbox.create_topic('urn:x', '[{\"table\": \"public.nope\"}]')", ERRCODE_UNDEFINED_TABLE, "table \"public.nope\" does not exist"),
         ("SELECT outbox.create_topic('urn:x', '[{\"table\": \"public.orders\", \"criteria\": \"NEW.nope\"}]')", ERRCODE_INVALID_OBJECT_DEFINITION, "invalid criteria for table \"public.orders\""),
         ("SELECT outbox.create_topic('urn:x', '[{\"table\": \"public.orders\", \"criteria\": \"(SELECT true)\"}]')", ERRCODE_INVALID_OBJECT_DEFINITION, "invalid criteria"),
+        ("SELECT outbox.create_topic('urn:x', '[{\"table\": \"public.orders\", \"criteria\": \" \"}]')", ERRCODE_INVALID_PARAMETER_VALUE, "\"criteria\" for table \"public.orders\" must be a non-empty string"),
+        ("SELECT outbox.create_topic('urn:x', '[{\"table\": \"public.orders\", \"fhirpath\": 7}]')", ERRCODE_INVALID_PARAMETER_VALUE, "\"fhirpath\" for table \"public.orders\" must be a non-empty string"),
         (&format!("SELECT outbox.create_destination('orders-a', 'urn:orders', 'kafka-at-least-once', {p})"), ERRCODE_DUPLICATE_OBJECT, "destination \"orders-a\" already exists"),
         (&format!("SELECT outbox.create_destination('x', 'urn:nope', 'kafka-at-least-once', {p})"), ERRCODE_UNDEFINED_OBJECT, "topic \"urn:nope\" does not exist"),
         (&format!("SELECT outbox.create_destination('x', 'urn:orders', 'webhook', {p})"), ERRCODE_INVALID_PARAMETER_VALUE, "unknown destination kind \"webhook\""),

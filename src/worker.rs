@@ -1015,19 +1015,19 @@ impl Worker {
             // lower); else scan from the start, leaving out what is in flight.
             // Scan from the start anyway now and then (a safety net).
             let full_due = d.full_scan_at.is_none_or(|t| now.saturating_duration_since(t) >= FULL_SCAN_MAX);
-            let fast = d.watch.clone().filter(|_| !full_due).map(|w| (d.claimed_up_to, w));
-            let in_flight: Vec<i64> = d.in_flight.iter().copied().collect();
+            let fast = d.watch.as_ref().filter(|_| !full_due);
+            let (after, in_flight) = (d.claimed_up_to, &d.in_flight);
             let mut full_scan = false;
             let claim = || -> pgrx::spi::SpiResult<store::Claimed> {
-                if let Some((after, watch)) = &fast {
-                    let skip: Vec<i64> = in_flight.iter().copied().filter(|i| i > after).collect();
-                    let c = store::claim(&id, *after, &skip, limit)?;
+                if let Some(watch) = fast {
+                    let skip: Vec<i64> = in_flight.iter().copied().filter(|i| *i > after).collect();
+                    let c = store::claim(&id, after, &skip, limit)?;
                     if watch.iter().all(|x| c.running(*x)) {
                         return Ok(c);
                     }
                 }
                 full_scan = true;
-                store::claim(&id, 0, &in_flight, limit)
+                store::claim(&id, 0, &in_flight.iter().copied().collect::<Vec<_>>(), limit)
             };
             let Some(claimed) = in_transaction("claiming events", claim) else {
                 self.last_reload = None; // maybe the extension went away: look again
