@@ -17,7 +17,7 @@ SELECT d.id,
        coalesce(s.last_errors, '[]'::jsonb) AS last_errors
   FROM outbox.destination d
   LEFT JOIN outbox._destination_stats() s ON s.id = d.id
-  LEFT JOIN (SELECT e.destination_id, count(*) AS queued
+  LEFT JOIN (SELECT e.destination_id, sum(e.events)::bigint AS queued
                FROM outbox.event e GROUP BY e.destination_id) q ON q.destination_id = d.id
   LEFT JOIN (SELECT l.destination_id, count(*) AS dead
                FROM outbox.dead_letter l GROUP BY l.destination_id) dl ON dl.destination_id = d.id;

@@ -50,15 +50,20 @@ CREATE TABLE outbox.destination (
 );
 CREATE INDEX destination_topic_url_idx ON outbox.destination (topic_url);
 
--- The outbox: one row per (change, at-least-once destination), written in the
--- writer's transaction, deleted by the worker once Kafka acknowledged it.
+-- The outbox, written in the writer's transaction, deleted by the worker once
+-- Kafka acknowledged it. A row is one event (key, row_data) or, for a
+-- statement that made several changes with the same destination, table and
+-- interaction, a group of them (ids, keys, rows: one element per event, in
+-- change order; id is ids[1], the lowest; events counts them): one row instead of hundreds is what
+-- makes multi-row statements cheap to capture and to delete. outbox.pending
+-- shows one row per event either way.
 -- Only src/store.rs (the worker side) and src/capture.rs (the row trigger
 -- outbox._capture(), the enqueue side) know this layout. row_data is the row
 -- as row_to_json() gives it (columns in table order), only for full-resource.
 -- No primary key on id: ids come from the identity and every query goes by
 -- (destination_id, id), which is unique and the replica identity (a FOR ALL
 -- TABLES publication would otherwise refuse the worker's deletes): one index
--- per event, not two.
+-- per row, not two.
 CREATE TABLE outbox.event (
     id             bigint GENERATED ALWAYS AS IDENTITY,
     destination_id text NOT NULL,
@@ -69,10 +74,32 @@ CREATE TABLE outbox.event (
     row_data       json,
     created_at     timestamptz NOT NULL DEFAULT now(),
     attempts       integer NOT NULL DEFAULT 0,
-    last_error     text
+    last_error     text,
+    events         integer NOT NULL DEFAULT 1,
+    ids            bigint[],
+    keys           text[],
+    rows           json[],
+    CHECK (CASE WHEN ids IS NULL THEN events = 1 AND keys IS NULL AND rows IS NULL
+                ELSE ids[1] = id AND events > 1 AND cardinality(ids) = events
+                     AND cardinality(keys) = events AND cardinality(rows) = events END)
 );
+-- Groups are written once and read whole: compressing them costs writers more
+-- than it saves.
+ALTER TABLE outbox.event ALTER ids SET STORAGE EXTERNAL, ALTER keys SET STORAGE EXTERNAL,
+    ALTER rows SET STORAGE EXTERNAL;
 CREATE UNIQUE INDEX event_destination_idx ON outbox.event (destination_id, id);
 ALTER TABLE outbox.event REPLICA IDENTITY USING INDEX event_destination_idx;
+
+-- The events waiting for delivery, one row per event (groups unfolded).
+CREATE VIEW outbox.pending AS
+SELECT e.id, e.destination_id, e.topic_id, e.table_name, e.interaction, e.key, e.row_data,
+       e.created_at, e.attempts, e.last_error
+  FROM outbox.event e WHERE e.ids IS NULL
+UNION ALL
+SELECT g.id, e.destination_id, e.topic_id, e.table_name, e.interaction, g.key, g.row_data,
+       e.created_at, e.attempts, e.last_error
+  FROM outbox.event e, unnest(e.ids, e.keys, e.rows) AS g (id, key, row_data)
+ WHERE e.ids IS NOT NULL;
 
 -- Events Kafka will never accept as they are (too large, invalid): moved here by
 -- the worker so they do not hold back the events behind them.
@@ -650,8 +677,8 @@ BEGIN
         PERFORM outbox._fail('42704', format('destination "%s" does not exist', coalesce(id, '')),
             'SELECT id FROM outbox.destination lists the destinations.');
     END IF;
-    DELETE FROM outbox.event e WHERE e.destination_id = drop_destination.id;
-    GET DIAGNOSTICS v_discarded = ROW_COUNT;
+    WITH gone AS (DELETE FROM outbox.event e WHERE e.destination_id = drop_destination.id RETURNING e.events)
+    SELECT coalesce(sum(g.events), 0) INTO v_discarded FROM gone g;
     DELETE FROM outbox.dead_letter l WHERE l.destination_id = drop_destination.id;
     GET DIAGNOSTICS v_dead = ROW_COUNT;
     v_discarded := v_discarded + v_dead;

@@ -218,12 +218,47 @@ fn refresh() {
 /// Runs as the extension owner with the writer's search_path: no operator is
 /// used, so none of the writer's can run as the owner. The destinations come
 /// from the cached route (reloaded when the configuration generation moves;
-/// events of a destination dropped meanwhile are swept by the worker). Event
-/// numbers follow the arrays' order, which is the order of the changes.
+/// events of a destination dropped meanwhile are swept by the worker).
+/// One row per group (see `groups`): $1-$4 its destination, topic, table and
+/// interaction, $5 its size, $6/$7 the bounds of its events in $9 (keys) and
+/// $10 (rows), $8 whether it is a single event. Event numbers are taken in
+/// the rows' order and, within a group, in the order of its events.
 const INSERT_EVENTS: &str =
-    "INSERT INTO outbox.event (destination_id, topic_id, table_name, interaction, key, row_data) \
-     SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3), \
-                              pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($6))";
+    "INSERT INTO outbox.event (id, destination_id, topic_id, table_name, interaction, key, row_data, events, ids, keys, rows) \
+     OVERRIDING SYSTEM VALUE \
+     SELECT g.ids[1], g.d, g.t, g.tb, g.i, \
+            CASE WHEN g.single THEN $9[g.lo] END, CASE WHEN g.single THEN $10[g.lo] END, g.n, \
+            CASE WHEN g.single THEN NULL ELSE g.ids END, \
+            CASE WHEN g.single THEN NULL ELSE $9[g.lo:g.hi] END, \
+            CASE WHEN g.single THEN NULL ELSE $10[g.lo:g.hi] END \
+       FROM (SELECT u.*, ARRAY(SELECT pg_catalog.nextval('outbox.event_id_seq'::pg_catalog.regclass) \
+                                 FROM pg_catalog.generate_series(1, u.n)) AS ids \
+               FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3), \
+                               pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($6), \
+                               pg_catalog.unnest($7), pg_catalog.unnest($8)) AS u (d, t, tb, i, n, lo, hi, single)) g";
+
+/// The outbox rows for these events: per destination, each run of events
+/// with the same topic, table and interaction becomes one row (a group when
+/// it has more than one event), the rows in the order their runs began.
+/// Each destination's events keep their order.
+fn groups(queued: &[Queued]) -> Vec<Vec<usize>> {
+    let mut rows: Vec<Vec<usize>> = Vec::new();
+    let mut open: HashMap<&str, usize> = HashMap::new();
+    for (i, q) in queued.iter().enumerate() {
+        let same = |r: &Vec<usize>| {
+            let first = &queued[r[0]];
+            first.topic_id == q.topic_id && first.table == q.table && first.interaction == q.interaction
+        };
+        match open.get(q.destination.as_str()) {
+            Some(&r) if same(&rows[r]) => rows[r].push(i),
+            _ => {
+                open.insert(&q.destination, rows.len());
+                rows.push(vec![i]);
+            }
+        }
+    }
+    rows
+}
 
 /// Queue one event per at-least-once destination of the topic; write the
 /// queue out when it is large enough.
@@ -313,22 +348,29 @@ fn flush(at_commit: bool) {
         STATE.with(|s| s.borrow_mut().insert_plan = plan);
         return;
     }
-    let n = queued.len();
-    let (mut destinations, mut topics, mut tables, mut interactions, mut keys, mut rows) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for q in queued {
-        destinations.push(q.destination);
-        topics.push(q.topic_id);
-        tables.push(q.table);
-        interactions.push(q.interaction);
-        keys.push(q.key);
-        rows.push(q.row.map(pgrx::datum::JsonString));
+    let groups = groups(&queued);
+    let n = groups.len();
+    let (mut destinations, mut topics, mut tables, mut interactions) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut sizes, mut los, mut his, mut singles) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut keys, mut rows) = (Vec::with_capacity(queued.len()), Vec::with_capacity(queued.len()));
+    let mut queued: Vec<Option<Queued>> = queued.into_iter().map(Some).collect();
+    for members in groups {
+        let first = queued[members[0]].as_ref().expect("each event is in one group");
+        destinations.push(first.destination.clone());
+        topics.push(first.topic_id);
+        tables.push(first.table.clone());
+        interactions.push(first.interaction);
+        sizes.push(members.len() as i32);
+        singles.push(members.len() == 1);
+        los.push(keys.len() as i32 + 1);
+        for i in members {
+            let q = queued[i].take().expect("each event is in one group");
+            keys.push(q.key);
+            rows.push(q.row.map(pgrx::datum::JsonString));
+        }
+        his.push(keys.len() as i32);
     }
     // At COMMIT no statement is running: SPI needs a snapshot of its own.
     let push = unsafe { !pg_sys::ActiveSnapshotSet() };
@@ -349,14 +391,28 @@ fn flush(at_commit: bool) {
                             PgOid::BuiltIn(PgBuiltInOids::INT4ARRAYOID),
                             PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
                             PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
+                            PgOid::BuiltIn(PgBuiltInOids::INT4ARRAYOID),
+                            PgOid::BuiltIn(PgBuiltInOids::INT4ARRAYOID),
+                            PgOid::BuiltIn(PgBuiltInOids::INT4ARRAYOID),
+                            PgOid::BuiltIn(PgBuiltInOids::BOOLARRAYOID),
                             PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
                             PgOid::BuiltIn(PgBuiltInOids::JSONARRAYOID),
                         ],
                     )?
                     .keep(),
             };
-            let args: [pgrx::datum::DatumWithOid; 6] =
-                [destinations.into(), topics.into(), tables.into(), interactions.into(), keys.into(), rows.into()];
+            let args: [pgrx::datum::DatumWithOid; 10] = [
+                destinations.into(),
+                topics.into(),
+                tables.into(),
+                interactions.into(),
+                sizes.into(),
+                los.into(),
+                his.into(),
+                singles.into(),
+                keys.into(),
+                rows.into(),
+            ];
             client.update(&plan, None, &args)?;
             Ok::<_, pgrx::spi::SpiError>((unsafe { pg_sys::SPI_processed }, plan))
         })

@@ -201,6 +201,9 @@ impl Content {
 #[derive(Debug, Clone)]
 pub struct Event {
     pub id: i64,
+    /// The id of the outbox row holding this event with others of its
+    /// statement (see `outbox.event`), or 0 for a row of its own.
+    pub group: i64,
     /// Schema-qualified source table, e.g. `public.orders`.
     pub table: String,
     /// `create`, `update` or `delete`.

@@ -105,19 +105,25 @@ impl Claimed {
     }
 }
 
-/// The oldest `limit` events of a destination numbered above `after`, in id
-/// order, leaving out `skip` (events already in flight).
+/// The oldest outbox rows of a destination numbered above `after`, in id
+/// order, leaving out `skip` (events and groups already in flight), up to
+/// `limit` events (a group is taken whole, the first row even if larger):
+/// their events, groups unfolded in order. With `limit` 1 (isolating a
+/// poison event) a group is first split into single events, and only its
+/// first is taken.
 pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64) -> SpiResult<Claimed> {
-    Spi::connect(|client| {
+    let mut claimed = Spi::connect(|client| {
         // One statement, so the snapshot reported is the one the rows were read with.
         let rows = client.select(
             "SELECT e.id, e.table_name, e.interaction, e.key, e.row_data::text, \
                     to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
-                    NULL::text \
-               FROM (SELECT * FROM outbox.event WHERE destination_id = $1 AND id > $2 AND id <> ALL($3) \
-                      ORDER BY id LIMIT $4) e \
+                    NULL::text, e.ids, e.keys, e.rows::text[] \
+               FROM (SELECT w.*, sum(w.events) OVER (ORDER BY w.id ROWS UNBOUNDED PRECEDING) AS upto \
+                       FROM (SELECT * FROM outbox.event WHERE destination_id = $1 AND id > $2 AND id <> ALL($3) \
+                              ORDER BY id LIMIT $4) w) e \
+              WHERE e.upto - e.events < $4 \
              UNION ALL \
-             SELECT NULL, NULL, NULL, NULL, NULL, NULL, pg_catalog.pg_current_snapshot()::text",
+             SELECT NULL, NULL, NULL, NULL, NULL, NULL, pg_catalog.pg_current_snapshot()::text, NULL, NULL, NULL",
             None,
             &[destination_id.into(), after.into(), skip.to_vec().into(), limit.into()],
         )?;
@@ -132,17 +138,70 @@ pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64) -> SpiR
                 out.xip = parts.next().unwrap_or("").split(',').filter_map(|x| x.parse().ok()).collect();
                 continue;
             };
-            out.events.push(Event {
-                id,
-                table: row.get(2)?.unwrap_or_default(),
-                interaction: row.get(3)?.unwrap_or_default(),
-                key: row.get(4)?,
-                row: row.get(5)?,
-                timestamp: row.get(6)?.unwrap_or_default(),
-            });
+            let table: String = row.get(2)?.unwrap_or_default();
+            let interaction: String = row.get(3)?.unwrap_or_default();
+            let timestamp: String = row.get(6)?.unwrap_or_default();
+            match row.get::<Vec<i64>>(8)? {
+                None => out.events.push(Event {
+                    id,
+                    group: 0,
+                    table,
+                    interaction,
+                    key: row.get(4)?,
+                    row: row.get(5)?,
+                    timestamp,
+                }),
+                Some(ids) => {
+                    let keys: Vec<Option<String>> = row.get(9)?.unwrap_or_default();
+                    let rows: Vec<Option<String>> = row.get(10)?.unwrap_or_default();
+                    for ((event, key), data) in ids.into_iter().zip(keys).zip(rows) {
+                        out.events.push(Event {
+                            id: event,
+                            group: id,
+                            table: table.clone(),
+                            interaction: interaction.clone(),
+                            key,
+                            row: data,
+                            timestamp: timestamp.clone(),
+                        });
+                    }
+                }
+            }
         }
         out.next_xid = unsafe { pg_sys::ReadNextFullTransactionId() }.value;
-        Ok(out)
+        Ok::<_, pgrx::spi::SpiError>(out)
+    })?;
+    if limit == 1 && claimed.events.len() > 1 {
+        let group = claimed.events[0].group;
+        split(destination_id, &[group], &[])?;
+        claimed.events.truncate(1);
+        claimed.events[0].group = 0;
+    }
+    Ok(claimed)
+}
+
+/// Replace these groups by single events, leaving out the events in `drop`
+/// (acknowledged already). Rows that are single events already are left
+/// alone, so a group split before is not split again.
+pub fn split(destination_id: &str, groups: &[i64], drop: &[i64]) -> SpiResult<()> {
+    if groups.is_empty() {
+        return Ok(());
+    }
+    Spi::connect_mut(|client| {
+        client.update(
+            "WITH g AS (DELETE FROM outbox.event WHERE destination_id = $1 AND id = ANY($2) AND ids IS NOT NULL \
+                        RETURNING *) \
+             INSERT INTO outbox.event (id, destination_id, topic_id, table_name, interaction, key, row_data, \
+                                       created_at, attempts, last_error) \
+             OVERRIDING SYSTEM VALUE \
+             SELECT u.id, g.destination_id, g.topic_id, g.table_name, g.interaction, u.key, u.row_data, \
+                    g.created_at, g.attempts, g.last_error \
+               FROM g, unnest(g.ids, g.keys, g.rows) AS u (id, key, row_data) \
+              WHERE u.id <> ALL($3)",
+            None,
+            &[destination_id.into(), groups.to_vec().into(), drop.to_vec().into()],
+        )?;
+        Ok(())
     })
 }
 
@@ -152,7 +211,8 @@ fn span(ids: &[i64]) -> (i64, i64) {
     (ids.iter().copied().min().unwrap_or(0), ids.iter().copied().max().unwrap_or(0))
 }
 
-/// Kafka acknowledged these events: they leave the outbox.
+/// Kafka acknowledged these events (single events, or groups whole: a
+/// group's id is its first event's): they leave the outbox.
 pub fn acknowledge(destination_id: &str, ids: &[i64]) -> SpiResult<()> {
     if ids.is_empty() {
         return Ok(());
@@ -167,8 +227,12 @@ pub fn acknowledge(destination_id: &str, ids: &[i64]) -> SpiResult<()> {
     })
 }
 
-/// Kafka will never take this event: move it to outbox.dead_letter.
-pub fn dead_letter(destination_id: &str, id: i64, error: &str) -> SpiResult<()> {
+/// Kafka will never take this event: move it to outbox.dead_letter (out of
+/// its group, if it is in one: `group` is the group's id, or 0).
+pub fn dead_letter(destination_id: &str, id: i64, group: i64, error: &str) -> SpiResult<()> {
+    if group != 0 {
+        split(destination_id, &[group], &[])?;
+    }
     Spi::connect_mut(|client| {
         client.update(
             "WITH moved AS (DELETE FROM outbox.event WHERE destination_id = $1 AND id = $2 RETURNING *) \
@@ -184,6 +248,7 @@ pub fn dead_letter(destination_id: &str, id: i64, error: &str) -> SpiResult<()> 
 }
 
 /// A delivery attempt of these events failed: they stay, with the error.
+/// `ids` lists the groups they are in too.
 pub fn record_failure(destination_id: &str, ids: &[i64], error: &str) -> SpiResult<()> {
     if ids.is_empty() {
         return Ok(());

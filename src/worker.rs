@@ -13,7 +13,7 @@ use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTi
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use rdkafka::producer::Producer;
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::os::fd::RawFd;
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
@@ -99,14 +99,20 @@ struct Destination {
     slot: SlotRef,
     producer: Option<KafkaProducer>,
     epoch: u64,
-    in_flight: HashSet<i64>,
+    /// Event id -> the id of its group (see `Group`), or 0.
+    in_flight: HashMap<i64, i64>,
+    /// Groups (outbox rows holding several events) being delivered, by id.
+    groups: HashMap<i64, Group>,
     /// (produced at, event) in produce order, to expire what is never acknowledged.
     produced: VecDeque<(Instant, i64)>,
     /// At-least-once outcomes waiting to be recorded in the outbox.
     acked: Vec<i64>,
     failed: Vec<(i64, String)>,
-    /// Events Kafka will never take, bound for outbox.dead_letter.
-    poisoned: Vec<(i64, String)>,
+    /// Events Kafka will never take, bound for outbox.dead_letter, with
+    /// their group (or 0).
+    poisoned: Vec<(i64, i64, String)>,
+    /// The groups of failed events.
+    failed_groups: Vec<i64>,
     /// The producer must be replaced (fatal or fenced).
     replace_producer: bool,
     /// A broker refused a batch as poison: send one event at a time up to this
@@ -137,7 +143,7 @@ struct Destination {
     /// and when the pending init/commit/abort must give up (maxBlockMs).
     txn_ready: bool,
     txn_open: bool,
-    held: Vec<i64>,
+    held: Vec<(i64, i64)>,
     txn_deadline: Option<Instant>,
     /// Best-effort events waiting for buffer space, with when they first did.
     blocked: VecDeque<(Instant, kafka::Event)>,
@@ -146,6 +152,22 @@ struct Destination {
     retiring_until: Option<Instant>,
     /// (messages suppressed since, time of the last log line)
     last_logged: Option<(u64, Instant)>,
+}
+
+/// An outbox row holding several events of one statement (see
+/// `outbox.event`), being delivered. Deleted whole once Kafka has all of its
+/// events; if some fail, are never sent or go to the dead letters, it is
+/// split into single events without those Kafka has (`store::split`).
+#[derive(Default)]
+struct Group {
+    /// Its events in the claim.
+    len: usize,
+    /// Sent and without a delivery report yet.
+    outstanding: usize,
+    /// Delivered, not yet recorded.
+    acked: Vec<i64>,
+    /// Will not be acknowledged whole.
+    broken: bool,
 }
 
 impl Destination {
@@ -161,11 +183,13 @@ impl Destination {
             slot,
             producer: None,
             epoch: 0,
-            in_flight: HashSet::new(),
+            in_flight: HashMap::new(),
+            groups: HashMap::new(),
             produced: VecDeque::new(),
             acked: Vec::new(),
             failed: Vec::new(),
             poisoned: Vec::new(),
+            failed_groups: Vec::new(),
             replace_producer: false,
             isolate_until: 0,
             batch_len: 0,
@@ -233,6 +257,9 @@ impl Destination {
             && self.acked.is_empty()
             && self.failed.is_empty()
             && self.poisoned.is_empty()
+            // What a broken group still has in flight decides what of it is
+            // claimed again, before anything after it.
+            && !self.groups.values().any(|g| g.broken && g.outstanding > 0)
             && self.retry_at.is_none_or(|t| t <= now)
     }
 
@@ -244,7 +271,7 @@ impl Destination {
     /// When the oldest event in flight expires (forgetting acknowledged ones).
     fn oldest_deadline(&mut self) -> Option<Instant> {
         while let Some((at, id)) = self.produced.front() {
-            if self.in_flight.contains(id) {
+            if self.in_flight.contains_key(id) {
                 return Some(*at + self.ack_limit());
             }
             self.produced.pop_front();
@@ -255,15 +282,62 @@ impl Destination {
     /// Everything in flight failed with `error`: at-least-once events are
     /// retried from the outbox, best-effort events are lost.
     fn fail_in_flight(&mut self, error: &str) {
-        let mut ids: Vec<i64> = self.in_flight.drain().collect();
-        ids.append(&mut self.held);
+        let in_flight: Vec<(i64, i64)> = self.in_flight.drain().collect();
         self.produced.clear();
         if self.best_effort {
-            self.lost_best_effort += ids.len() as u64;
+            self.lost_best_effort += in_flight.len() as u64;
             self.lost_reason = Some(error.to_string());
-        } else {
-            self.failed.extend(ids.into_iter().map(|id| (id, error.to_string())));
+            return;
         }
+        for (id, group) in in_flight {
+            self.reported(group);
+            self.fail(id, group, error.to_string());
+        }
+        for (id, group) in std::mem::take(&mut self.held) {
+            self.fail(id, group, error.to_string());
+        }
+    }
+
+    /// An event of this group (0: none) has its delivery report.
+    fn reported(&mut self, group: i64) {
+        if let Some(g) = self.groups.get_mut(&group) {
+            g.outstanding = g.outstanding.saturating_sub(1);
+        }
+    }
+
+    /// This group (0: none) will not be acknowledged whole.
+    fn break_group(&mut self, group: i64) {
+        if let Some(g) = self.groups.get_mut(&group) {
+            g.broken = true;
+        }
+    }
+
+    /// Kafka has the event: acknowledged now, or with the rest of its group.
+    fn delivered(&mut self, id: i64, group: i64) {
+        let Some(g) = self.groups.get_mut(&group) else {
+            self.acked.push(id);
+            return;
+        };
+        g.acked.push(id);
+        if !g.broken && g.acked.len() == g.len {
+            let g = self.groups.remove(&group).expect("looked up above");
+            self.acked.extend(g.acked);
+        }
+    }
+
+    /// The event failed; it stays in the outbox for the next attempt.
+    fn fail(&mut self, id: i64, group: i64, error: String) {
+        if group != 0 {
+            self.break_group(group);
+            self.failed_groups.push(group);
+        }
+        self.failed.push((id, error));
+    }
+
+    /// Kafka will never take the event: bound for outbox.dead_letter.
+    fn poison(&mut self, id: i64, group: i64, error: String) {
+        self.break_group(group);
+        self.poisoned.push((id, group, error));
     }
 
     /// Drop the producer (what it has in flight is purged); the next batch
@@ -288,7 +362,8 @@ impl Destination {
 
     /// Events in process: produced and not yet acknowledged (or committed).
     fn in_process(&self) -> u64 {
-        (self.in_flight.len() + self.held.len() + self.blocked.len()) as u64
+        let waiting: usize = self.groups.values().map(|g| g.acked.len()).sum();
+        (self.in_flight.len() + self.held.len() + self.blocked.len() + waiting) as u64
     }
 
     /// Make sure a producer exists; on failure note the error and back off.
@@ -375,11 +450,12 @@ impl Destination {
             Ok(()) => {
                 self.txn_open = false;
                 self.txn_deadline = None;
-                let held = std::mem::take(&mut self.held);
-                if abort {
-                    self.failed.extend(held.into_iter().map(|id| (id, "the transaction was aborted".to_string())));
-                } else {
-                    self.acked.extend(held);
+                for (id, group) in std::mem::take(&mut self.held) {
+                    if abort {
+                        self.fail(id, group, "the transaction was aborted".to_string());
+                    } else {
+                        self.delivered(id, group);
+                    }
                 }
             }
             Err(e) if kafka::is_retriable(&e) && Instant::now() < deadline => {
@@ -423,7 +499,10 @@ impl Destination {
                 Refused::Other(e.to_string())
             }
         })?;
-        self.in_flight.insert(ev.id);
+        self.in_flight.insert(ev.id, ev.group);
+        if let Some(g) = self.groups.get_mut(&ev.group) {
+            g.outstanding += 1;
+        }
         self.produced.push_back((Instant::now(), ev.id));
         Ok(())
     }
@@ -844,13 +923,14 @@ impl Worker {
             };
             match report {
                 Report::Delivered { event_id, .. } => {
-                    if d.in_flight.remove(&event_id) {
+                    if let Some(group) = d.in_flight.remove(&event_id) {
+                        d.reported(group);
                         if d.best_effort {
                             d.delivered_best_effort += 1;
                         } else if d.txn_open {
-                            d.held.push(event_id);
+                            d.held.push((event_id, group));
                         } else {
-                            d.acked.push(event_id);
+                            d.delivered(event_id, group);
                         }
                     }
                 }
@@ -858,19 +938,20 @@ impl Worker {
                     if stale {
                         d.replace_producer = true;
                     }
-                    if d.in_flight.remove(&event_id) {
+                    if let Some(group) = d.in_flight.remove(&event_id) {
+                        d.reported(group);
                         if d.best_effort {
                             d.lost_best_effort += 1;
                             d.lost_reason = Some(error);
                         } else if poison && d.batch_len == 1 {
                             // Sent alone: it is the culprit.
-                            d.poisoned.push((event_id, error));
+                            d.poison(event_id, group, error);
                         } else if poison {
                             // Somewhere in this batch: retry one at a time.
                             d.isolate_until = d.isolate_until.max(d.batch_last);
-                            d.failed.push((event_id, error));
+                            d.fail(event_id, group, error);
                         } else {
-                            d.failed.push((event_id, error));
+                            d.fail(event_id, group, error);
                         }
                     }
                 }
@@ -931,11 +1012,24 @@ impl Worker {
                 }
                 continue;
             }
-            if d.acked.is_empty() && d.failed.is_empty() && d.poisoned.is_empty() {
+            // A broken group's delivered events are recorded by splitting it
+            // into single events without them; the group is forgotten once
+            // nothing of it is in flight.
+            let (mut split, mut split_acked) = (Vec::new(), Vec::new());
+            d.groups.retain(|id, g| {
+                if g.broken && !g.acked.is_empty() {
+                    split.push(*id);
+                    split_acked.append(&mut g.acked);
+                }
+                !(g.broken && g.outstanding == 0)
+            });
+            if d.acked.is_empty() && split.is_empty() && d.failed.is_empty() && d.poisoned.is_empty() {
                 continue;
             }
-            let acked = std::mem::take(&mut d.acked);
+            let mut acked = std::mem::take(&mut d.acked);
+            acked.extend_from_slice(&split_acked);
             let failed = std::mem::take(&mut d.failed);
+            let failed_groups = std::mem::take(&mut d.failed_groups);
             let poisoned = std::mem::take(&mut d.poisoned);
             if !failed.is_empty() || !poisoned.is_empty() {
                 // Events left behind: the next claim scans from the start.
@@ -944,13 +1038,15 @@ impl Worker {
             let failed_ids: Vec<i64> = failed.iter().map(|(id, _)| *id).collect();
             let first_error = failed.first().map(|(_, e)| e.clone()).unwrap_or_default();
             let done = in_transaction("recording deliveries", || -> pgrx::spi::SpiResult<()> {
+                store::split(&d.id, &split, &split_acked)?;
                 store::acknowledge(&d.id, &acked)?;
-                store::record_failure(&d.id, &failed_ids, &first_error)
+                let rows: Vec<i64> = failed_ids.iter().chain(&failed_groups).copied().collect();
+                store::record_failure(&d.id, &rows, &first_error)
             });
             // Separately: a dead letter that cannot be recorded must not undo the acks.
             if !poisoned.is_empty() {
                 let moved = in_transaction("moving events to outbox.dead_letter", || -> pgrx::spi::SpiResult<()> {
-                    poisoned.iter().try_for_each(|(id, error)| store::dead_letter(&d.id, *id, error))
+                    poisoned.iter().try_for_each(|(id, group, error)| store::dead_letter(&d.id, *id, *group, error))
                 });
                 if !matches!(moved, Some(Ok(()))) {
                     d.back_off();
@@ -969,7 +1065,7 @@ impl Worker {
                 (failed_ids.len() + poisoned.len()) as u64,
                 d.in_process(),
             );
-            if let Some((_, error)) = poisoned.first() {
+            if let Some((_, _, error)) = poisoned.first() {
                 d.error(&format!("{} event(s) moved to outbox.dead_letter: {error}", poisoned.len()));
             }
             if !failed_ids.is_empty() {
@@ -1019,15 +1115,18 @@ impl Worker {
             let (after, in_flight) = (d.claimed_up_to, &d.in_flight);
             let mut full_scan = false;
             let claim = || -> pgrx::spi::SpiResult<store::Claimed> {
+                // Events in flight and the groups they are in.
+                let skip = |above: i64| -> Vec<i64> {
+                    in_flight.iter().flat_map(|(id, group)| [*id, *group]).filter(|i| *i > above).collect()
+                };
                 if let Some(watch) = fast {
-                    let skip: Vec<i64> = in_flight.iter().copied().filter(|i| *i > after).collect();
-                    let c = store::claim(&id, after, &skip, limit)?;
+                    let c = store::claim(&id, after, &skip(after), limit)?;
                     if watch.iter().all(|x| c.running(*x)) {
                         return Ok(c);
                     }
                 }
                 full_scan = true;
-                store::claim(&id, 0, &in_flight.iter().copied().collect::<Vec<_>>(), limit)
+                store::claim(&id, 0, &skip(0), limit)
             };
             let Some(claimed) = in_transaction("claiming events", claim) else {
                 self.last_reload = None; // maybe the extension went away: look again
@@ -1067,26 +1166,42 @@ impl Worker {
             if d.in_flight.is_empty() {
                 d.batch_last = 0;
             }
-            d.batch_last = d.batch_last.max(events.last().map_or(0, |e| e.id));
+            d.batch_last = d.batch_last.max(events.iter().map(|e| e.id).max().unwrap_or(0));
+            let mut sizes: HashMap<i64, usize> = HashMap::new();
+            for ev in events.iter().filter(|e| e.group != 0) {
+                *sizes.entry(ev.group).or_default() += 1;
+            }
+            for (group, len) in sizes {
+                d.groups.insert(group, Group { len, ..Group::default() });
+            }
             let mut all_sent = true;
-            for ev in &events {
+            for (i, ev) in events.iter().enumerate() {
                 match d.send(ev) {
-                    Ok(()) => d.claimed_up_to = ev.id,
+                    // Claims go by outbox row: a group counts once it is all sent.
+                    Ok(()) if ev.group == 0 => d.claimed_up_to = ev.id,
+                    Ok(()) => {
+                        if events.get(i + 1).is_none_or(|next| next.group != ev.group) {
+                            d.claimed_up_to = ev.group;
+                        }
+                    }
                     // The rest stays in the outbox for the next batch.
                     Err(Refused::Full) => {
+                        d.break_group(ev.group);
                         all_sent = false;
                         break;
                     }
                     // Never acceptable: set it aside, the others go on.
-                    Err(Refused::Poison(error)) => d.poisoned.push((ev.id, format!("produce refused: {error}"))),
+                    Err(Refused::Poison(error)) => d.poison(ev.id, ev.group, format!("produce refused: {error}")),
                     Err(Refused::Other(error)) => {
                         // Stop here: what follows must not overtake this event.
-                        d.failed.push((ev.id, format!("produce refused: {error}")));
+                        d.fail(ev.id, ev.group, format!("produce refused: {error}"));
                         all_sent = false;
                         break;
                     }
                 }
             }
+            // Groups not reached stay in the outbox whole.
+            d.groups.retain(|_, g| g.broken || g.outstanding > 0 || !g.acked.is_empty());
             // The claim took the lowest events its snapshot saw: all of them up
             // to `claimed_up_to` are now in flight or gone, unless a transaction
             // then in progress commits more (watched by the next claim).
@@ -1136,6 +1251,7 @@ impl Worker {
                     continue;
                 }
                 let event = kafka::Event {
+                    group: 0,
                     id: ev.number as i64,
                     table: ev.table,
                     interaction: ev.interaction,

@@ -226,10 +226,16 @@ fn write_path(pg: &Cluster, broker: &Broker, seconds: u64, rounds: usize, sync: 
     );
 }
 
-/// The drain, against a bare producer, then with a snapshot held open.
+/// The drain of a backlog written by large statements and of one written by
+/// single-row transactions, against a bare producer; then both again with a
+/// snapshot held open.
 fn drains(pg: &Cluster, broker: &Broker, events: u64) {
-    let free = drain(pg, broker, events, "drain");
-    bare_producer(pg, broker, events, free);
+    let free = drain(pg, broker, events, "drain", false);
+    let free_single = drain(pg, broker, events, "drain_single", true);
+    let bare = bare_producer(pg, broker, events);
+    println!("{:<44} {:>12.0} {:>8.3}", "pg_outbox drain, 50,000-row statements", free, free / bare);
+    println!("{:<44} {:>12.0} {:>8.3}", "pg_outbox drain, single-row transactions", free_single, free_single / bare);
+    println!("{:<44} {:>12.0} {:>8.3}", "bare librdkafka producer", bare, 1.0);
     // Again, while another session holds a snapshot from before the backlog on.
     let mut holder = Command::new(format!("{PG_BIN}/psql"))
         .args(["-X", "-q", "-h"])
@@ -246,17 +252,30 @@ fn drains(pg: &Cluster, broker: &Broker, events: u64) {
         );
         (n == 1).then_some(())
     });
-    let held = drain(pg, broker, events, "drain_held");
+    let held = drain(pg, broker, events, "drain_held", false);
+    let held_single = drain(pg, broker, events, "drain_held_single", true);
     // The server does not notice a killed client while it sleeps: end it.
     pg.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(86400)%' AND pid <> pg_backend_pid()");
     let _ = holder.kill();
     let _ = holder.wait();
-    println!("{:<28} {:>12.0} {:>8.3}  (ratio to the drain above)", "drain, snapshot held open", held, held / free);
+    println!(
+        "{:<44} {:>12.0} {:>8.3}  (ratio to the same drain above)",
+        "snapshot held open, 50,000-row statements",
+        held,
+        held / free
+    );
+    println!(
+        "{:<44} {:>12.0} {:>8.3}  (ratio to the same drain above)",
+        "snapshot held open, single-row transactions",
+        held_single,
+        held_single / free_single
+    );
 }
 
-/// Build a backlog of `events` rows while the broker is frozen, then time its
-/// delivery; returns events per second.
-fn drain(pg: &Cluster, broker: &Broker, events: u64, name: &str) -> f64 {
+/// Build a backlog of `events` rows while the broker is frozen, with 50,000-row
+/// INSERTs or (`singles`) one transaction per row, then time its delivery;
+/// returns events per second.
+fn drain(pg: &Cluster, broker: &Broker, events: u64, name: &str, singles: bool) -> f64 {
     watched(pg, broker, name, "kafka-at-least-once", "full-resource", r#", "deliveryTimeoutMs": 600000"#);
     let dest = name.replace('_', "-");
     broker.freeze();
@@ -264,7 +283,14 @@ fn drain(pg: &Cluster, broker: &Broker, events: u64, name: &str) -> f64 {
     let mut from = 1;
     while from <= events {
         let to = (from + 49_999).min(events);
-        pg.sql(&format!("INSERT INTO {name} SELECT g, repeat('x', 280) FROM generate_series({from}, {to}) g"));
+        pg.sql(&if singles {
+            format!(
+                "SET synchronous_commit = off; DO $$ BEGIN FOR g IN {from}..{to} LOOP \
+                   INSERT INTO {name} VALUES (g, repeat('x', 280)); COMMIT; END LOOP; END $$"
+            )
+        } else {
+            format!("INSERT INTO {name} SELECT g, repeat('x', 280) FROM generate_series({from}, {to}) g")
+        });
         from = to + 1;
     }
     let filled = started.elapsed();
@@ -281,7 +307,7 @@ fn drain(pg: &Cluster, broker: &Broker, events: u64, name: &str) -> f64 {
             size + 400,
             filled.as_secs_f64()
         );
-        println!("{:<28} {:>12} {:>8}", "", "events/s", "ratio");
+        println!("{:<44} {:>12} {:>8}", "", "events/s", "ratio");
     }
     pg.sql(&format!("SELECT outbox.drop_destination('{dest}'); SELECT outbox.drop_topic('urn:{name}')"));
     rate
@@ -302,7 +328,7 @@ fn producer_like(pg: &Cluster, id: &str) -> rdkafka::producer::BaseProducer {
 
 /// The same number of messages of the Bundle's size, straight from librdkafka
 /// with the drain destination's own configuration.
-fn bare_producer(pg: &Cluster, broker: &Broker, events: u64, drained: f64) {
+fn bare_producer(pg: &Cluster, broker: &Broker, events: u64) -> f64 {
     use rdkafka::producer::{BaseRecord, Producer};
     watched(pg, broker, "bare", "kafka-at-least-once", "full-resource", "");
     let producer = producer_like(pg, "bare");
@@ -323,9 +349,7 @@ fn bare_producer(pg: &Cluster, broker: &Broker, events: u64, drained: f64) {
         producer.poll(Duration::ZERO);
     }
     producer.flush(Duration::from_secs(600)).expect("flush");
-    let bare = events as f64 / started.elapsed().as_secs_f64();
-    println!("{:<28} {:>12.0} {:>8.3}", "pg_outbox drain", drained, drained / bare);
-    println!("{:<28} {:>12.0} {:>8.3}", "bare librdkafka producer", bare, 1.0);
+    events as f64 / started.elapsed().as_secs_f64()
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
