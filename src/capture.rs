@@ -72,8 +72,9 @@ struct State {
     reload_after_transaction: bool,
     /// The extension owner, who writes the outbox.
     owner: pg_sys::Oid,
-    /// The outbox INSERT, prepared once per backend and configuration.
-    insert_plan: Option<pgrx::spi::OwnedPreparedStatement>,
+    /// The outbox INSERTs (single events, groups), prepared once per
+    /// backend and configuration.
+    insert_plans: [Option<pgrx::spi::OwnedPreparedStatement>; 2],
 }
 
 /// An at-least-once event waiting for the next flush into the outbox.
@@ -211,7 +212,7 @@ fn refresh() {
         s.dirty = false;
         s.reload_after_transaction = this_transaction_only;
         s.owner = owner;
-        s.insert_plan = None;
+        s.insert_plans = Default::default();
     });
 }
 
@@ -219,6 +220,12 @@ fn refresh() {
 /// used, so none of the writer's can run as the owner. The destinations come
 /// from the cached route (reloaded when the configuration generation moves;
 /// events of a destination dropped meanwhile are swept by the worker).
+/// Every event a row of its own, in the arrays' order.
+const INSERT_SINGLE_EVENTS: &str =
+    "INSERT INTO outbox.event (destination_id, topic_id, table_name, interaction, key, row_data) \
+     SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3), \
+                              pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($6))";
+
 /// One row per group (see `groups`): $1-$4 its destination, topic, table and
 /// interaction, $5 its size, $6/$7 the bounds of its events in $9 (keys) and
 /// $10 (rows), $8 whether it is a single event. Event numbers are taken in
@@ -339,69 +346,74 @@ unsafe extern "C-unwind" fn executor_finish(query_desc: *mut pg_sys::QueryDesc) 
 /// transaction, as the extension owner, with one INSERT. At COMMIT even if
 /// the transaction was made read-only after its changes.
 fn flush(at_commit: bool) {
-    let (queued, owner, plan) = STATE.with(|s| {
+    let (queued, owner, mut plans) = STATE.with(|s| {
         let mut s = s.borrow_mut();
         s.queued_bytes = 0;
-        (std::mem::take(&mut s.queued), s.owner, s.insert_plan.take())
+        (std::mem::take(&mut s.queued), s.owner, std::mem::take(&mut s.insert_plans))
     });
     if queued.is_empty() {
-        STATE.with(|s| s.borrow_mut().insert_plan = plan);
+        STATE.with(|s| s.borrow_mut().insert_plans = plans);
         return;
     }
     let groups = groups(&queued);
     let n = groups.len();
     let (mut destinations, mut topics, mut tables, mut interactions) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-    let (mut sizes, mut los, mut his, mut singles) =
-        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     let (mut keys, mut rows) = (Vec::with_capacity(queued.len()), Vec::with_capacity(queued.len()));
-    let mut queued: Vec<Option<Queued>> = queued.into_iter().map(Some).collect();
-    for members in groups {
-        let first = queued[members[0]].as_ref().expect("each event is in one group");
-        destinations.push(first.destination.clone());
-        topics.push(first.topic_id);
-        tables.push(first.table.clone());
-        interactions.push(first.interaction);
-        sizes.push(members.len() as i32);
-        singles.push(members.len() == 1);
-        los.push(keys.len() as i32 + 1);
-        for i in members {
-            let q = queued[i].take().expect("each event is in one group");
-            keys.push(q.key);
-            rows.push(q.row.map(pgrx::datum::JsonString));
-        }
-        his.push(keys.len() as i32);
-    }
-    // At COMMIT no statement is running: SPI needs a snapshot of its own.
-    let push = unsafe { !pg_sys::ActiveSnapshotSet() };
-    if push {
-        unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
-    }
-    let read_only =
-        at_commit && unsafe { std::mem::replace(&mut *std::ptr::addr_of_mut!(pg_sys::XactReadOnly), false) };
-    let (written, plan) = as_owner(owner, || {
-        Spi::connect_mut(|client| {
-            let plan = match plan {
-                Some(p) => p,
-                None => client
-                    .prepare_mut(
-                        INSERT_EVENTS,
-                        &[
-                            PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
-                            PgOid::BuiltIn(PgBuiltInOids::INT4ARRAYOID),
-                            PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
-                            PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
-                            PgOid::BuiltIn(PgBuiltInOids::INT4ARRAYOID),
-                            PgOid::BuiltIn(PgBuiltInOids::INT4ARRAYOID),
-                            PgOid::BuiltIn(PgBuiltInOids::INT4ARRAYOID),
-                            PgOid::BuiltIn(PgBuiltInOids::BOOLARRAYOID),
-                            PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
-                            PgOid::BuiltIn(PgBuiltInOids::JSONARRAYOID),
-                        ],
-                    )?
-                    .keep(),
-            };
-            let args: [pgrx::datum::DatumWithOid; 10] = [
+    let (which, statement, types, args): (usize, &str, Vec<PgBuiltInOids>, Vec<pgrx::datum::DatumWithOid>) =
+        if n == queued.len() {
+            for q in queued {
+                destinations.push(q.destination);
+                topics.push(q.topic_id);
+                tables.push(q.table);
+                interactions.push(q.interaction);
+                keys.push(q.key);
+                rows.push(q.row.map(pgrx::datum::JsonString));
+            }
+            let types = vec![
+                PgBuiltInOids::TEXTARRAYOID,
+                PgBuiltInOids::INT4ARRAYOID,
+                PgBuiltInOids::TEXTARRAYOID,
+                PgBuiltInOids::TEXTARRAYOID,
+                PgBuiltInOids::TEXTARRAYOID,
+                PgBuiltInOids::JSONARRAYOID,
+            ];
+            let args =
+                vec![destinations.into(), topics.into(), tables.into(), interactions.into(), keys.into(), rows.into()];
+            (0, INSERT_SINGLE_EVENTS, types, args)
+        } else {
+            let (mut sizes, mut los, mut his, mut singles) =
+                (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+            let mut queued: Vec<Option<Queued>> = queued.into_iter().map(Some).collect();
+            for members in groups {
+                let first = queued[members[0]].as_ref().expect("each event is in one group");
+                destinations.push(first.destination.clone());
+                topics.push(first.topic_id);
+                tables.push(first.table.clone());
+                interactions.push(first.interaction);
+                sizes.push(members.len() as i32);
+                singles.push(members.len() == 1);
+                los.push(keys.len() as i32 + 1);
+                for i in members {
+                    let q = queued[i].take().expect("each event is in one group");
+                    keys.push(q.key);
+                    rows.push(q.row.map(pgrx::datum::JsonString));
+                }
+                his.push(keys.len() as i32);
+            }
+            let types = vec![
+                PgBuiltInOids::TEXTARRAYOID,
+                PgBuiltInOids::INT4ARRAYOID,
+                PgBuiltInOids::TEXTARRAYOID,
+                PgBuiltInOids::TEXTARRAYOID,
+                PgBuiltInOids::INT4ARRAYOID,
+                PgBuiltInOids::INT4ARRAYOID,
+                PgBuiltInOids::INT4ARRAYOID,
+                PgBuiltInOids::BOOLARRAYOID,
+                PgBuiltInOids::TEXTARRAYOID,
+                PgBuiltInOids::JSONARRAYOID,
+            ];
+            let args = vec![
                 destinations.into(),
                 topics.into(),
                 tables.into(),
@@ -413,11 +425,31 @@ fn flush(at_commit: bool) {
                 keys.into(),
                 rows.into(),
             ];
+            (1, INSERT_EVENTS, types, args)
+        };
+    // At COMMIT no statement is running: SPI needs a snapshot of its own.
+    let push = unsafe { !pg_sys::ActiveSnapshotSet() };
+    if push {
+        unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+    }
+    let read_only =
+        at_commit && unsafe { std::mem::replace(&mut *std::ptr::addr_of_mut!(pg_sys::XactReadOnly), false) };
+    let (written, plan) = as_owner(owner, || {
+        Spi::connect_mut(|client| {
+            let plan = match plans[which].take() {
+                Some(p) => p,
+                None => {
+                    let types: Vec<PgOid> = types.into_iter().map(PgOid::BuiltIn).collect();
+                    client.prepare_mut(statement, &types)?.keep()
+                }
+            };
+            let _generic = GenericPlans::force();
             client.update(&plan, None, &args)?;
             Ok::<_, pgrx::spi::SpiError>((unsafe { pg_sys::SPI_processed }, plan))
         })
         .unwrap_or_else(|e| pgrx::error!("pg_outbox: writing the outbox failed: {e}"))
     });
+    plans[which] = Some(plan);
     if read_only {
         unsafe { pg_sys::XactReadOnly = true };
     }
@@ -426,11 +458,29 @@ fn flush(at_commit: bool) {
     }
     STATE.with(|s| {
         let mut s = s.borrow_mut();
-        s.insert_plan = Some(plan);
+        s.insert_plans = plans;
         if written > 0 {
             s.wake = true;
         }
     });
+}
+
+/// Plans are generic while this lives: a custom plan for each execution
+/// (what the plan cache picks for these statements, their array arguments
+/// being known only then) costs more to plan than the INSERT itself.
+struct GenericPlans(i32);
+
+impl GenericPlans {
+    fn force() -> GenericPlans {
+        let mode = unsafe { std::mem::replace(&mut *std::ptr::addr_of_mut!(pg_sys::plan_cache_mode), 1) };
+        GenericPlans(mode)
+    }
+}
+
+impl Drop for GenericPlans {
+    fn drop(&mut self) {
+        unsafe { pg_sys::plan_cache_mode = self.0 };
+    }
 }
 
 /// Keep a change for the topic's best-effort destinations until COMMIT.

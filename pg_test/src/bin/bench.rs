@@ -285,8 +285,8 @@ fn drain(pg: &Cluster, broker: &Broker, events: u64, name: &str, singles: bool) 
         let to = (from + 49_999).min(events);
         pg.sql(&if singles {
             format!(
-                "SET synchronous_commit = off; DO $$ BEGIN FOR g IN {from}..{to} LOOP \
-                   INSERT INTO {name} VALUES (g, repeat('x', 280)); COMMIT; END LOOP; END $$"
+                "DO $$ BEGIN PERFORM set_config('synchronous_commit', 'off', false); \
+                   FOR g IN {from}..{to} LOOP INSERT INTO {name} VALUES (g, repeat('x', 280)); COMMIT; END LOOP; END $$"
             )
         } else {
             format!("INSERT INTO {name} SELECT g, repeat('x', 280) FROM generate_series({from}, {to}) g")
