@@ -80,11 +80,12 @@ CREATE TABLE outbox.event (
     keys           text[],
     rows           json[],
     CHECK (CASE WHEN ids IS NULL THEN events = 1 AND keys IS NULL AND rows IS NULL
-                ELSE ids[1] = id AND events > 1 AND cardinality(ids) = events
-                     AND cardinality(keys) = events AND cardinality(rows) = events END)
+                ELSE keys IS NOT NULL AND rows IS NOT NULL AND ids[1] = id AND events > 1
+                     AND cardinality(ids) = events AND cardinality(keys) = events
+                     AND cardinality(rows) = events END)
 );
--- Groups are written once and read whole: compressing them costs writers more
--- than it saves.
+-- Groups live until delivered, typically seconds, and are read whole:
+-- stored out of line, not compressed (which would spend the writer's CPU).
 ALTER TABLE outbox.event ALTER ids SET STORAGE EXTERNAL, ALTER keys SET STORAGE EXTERNAL,
     ALTER rows SET STORAGE EXTERNAL;
 CREATE UNIQUE INDEX event_destination_idx ON outbox.event (destination_id, id);

@@ -154,6 +154,9 @@ pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64) -> SpiR
                 Some(ids) => {
                     let keys: Vec<Option<String>> = row.get(9)?.unwrap_or_default();
                     let rows: Vec<Option<String>> = row.get(10)?.unwrap_or_default();
+                    if keys.len() != ids.len() || rows.len() != ids.len() {
+                        pgrx::error!("pg_outbox: outbox row {id} of destination \"{destination_id}\" is malformed");
+                    }
                     for ((event, key), data) in ids.into_iter().zip(keys).zip(rows) {
                         out.events.push(Event {
                             id: event,
@@ -211,17 +214,24 @@ fn span(ids: &[i64]) -> (i64, i64) {
     (ids.iter().copied().min().unwrap_or(0), ids.iter().copied().max().unwrap_or(0))
 }
 
-/// Kafka acknowledged these events (single events, or groups whole: a
-/// group's id is its first event's): they leave the outbox.
-pub fn acknowledge(destination_id: &str, ids: &[i64]) -> SpiResult<()> {
+/// Kafka acknowledged these events: they leave the outbox. A group goes
+/// only when listed in `whole` (its events are among `ids`).
+pub fn acknowledge(destination_id: &str, ids: &[i64], whole: &[i64]) -> SpiResult<()> {
     if ids.is_empty() {
         return Ok(());
     }
     Spi::connect_mut(|client| {
         client.update(
-            "DELETE FROM outbox.event WHERE destination_id = $1 AND id BETWEEN $3 AND $4 AND id = ANY($2)",
+            "DELETE FROM outbox.event WHERE destination_id = $1 AND id BETWEEN $3 AND $4 AND id = ANY($2) \
+                AND (ids IS NULL OR id = ANY($5))",
             None,
-            &[destination_id.into(), ids.to_vec().into(), span(ids).0.into(), span(ids).1.into()],
+            &[
+                destination_id.into(),
+                ids.to_vec().into(),
+                span(ids).0.into(),
+                span(ids).1.into(),
+                whole.to_vec().into(),
+            ],
         )?;
         Ok(())
     })
@@ -247,18 +257,28 @@ pub fn dead_letter(destination_id: &str, id: i64, group: i64, error: &str) -> Sp
     })
 }
 
-/// A delivery attempt of these events failed: they stay, with the error.
-/// `ids` lists the groups they are in too.
-pub fn record_failure(destination_id: &str, ids: &[i64], error: &str) -> SpiResult<()> {
+/// A delivery attempt of these events failed: they stay, with the error,
+/// on the event or, when it is still in one, on its group (of `groups`).
+pub fn record_failure(destination_id: &str, ids: &[i64], groups: &[i64], error: &str) -> SpiResult<()> {
     if ids.is_empty() {
         return Ok(());
     }
+    let rows: Vec<i64> = ids.iter().chain(groups).copied().collect();
     Spi::connect_mut(|client| {
         client.update(
             "UPDATE outbox.event SET attempts = attempts + 1, last_error = $3 \
-              WHERE destination_id = $1 AND id BETWEEN $4 AND $5 AND id = ANY($2)",
+              WHERE destination_id = $1 AND id BETWEEN $4 AND $5 AND id = ANY($6) \
+                AND CASE WHEN ids IS NULL THEN id = ANY($2) ELSE id = ANY($7) END",
             None,
-            &[destination_id.into(), ids.to_vec().into(), error.into(), span(ids).0.into(), span(ids).1.into()],
+            &[
+                destination_id.into(),
+                ids.to_vec().into(),
+                error.into(),
+                span(&rows).0.into(),
+                span(&rows).1.into(),
+                rows.clone().into(),
+                groups.to_vec().into(),
+            ],
         )?;
         Ok(())
     })

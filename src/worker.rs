@@ -113,6 +113,8 @@ struct Destination {
     poisoned: Vec<(i64, i64, String)>,
     /// The groups of failed events.
     failed_groups: Vec<i64>,
+    /// Groups Kafka has whole (their events are in `acked`).
+    whole: Vec<i64>,
     /// The producer must be replaced (fatal or fenced).
     replace_producer: bool,
     /// A broker refused a batch as poison: send one event at a time up to this
@@ -190,6 +192,7 @@ impl Destination {
             failed: Vec::new(),
             poisoned: Vec::new(),
             failed_groups: Vec::new(),
+            whole: Vec::new(),
             replace_producer: false,
             isolate_until: 0,
             batch_len: 0,
@@ -294,6 +297,7 @@ impl Destination {
             self.fail(id, group, error.to_string());
         }
         for (id, group) in std::mem::take(&mut self.held) {
+            self.reported(group);
             self.fail(id, group, error.to_string());
         }
     }
@@ -314,15 +318,24 @@ impl Destination {
 
     /// Kafka has the event: acknowledged now, or with the rest of its group.
     fn delivered(&mut self, id: i64, group: i64) {
-        let Some(g) = self.groups.get_mut(&group) else {
+        if group == 0 {
             self.acked.push(id);
             return;
-        };
+        }
+        // A group no longer tracked is split rather than trusted whole.
+        let g = self.groups.entry(group).or_insert_with(|| Group { broken: true, ..Group::default() });
         g.acked.push(id);
         if !g.broken && g.acked.len() == g.len {
             let g = self.groups.remove(&group).expect("looked up above");
             self.acked.extend(g.acked);
+            self.whole.push(group);
         }
+    }
+
+    /// Stop waiting for groups to complete (shutting down, retiring): what
+    /// Kafka has of them is recorded by splitting them.
+    fn break_all_groups(&mut self) {
+        self.groups.values_mut().for_each(|g| g.broken = true);
     }
 
     /// The event failed; it stays in the outbox for the next attempt.
@@ -451,6 +464,7 @@ impl Destination {
                 self.txn_open = false;
                 self.txn_deadline = None;
                 for (id, group) in std::mem::take(&mut self.held) {
+                    self.reported(group);
                     if abort {
                         self.fail(id, group, "the transaction was aborted".to_string());
                     } else {
@@ -696,6 +710,11 @@ impl Worker {
         self.maybe_reload();
         self.take_reports();
         self.expire_unacknowledged();
+        let now = Instant::now();
+        self.destinations
+            .values_mut()
+            .filter(|d| d.retiring_until.is_some_and(|until| until <= now))
+            .for_each(Destination::break_all_groups);
         self.record_outcomes();
         self.finish_retiring();
         self.claim_and_produce();
@@ -924,12 +943,13 @@ impl Worker {
             match report {
                 Report::Delivered { event_id, .. } => {
                     if let Some(group) = d.in_flight.remove(&event_id) {
-                        d.reported(group);
                         if d.best_effort {
                             d.delivered_best_effort += 1;
                         } else if d.txn_open {
+                            // Still outstanding: the transaction may yet abort.
                             d.held.push((event_id, group));
                         } else {
+                            d.reported(group);
                             d.delivered(event_id, group);
                         }
                     }
@@ -1030,6 +1050,7 @@ impl Worker {
             acked.extend_from_slice(&split_acked);
             let failed = std::mem::take(&mut d.failed);
             let failed_groups = std::mem::take(&mut d.failed_groups);
+            let whole = std::mem::take(&mut d.whole);
             let poisoned = std::mem::take(&mut d.poisoned);
             if !failed.is_empty() || !poisoned.is_empty() {
                 // Events left behind: the next claim scans from the start.
@@ -1039,9 +1060,8 @@ impl Worker {
             let first_error = failed.first().map(|(_, e)| e.clone()).unwrap_or_default();
             let done = in_transaction("recording deliveries", || -> pgrx::spi::SpiResult<()> {
                 store::split(&d.id, &split, &split_acked)?;
-                store::acknowledge(&d.id, &acked)?;
-                let rows: Vec<i64> = failed_ids.iter().chain(&failed_groups).copied().collect();
-                store::record_failure(&d.id, &rows, &first_error)
+                store::acknowledge(&d.id, &acked, &whole)?;
+                store::record_failure(&d.id, &failed_ids, &failed_groups, &first_error)
             });
             // Separately: a dead letter that cannot be recorded must not undo the acks.
             if !poisoned.is_empty() {
@@ -1117,7 +1137,8 @@ impl Worker {
             let claim = || -> pgrx::spi::SpiResult<store::Claimed> {
                 // Events in flight and the groups they are in.
                 let skip = |above: i64| -> Vec<i64> {
-                    in_flight.iter().flat_map(|(id, group)| [*id, *group]).filter(|i| *i > above).collect()
+                    let groups: HashSet<i64> = in_flight.values().copied().filter(|g| *g > above).collect();
+                    in_flight.keys().copied().filter(|i| *i > above).chain(groups).collect()
                 };
                 if let Some(watch) = fast {
                     let c = store::claim(&id, after, &skip(after), limit)?;
@@ -1277,6 +1298,7 @@ impl Worker {
             }
         }
         self.take_reports();
+        self.destinations.values_mut().for_each(Destination::break_all_groups);
         self.record_outcomes();
         for d in std::mem::take(&mut self.destinations).into_values() {
             status::mark_stopped(d.slot);

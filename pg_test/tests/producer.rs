@@ -206,6 +206,42 @@ fn alter_destination_under_load_moves_the_stream_and_loses_nothing() {
 /// cluster, which the worker reaches over TCP like any broker. The mock does
 /// not filter aborted transactions for read_committed consumers (before
 /// librdkafka 2.15), so the abort is checked through the status counters.
+/// A statement's events are one outbox row (a group). A transactional
+/// destination whose librdkafka queue takes only part of it commits that
+/// part (slowly: each commit takes several of the worker's steps), splits the
+/// group and sends the rest in later transactions: every event once, in order.
+#[test]
+fn transactional_destination_delivers_a_group_larger_than_its_queue_once_in_order() {
+    use rdkafka::mocking::MockCluster;
+    let pg = pg();
+    let mock = MockCluster::new(1).unwrap();
+    let t = unique("txn_group");
+    let dest = t.replace('_', "-");
+    mock.create_topic(&t, 1, 1).unwrap();
+    mock.broker_round_trip_time(1, Duration::from_millis(150)).unwrap();
+    watched_table(pg, &t, "id int PRIMARY KEY");
+    let extra = format!(r#", "transactionalId": "pg_outbox-{dest}", "rdkafka.queue.buffering.max.messages": 200"#);
+    pg.create_destination(
+        &dest,
+        &format!("urn:{t}"),
+        "kafka-at-least-once",
+        &t,
+        &mock.bootstrap_servers(),
+        &extra,
+        "id-only",
+    );
+    pg.sql(&format!("INSERT INTO {t} SELECT generate_series(1, 1000)"));
+    assert_eq!(pg.count(&format!("SELECT count(*) FROM outbox.event WHERE destination_id = '{dest}'")), 1);
+    wait_for("the group delivered", WAIT, || (pg.status_row(&dest)["messages_queued"] == 0).then_some(()));
+    let settings = [("isolation.level", "read_committed")];
+    let msgs = consume_with(&mock.bootstrap_servers(), &t, 1000, WAIT, Duration::from_millis(500), &settings);
+    let got: Vec<i64> = msgs.iter().map(|m| m.key.as_deref().unwrap().parse().unwrap()).collect();
+    assert!(got == (1..=1000).collect::<Vec<i64>>(), "{} arrived: {:?}...", got.len(), &got[..got.len().min(20)]);
+    let row = pg.status_row(&dest);
+    assert_eq!(row["messages_delivered"], 1000, "{row}");
+    pg.sql(&format!("SELECT outbox.drop_destination('{dest}')"));
+}
+
 #[test]
 fn transactional_destination_delivers_each_batch_as_one_kafka_transaction() {
     use rdkafka::mocking::MockCluster;
