@@ -206,21 +206,19 @@ fn alter_destination_under_load_moves_the_stream_and_loses_nothing() {
 /// cluster, which the worker reaches over TCP like any broker. The mock does
 /// not filter aborted transactions for read_committed consumers (before
 /// librdkafka 2.15), so the abort is checked through the status counters.
-/// A statement's events are one outbox row (a group). A transactional
-/// destination whose librdkafka queue takes only part of it commits that
-/// part (slowly: each commit takes several of the worker's steps), splits the
-/// group and sends the rest in later transactions: every event once, in order.
-#[test]
-fn transactional_destination_delivers_a_group_larger_than_its_queue_once_in_order() {
-    use rdkafka::mocking::MockCluster;
-    let pg = pg();
-    let mock = MockCluster::new(1).unwrap();
-    let t = unique("txn_group");
+/// An rdkafka mock cluster, a watched table `t` (`id int` key) and a
+/// transactional id-only destination for it with `extra` parameters.
+fn transactional_destination(
+    pg: &Cluster,
+    name: &str,
+    extra: &str,
+) -> (rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>, String, String) {
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let t = unique(name);
     let dest = t.replace('_', "-");
     mock.create_topic(&t, 1, 1).unwrap();
-    mock.broker_round_trip_time(1, Duration::from_millis(150)).unwrap();
     watched_table(pg, &t, "id int PRIMARY KEY");
-    let extra = format!(r#", "transactionalId": "pg_outbox-{dest}", "rdkafka.queue.buffering.max.messages": 200"#);
+    let extra = format!(r#", "transactionalId": "pg_outbox-{dest}"{extra}"#);
     pg.create_destination(
         &dest,
         &format!("urn:{t}"),
@@ -230,6 +228,19 @@ fn transactional_destination_delivers_a_group_larger_than_its_queue_once_in_orde
         &extra,
         "id-only",
     );
+    (mock, t, dest)
+}
+
+/// A statement's events are one outbox row (a group). A transactional
+/// destination whose librdkafka queue takes only part of it commits that
+/// part (slowly: each commit takes several of the worker's steps), splits the
+/// group and sends the rest in later transactions: every event once, in order.
+#[test]
+fn transactional_destination_delivers_a_group_larger_than_its_queue_once_in_order() {
+    let pg = pg();
+    let (mock, t, dest) =
+        transactional_destination(pg, "txn_group", r#", "rdkafka.queue.buffering.max.messages": 200"#);
+    mock.broker_round_trip_time(1, Duration::from_millis(150)).unwrap();
     pg.sql(&format!("INSERT INTO {t} SELECT generate_series(1, 1000)"));
     assert_eq!(pg.count(&format!("SELECT count(*) FROM outbox.event WHERE destination_id = '{dest}'")), 1);
     wait_for("the group delivered", WAIT, || (pg.status_row(&dest)["messages_queued"] == 0).then_some(()));
@@ -244,24 +255,9 @@ fn transactional_destination_delivers_a_group_larger_than_its_queue_once_in_orde
 
 #[test]
 fn transactional_destination_delivers_each_batch_as_one_kafka_transaction() {
-    use rdkafka::mocking::MockCluster;
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     let pg = pg();
-    let mock = MockCluster::new(1).unwrap();
-    let t = unique("txn");
-    let dest = t.replace('_', "-");
-    mock.create_topic(&t, 1, 1).unwrap();
-    watched_table(pg, &t, "id int PRIMARY KEY");
-    let extra = format!(r#", "transactionalId": "pg_outbox-{dest}""#);
-    pg.create_destination(
-        &dest,
-        &format!("urn:{t}"),
-        "kafka-at-least-once",
-        &t,
-        &mock.bootstrap_servers(),
-        &extra,
-        "id-only",
-    );
+    let (mock, t, dest) = transactional_destination(pg, "txn", "");
     for i in 0..3 {
         pg.sql(&format!("INSERT INTO {t} SELECT generate_series({}, {})", i * 100 + 1, i * 100 + 100));
         wait_for("the batch committed", WAIT, || (pg.status_row(&dest)["messages_queued"] == 0).then_some(()));
