@@ -355,78 +355,45 @@ fn flush(at_commit: bool) {
         STATE.with(|s| s.borrow_mut().insert_plans = plans);
         return;
     }
+    // Singles keep the plain INSERT; with groups the arrays also say where
+    // each group's events lie in the keys and rows.
     let groups = groups(&queued);
+    let grouped = groups.len() < queued.len();
     let n = groups.len();
     let (mut destinations, mut topics, mut tables, mut interactions) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut sizes, mut los, mut his, mut singles) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     let (mut keys, mut rows) = (Vec::with_capacity(queued.len()), Vec::with_capacity(queued.len()));
-    let (which, statement, types, args): (usize, &str, Vec<PgBuiltInOids>, Vec<pgrx::datum::DatumWithOid>) =
-        if n == queued.len() {
-            for q in queued {
+    let mut queued: Vec<Option<Queued>> = queued.into_iter().map(Some).collect();
+    for members in groups {
+        sizes.push(members.len() as i32);
+        singles.push(members.len() == 1);
+        los.push(keys.len() as i32 + 1);
+        for (k, i) in members.into_iter().enumerate() {
+            let q = queued[i].take().expect("each event is in one group");
+            if k == 0 {
                 destinations.push(q.destination);
                 topics.push(q.topic_id);
                 tables.push(q.table);
                 interactions.push(q.interaction);
-                keys.push(q.key);
-                rows.push(q.row.map(pgrx::datum::JsonString));
             }
-            let types = vec![
-                PgBuiltInOids::TEXTARRAYOID,
-                PgBuiltInOids::INT4ARRAYOID,
-                PgBuiltInOids::TEXTARRAYOID,
-                PgBuiltInOids::TEXTARRAYOID,
-                PgBuiltInOids::TEXTARRAYOID,
-                PgBuiltInOids::JSONARRAYOID,
-            ];
-            let args =
-                vec![destinations.into(), topics.into(), tables.into(), interactions.into(), keys.into(), rows.into()];
-            (0, INSERT_SINGLE_EVENTS, types, args)
-        } else {
-            let (mut sizes, mut los, mut his, mut singles) =
-                (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-            let mut queued: Vec<Option<Queued>> = queued.into_iter().map(Some).collect();
-            for members in groups {
-                let first = queued[members[0]].as_ref().expect("each event is in one group");
-                destinations.push(first.destination.clone());
-                topics.push(first.topic_id);
-                tables.push(first.table.clone());
-                interactions.push(first.interaction);
-                sizes.push(members.len() as i32);
-                singles.push(members.len() == 1);
-                los.push(keys.len() as i32 + 1);
-                for i in members {
-                    let q = queued[i].take().expect("each event is in one group");
-                    keys.push(q.key);
-                    rows.push(q.row.map(pgrx::datum::JsonString));
-                }
-                his.push(keys.len() as i32);
-            }
-            let types = vec![
-                PgBuiltInOids::TEXTARRAYOID,
-                PgBuiltInOids::INT4ARRAYOID,
-                PgBuiltInOids::TEXTARRAYOID,
-                PgBuiltInOids::TEXTARRAYOID,
-                PgBuiltInOids::INT4ARRAYOID,
-                PgBuiltInOids::INT4ARRAYOID,
-                PgBuiltInOids::INT4ARRAYOID,
-                PgBuiltInOids::BOOLARRAYOID,
-                PgBuiltInOids::TEXTARRAYOID,
-                PgBuiltInOids::JSONARRAYOID,
-            ];
-            let args = vec![
-                destinations.into(),
-                topics.into(),
-                tables.into(),
-                interactions.into(),
-                sizes.into(),
-                los.into(),
-                his.into(),
-                singles.into(),
-                keys.into(),
-                rows.into(),
-            ];
-            (1, INSERT_EVENTS, types, args)
-        };
+            keys.push(q.key);
+            rows.push(q.row.map(pgrx::datum::JsonString));
+        }
+        his.push(keys.len() as i32);
+    }
+    use PgBuiltInOids as T;
+    let mut types = vec![T::TEXTARRAYOID, T::INT4ARRAYOID, T::TEXTARRAYOID, T::TEXTARRAYOID];
+    let mut args: Vec<pgrx::datum::DatumWithOid> =
+        vec![destinations.into(), topics.into(), tables.into(), interactions.into()];
+    if grouped {
+        types.extend([T::INT4ARRAYOID, T::INT4ARRAYOID, T::INT4ARRAYOID, T::BOOLARRAYOID]);
+        args.extend([sizes.into(), los.into(), his.into(), singles.into()]);
+    }
+    types.extend([T::TEXTARRAYOID, T::JSONARRAYOID]);
+    args.extend([keys.into(), rows.into()]);
+    let (which, statement) = if grouped { (1, INSERT_EVENTS) } else { (0, INSERT_SINGLE_EVENTS) };
     // At COMMIT no statement is running: SPI needs a snapshot of its own.
     let push = unsafe { !pg_sys::ActiveSnapshotSet() };
     if push {

@@ -107,12 +107,11 @@ struct Destination {
     produced: VecDeque<(Instant, i64)>,
     /// At-least-once outcomes waiting to be recorded in the outbox.
     acked: Vec<i64>,
-    failed: Vec<(i64, String)>,
+    /// (event, its group or 0, error)
+    failed: Vec<(i64, i64, String)>,
     /// Events Kafka will never take, bound for outbox.dead_letter, with
     /// their group (or 0).
     poisoned: Vec<(i64, i64, String)>,
-    /// The groups of failed events.
-    failed_groups: Vec<i64>,
     /// Groups Kafka has whole (their events are in `acked`).
     whole: Vec<i64>,
     /// The producer must be replaced (fatal or fenced).
@@ -191,7 +190,6 @@ impl Destination {
             acked: Vec::new(),
             failed: Vec::new(),
             poisoned: Vec::new(),
-            failed_groups: Vec::new(),
             whole: Vec::new(),
             replace_producer: false,
             isolate_until: 0,
@@ -340,11 +338,8 @@ impl Destination {
 
     /// The event failed; it stays in the outbox for the next attempt.
     fn fail(&mut self, id: i64, group: i64, error: String) {
-        if group != 0 {
-            self.break_group(group);
-            self.failed_groups.push(group);
-        }
-        self.failed.push((id, error));
+        self.break_group(group);
+        self.failed.push((id, group, error));
     }
 
     /// Kafka will never take the event: bound for outbox.dead_letter.
@@ -1049,15 +1044,15 @@ impl Worker {
             let mut acked = std::mem::take(&mut d.acked);
             acked.extend_from_slice(&split_acked);
             let failed = std::mem::take(&mut d.failed);
-            let failed_groups = std::mem::take(&mut d.failed_groups);
             let whole = std::mem::take(&mut d.whole);
             let poisoned = std::mem::take(&mut d.poisoned);
             if !failed.is_empty() || !poisoned.is_empty() {
                 // Events left behind: the next claim scans from the start.
                 d.watch = None;
             }
-            let failed_ids: Vec<i64> = failed.iter().map(|(id, _)| *id).collect();
-            let first_error = failed.first().map(|(_, e)| e.clone()).unwrap_or_default();
+            let failed_ids: Vec<i64> = failed.iter().map(|(id, _, _)| *id).collect();
+            let failed_groups: Vec<i64> = failed.iter().map(|(_, group, _)| *group).filter(|g| *g != 0).collect();
+            let first_error = failed.first().map(|(_, _, e)| e.clone()).unwrap_or_default();
             let done = in_transaction("recording deliveries", || -> pgrx::spi::SpiResult<()> {
                 store::split(&d.id, &split, &split_acked)?;
                 store::acknowledge(&d.id, &acked, &whole)?;
