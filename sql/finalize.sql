@@ -14,6 +14,9 @@ SELECT d.id,
        coalesce(q.queued, 0) AS messages_queued,
        coalesce(s.messages_lost, 0) AS messages_lost,
        coalesce(dl.dead, 0) AS messages_dead_lettered,
+       s.latency_p50_ms,
+       s.latency_p99_ms,
+       s.latency_max_ms,
        coalesce(s.last_errors, '[]'::jsonb) AS last_errors
   FROM outbox.destination d
   LEFT JOIN outbox._destination_stats() s ON s.id = d.id

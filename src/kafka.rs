@@ -213,6 +213,9 @@ pub struct Event {
     pub row: Option<String>,
     /// Transaction timestamp of the change, ISO 8601 UTC.
     pub timestamp: String,
+    /// The same as a Postgres timestamp (µs since 2000-01-01), for the
+    /// latency the status reports.
+    pub born_us: i64,
 }
 
 /// The destination facts a message needs.

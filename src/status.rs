@@ -38,6 +38,9 @@ pub struct Slot {
     failed_attempts: u64,
     in_process: u64,
     lost: u64,
+    /// Change to acknowledgement over the last events delivered, µs:
+    /// p50, p99, max (-1: none yet).
+    latency_us: [i64; 3],
     n_errors: u8,
     next_error: u8,
     errors: [ErrorEntry; MAX_ERRORS],
@@ -59,6 +62,7 @@ const EMPTY_SLOT: Slot = Slot {
     failed_attempts: 0,
     in_process: 0,
     lost: 0,
+    latency_us: [-1; 3],
     n_errors: 0,
     next_error: 0,
     errors: [EMPTY_ERROR; MAX_ERRORS],
@@ -294,6 +298,10 @@ pub fn add_lost_slot(r: SlotRef, n: u64) {
     SLOTS.exclusive().slots[r.0].lost += n;
 }
 
+pub fn set_latency(r: SlotRef, p50_us: i64, p99_us: i64, max_us: i64) {
+    SLOTS.exclusive().slots[r.0].latency_us = [p50_us, p99_us, max_us];
+}
+
 pub fn set_state(r: SlotRef, state: State) {
     SLOTS.exclusive().slots[r.0].state = state as u8;
 }
@@ -364,6 +372,9 @@ fn _destination_stats() -> TableIterator<
         name!(messages_delivery_attempts, i64),
         name!(messages_in_process, i64),
         name!(messages_lost, i64),
+        name!(latency_p50_ms, Option<f64>),
+        name!(latency_p99_ms, Option<f64>),
+        name!(latency_max_ms, Option<f64>),
         name!(last_errors, pgrx::JsonB),
     ),
 > {
@@ -390,6 +401,8 @@ fn _destination_stats() -> TableIterator<
                 x if x == State::Stopped as u8 => "stopped",
                 _ => "active",
             };
+            // Milliseconds to 0.1; a clock step can make one negative.
+            let ms = |us: i64| (us != -1).then(|| (us.max(0) / 100) as f64 / 10.0);
             let start = (s.start_us != 0)
                 .then(|| TimestampWithTimeZone::try_from(pg_sys::TimestampTz::from(s.start_us)).ok())
                 .flatten();
@@ -401,6 +414,9 @@ fn _destination_stats() -> TableIterator<
                 s.failed_attempts as i64,
                 s.in_process as i64,
                 s.lost as i64,
+                ms(s.latency_us[0]),
+                ms(s.latency_us[1]),
+                ms(s.latency_us[2]),
                 pgrx::JsonB(serde_json::Value::Array(errors)),
             )
         })

@@ -117,13 +117,15 @@ pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64) -> SpiR
         let rows = client.select(
             "SELECT e.id, e.table_name, e.interaction, e.key, e.row_data::text, \
                     to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
-                    NULL::text, e.ids, e.keys, e.rows::text[] \
+                    NULL::text, e.ids, e.keys, e.rows::text[], \
+                    ((extract(epoch FROM e.created_at) - 946684800) * 1000000)::int8 \
                FROM (SELECT w.*, sum(w.events) OVER (ORDER BY w.id ROWS UNBOUNDED PRECEDING) AS upto \
                        FROM (SELECT * FROM outbox.event WHERE destination_id = $1 AND id > $2 AND id <> ALL($3) \
                               ORDER BY id LIMIT $4) w) e \
               WHERE e.upto - e.events < $4 \
              UNION ALL \
-             SELECT NULL, NULL, NULL, NULL, NULL, NULL, pg_catalog.pg_current_snapshot()::text, NULL, NULL, NULL",
+             SELECT NULL, NULL, NULL, NULL, NULL, NULL, pg_catalog.pg_current_snapshot()::text, NULL, NULL, NULL, \
+                    NULL",
             None,
             &[destination_id.into(), after.into(), skip.to_vec().into(), limit.into()],
         )?;
@@ -141,6 +143,7 @@ pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64) -> SpiR
             let table: String = row.get(2)?.unwrap_or_default();
             let interaction: String = row.get(3)?.unwrap_or_default();
             let timestamp: String = row.get(6)?.unwrap_or_default();
+            let born_us: i64 = row.get(11)?.unwrap_or_default();
             match row.get::<Vec<i64>>(8)? {
                 None => out.events.push(Event {
                     id,
@@ -150,6 +153,7 @@ pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64) -> SpiR
                     key: row.get(4)?,
                     row: row.get(5)?,
                     timestamp,
+                    born_us,
                 }),
                 Some(ids) => {
                     let keys: Vec<Option<String>> = row.get(9)?.unwrap_or_default();
@@ -166,6 +170,7 @@ pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64) -> SpiR
                             key,
                             row: data,
                             timestamp: timestamp.clone(),
+                            born_us,
                         });
                     }
                 }

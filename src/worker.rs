@@ -44,6 +44,18 @@ const BLOCKED_MAX_BYTES: usize = 64 << 20;
 const FULL_SCAN_MAX: Duration = Duration::from_secs(30);
 /// At-least-once batches a destination may have in flight at once.
 const PIPELINE: usize = 3;
+/// The status reports latency over this many events delivered last,
+/// published at most this often while deliveries go on.
+const LATENCY_WINDOW: usize = 10_000;
+const LATENCY_EVERY: Duration = Duration::from_millis(200);
+
+/// An event in flight: the id of its group (see `Group`) or 0, and its
+/// change's transaction start (Postgres µs).
+#[derive(Clone, Copy)]
+struct Flight {
+    group: i64,
+    born_us: i64,
+}
 
 pub fn register() {
     BackgroundWorkerBuilder::new("pg_outbox worker")
@@ -99,8 +111,13 @@ struct Destination {
     slot: SlotRef,
     producer: Option<KafkaProducer>,
     epoch: u64,
-    /// Event id -> the id of its group (see `Group`), or 0.
-    in_flight: HashMap<i64, i64>,
+    /// Event id -> its group and when its change's transaction began.
+    in_flight: HashMap<i64, Flight>,
+    /// Latency of the last LATENCY_WINDOW events delivered (µs, change to
+    /// acknowledgement), whether any came since it was last published, and when.
+    latencies: VecDeque<i64>,
+    latency_new: bool,
+    latency_published: Option<Instant>,
     /// Groups (outbox rows holding several events) being delivered, by id.
     groups: HashMap<i64, Group>,
     /// (produced at, event) in produce order, to expire what is never acknowledged.
@@ -185,6 +202,9 @@ impl Destination {
             producer: None,
             epoch: 0,
             in_flight: HashMap::new(),
+            latencies: VecDeque::new(),
+            latency_new: false,
+            latency_published: None,
             groups: HashMap::new(),
             produced: VecDeque::new(),
             acked: Vec::new(),
@@ -283,7 +303,7 @@ impl Destination {
     /// Everything in flight failed with `error`: at-least-once events are
     /// retried from the outbox, best-effort events are lost.
     fn fail_in_flight(&mut self, error: &str) {
-        let in_flight: Vec<(i64, i64)> = self.in_flight.drain().collect();
+        let in_flight: Vec<(i64, i64)> = self.in_flight.drain().map(|(id, f)| (id, f.group)).collect();
         self.produced.clear();
         if self.best_effort {
             self.lost_best_effort += in_flight.len() as u64;
@@ -298,6 +318,28 @@ impl Destination {
             self.reported(group);
             self.fail(id, group, error.to_string());
         }
+    }
+
+    /// An event whose change's transaction began at `born_us` is acknowledged now.
+    fn latency(&mut self, born_us: i64) {
+        if self.latencies.len() == LATENCY_WINDOW {
+            self.latencies.pop_front();
+        }
+        self.latencies.push_back(unsafe { pg_sys::GetCurrentTimestamp() } - born_us);
+        self.latency_new = true;
+    }
+
+    /// Publish the latency percentiles, if new, when due or when `now`.
+    fn publish_latency(&mut self, now: bool) {
+        if !self.latency_new || (!now && self.latency_published.is_some_and(|t| t.elapsed() < LATENCY_EVERY)) {
+            return;
+        }
+        let mut sorted: Vec<i64> = self.latencies.iter().copied().collect();
+        sorted.sort_unstable();
+        let at = |p: f64| sorted[((sorted.len() - 1) as f64 * p).round() as usize];
+        status::set_latency(self.slot, at(0.5), at(0.99), sorted[sorted.len() - 1]);
+        self.latency_new = false;
+        self.latency_published = Some(Instant::now());
     }
 
     /// An event of this group (0: none) has its delivery report.
@@ -508,7 +550,7 @@ impl Destination {
                 Refused::Other(e.to_string())
             }
         })?;
-        self.in_flight.insert(ev.id, ev.group);
+        self.in_flight.insert(ev.id, Flight { group: ev.group, born_us: ev.born_us });
         if let Some(g) = self.groups.get_mut(&ev.group) {
             g.outstanding += 1;
         }
@@ -937,7 +979,8 @@ impl Worker {
             };
             match report {
                 Report::Delivered { event_id, .. } => {
-                    if let Some(group) = d.in_flight.remove(&event_id) {
+                    if let Some(Flight { group, born_us }) = d.in_flight.remove(&event_id) {
+                        d.latency(born_us);
                         if d.best_effort {
                             d.delivered_best_effort += 1;
                         } else if d.txn_open {
@@ -953,7 +996,7 @@ impl Worker {
                     if stale {
                         d.replace_producer = true;
                     }
-                    if let Some(group) = d.in_flight.remove(&event_id) {
+                    if let Some(Flight { group, .. }) = d.in_flight.remove(&event_id) {
                         d.reported(group);
                         if d.best_effort {
                             d.lost_best_effort += 1;
@@ -1013,6 +1056,7 @@ impl Worker {
     /// their error. Best-effort: count delivered and lost.
     fn record_outcomes(&mut self) {
         for d in self.destinations.values_mut() {
+            d.publish_latency(d.in_flight.is_empty());
             if d.best_effort {
                 let (delivered, lost) = (d.delivered_best_effort, d.lost_best_effort);
                 if delivered == 0 && lost == 0 {
@@ -1132,7 +1176,7 @@ impl Worker {
             let claim = || -> pgrx::spi::SpiResult<store::Claimed> {
                 // Events in flight and the groups they are in.
                 let skip = |above: i64| -> Vec<i64> {
-                    let groups: HashSet<i64> = in_flight.values().copied().filter(|g| *g > above).collect();
+                    let groups: HashSet<i64> = in_flight.values().map(|f| f.group).filter(|g| *g > above).collect();
                     in_flight.keys().copied().filter(|i| *i > above).chain(groups).collect()
                 };
                 if let Some(watch) = fast {
@@ -1274,6 +1318,7 @@ impl Worker {
                     key: ev.key,
                     row: ev.row,
                     timestamp: status::format_ts(ev.timestamp_us),
+                    born_us: ev.timestamp_us,
                 };
                 d.send_best_effort(event);
             }

@@ -249,6 +249,36 @@ fn status_counts_deliveries_and_empties_the_queue() {
 }
 
 #[test]
+fn status_reports_latency_from_the_change_s_transaction_start_to_acknowledgement() {
+    let s = setup("id int PRIMARY KEY", "", "empty");
+    let pg = &env().pg;
+    let row = pg.status_row(&s.dest);
+    assert!(row["latency_p50_ms"].is_null() && row["latency_max_ms"].is_null(), "nothing delivered yet: {row}");
+    let ms = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k}: {r}"));
+    let delivered = |n: i64| {
+        wait_for(&format!("{n} delivered"), WAIT, || {
+            let r = pg.status_row(&s.dest);
+            (r["messages_delivered"] == n && r["messages_in_process"] == 0).then_some(r)
+        })
+    };
+    // The first event also waits for the producer to connect.
+    pg.sql(&format!("INSERT INTO {} VALUES (0)", s.table));
+    let warm = delivered(1);
+    assert!(ms(&warm, "latency_max_ms") < 1500.0, "the first delivery took that long: {warm}");
+    // A change whose transaction commits 1.5 s after it began.
+    pg.sql(&format!("BEGIN; INSERT INTO {} VALUES (1); SELECT pg_sleep(1.5); COMMIT", s.table));
+    let row = delivered(2);
+    assert!((1500.0..10_000.0).contains(&ms(&row, "latency_max_ms")), "{row}");
+    // 200 quick ones: the median moves down, the slow one stays the maximum.
+    pg.sql(&format!("INSERT INTO {} SELECT generate_series(2, 201)", s.table));
+    received(&s, 202);
+    let row = delivered(202);
+    assert!(ms(&row, "latency_p50_ms") < 1500.0, "{row}");
+    assert!(ms(&row, "latency_p99_ms") < 1500.0, "only 1 of 202 is slow: {row}");
+    assert!(ms(&row, "latency_max_ms") >= 1500.0, "{row}");
+}
+
+#[test]
 fn drop_topic_removes_its_triggers_and_refuses_while_destinations_exist() {
     let s = setup("id int PRIMARY KEY", "", "empty");
     let pg = &env().pg;
