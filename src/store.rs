@@ -115,17 +115,14 @@ pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64) -> SpiR
     let mut claimed = Spi::connect(|client| {
         // One statement, so the snapshot reported is the one the rows were read with.
         let rows = client.select(
-            "SELECT e.id, e.table_name, e.interaction, e.key, e.row_data::text, \
-                    to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
-                    NULL::text, e.ids, e.keys, e.rows::text[], \
-                    ((extract(epoch FROM e.created_at) - 946684800) * 1000000)::int8 \
+            "SELECT e.id, e.table_name, e.interaction, e.key, e.row_data::text, e.created_at, \
+                    NULL::text, e.ids, e.keys, e.rows::text[] \
                FROM (SELECT w.*, sum(w.events) OVER (ORDER BY w.id ROWS UNBOUNDED PRECEDING) AS upto \
                        FROM (SELECT * FROM outbox.event WHERE destination_id = $1 AND id > $2 AND id <> ALL($3) \
                               ORDER BY id LIMIT $4) w) e \
               WHERE e.upto - e.events < $4 \
              UNION ALL \
-             SELECT NULL, NULL, NULL, NULL, NULL, NULL, pg_catalog.pg_current_snapshot()::text, NULL, NULL, NULL, \
-                    NULL",
+             SELECT NULL, NULL, NULL, NULL, NULL, NULL, pg_catalog.pg_current_snapshot()::text, NULL, NULL, NULL",
             None,
             &[destination_id.into(), after.into(), skip.to_vec().into(), limit.into()],
         )?;
@@ -142,8 +139,9 @@ pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64) -> SpiR
             };
             let table: String = row.get(2)?.unwrap_or_default();
             let interaction: String = row.get(3)?.unwrap_or_default();
-            let timestamp: String = row.get(6)?.unwrap_or_default();
-            let born_us: i64 = row.get(11)?.unwrap_or_default();
+            // Formatted here: to_char() was a tenth of the claim's time.
+            let born_us = row.get::<pgrx::datum::TimestampWithTimeZone>(6)?.map_or(0, pg_sys::TimestampTz::from);
+            let timestamp = crate::status::format_ts(born_us);
             match row.get::<Vec<i64>>(8)? {
                 None => out.events.push(Event {
                     id,
