@@ -523,12 +523,11 @@ fn json_bare(type_oid: pg_sys::Oid) -> bool {
 }
 
 /// The Kafka key: the primary key's text form; a JSON array for several columns.
-unsafe fn row_key(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc, columns: &[String]) -> Option<String> {
-    let value = |name: &str| -> (Option<String>, pg_sys::Oid) {
-        let c = std::ffi::CString::new(name).expect("column name");
-        let attnum = unsafe { pg_sys::SPI_fnumber(desc, c.as_ptr()) };
+unsafe fn row_key(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc, columns: &[&std::ffi::CStr]) -> Option<String> {
+    let value = |name: &std::ffi::CStr| -> (Option<String>, pg_sys::Oid) {
+        let attnum = unsafe { pg_sys::SPI_fnumber(desc, name.as_ptr()) };
         if attnum <= 0 {
-            pgrx::error!("pg_outbox: key column \"{name}\" is missing");
+            pgrx::error!("pg_outbox: key column \"{}\" is missing", name.to_string_lossy());
         }
         let text = unsafe { pg_sys::SPI_getvalue(tuple, desc, attnum) };
         let type_oid = unsafe { pg_sys::SPI_gettypeid(desc, attnum) };
@@ -636,15 +635,25 @@ unsafe fn row_json(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc) -> String 
 /// The row trigger the API attaches: `outbox._capture(topic_id, table, key columns...)`.
 #[pg_trigger]
 fn _capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
-    let args = trigger.extra_args()?;
-    let (Some(topic_id), Some(table)) = (args.first().and_then(|a| a.parse::<i32>().ok()), args.get(1)) else {
+    let td = trigger.trigger_data();
+    // The arguments as they are (PgTrigger::extra_args copies them per row).
+    let args: Vec<&std::ffi::CStr> = unsafe {
+        let t = &*td.tg_trigger;
+        match usize::try_from(t.tgnargs) {
+            Ok(n) if n > 0 => {
+                std::slice::from_raw_parts(t.tgargs, n).iter().map(|a| std::ffi::CStr::from_ptr(*a)).collect()
+            }
+            _ => Vec::new(),
+        }
+    };
+    let arg = |i: usize| args.get(i).and_then(|a| a.to_str().ok());
+    let (Some(topic_id), Some(table)) = (arg(0).and_then(|a| a.parse::<i32>().ok()), arg(1)) else {
         pgrx::error!("pg_outbox: outbox._capture() needs a topic id and a table name as trigger arguments");
     };
     refresh();
     let Some(route) = STATE.with(|s| s.borrow().routes.as_ref().and_then(|r| r.get(&topic_id).cloned())) else {
         return Ok(None); // no destination (yet)
     };
-    let td = trigger.trigger_data();
     let op = td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
     let (tuple, interaction) = if op == pg_sys::TRIGGER_EVENT_INSERT {
         (td.tg_trigtuple, "create")
@@ -653,7 +662,7 @@ fn _capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, All
     } else {
         (td.tg_trigtuple, "delete")
     };
-    let shape = route.shapes.get(table.as_str());
+    let shape = route.shapes.get(table);
     let fhir_type = shape.and_then(|s| s.resource_type.as_deref());
     let desc = unsafe { (*td.tg_relation).rd_att };
     // The changed row as a resource (JSON text): Aidbox's for FHIR tables, else the row.
