@@ -45,7 +45,8 @@ const FULL_SCAN_MAX: Duration = Duration::from_secs(30);
 /// At-least-once batches a destination may have in flight at once.
 const PIPELINE: usize = 3;
 /// The status reports latency over this many events delivered last,
-/// published at most this often while deliveries go on.
+/// published this long after the first delivery not yet in it (the worker
+/// wakes for it): at most five sorts of the window a second.
 const LATENCY_WINDOW: usize = 10_000;
 const LATENCY_EVERY: Duration = Duration::from_millis(200);
 
@@ -329,9 +330,14 @@ impl Destination {
         self.latency_new = true;
     }
 
-    /// Publish the latency percentiles, if new, when due or when `now`.
-    fn publish_latency(&mut self, now: bool) {
-        if !self.latency_new || (!now && self.latency_published.is_some_and(|t| t.elapsed() < LATENCY_EVERY)) {
+    /// When the latency percentiles are due to be published, if there is news.
+    fn latency_due(&self) -> Option<Instant> {
+        self.latency_new.then(|| self.latency_published.map_or_else(Instant::now, |t| t + LATENCY_EVERY))
+    }
+
+    /// Publish the latency percentiles when due.
+    fn publish_latency(&mut self) {
+        if self.latency_due().is_none_or(|due| due > Instant::now()) {
             return;
         }
         let mut sorted: Vec<i64> = self.latencies.iter().copied().collect();
@@ -777,7 +783,7 @@ impl Worker {
             let retry = d.retry_at.filter(|_| d.in_flight.is_empty());
             let blocked =
                 d.blocked.front().map(|(since, _)| *since + Duration::from_millis(d.params.max_block_ms as u64));
-            for due in [d.oldest_deadline(), retry, blocked, d.retiring_until].into_iter().flatten() {
+            for due in [d.oldest_deadline(), retry, blocked, d.retiring_until, d.latency_due()].into_iter().flatten() {
                 timeout = timeout.min(due.saturating_duration_since(now) + Duration::from_millis(1));
             }
             // A transaction call (init, commit, abort) is resumed step by step.
@@ -1056,7 +1062,7 @@ impl Worker {
     /// their error. Best-effort: count delivered and lost.
     fn record_outcomes(&mut self) {
         for d in self.destinations.values_mut() {
-            d.publish_latency(d.in_flight.is_empty());
+            d.publish_latency();
             if d.best_effort {
                 let (delivered, lost) = (d.delivered_best_effort, d.lost_best_effort);
                 if delivered == 0 && lost == 0 {

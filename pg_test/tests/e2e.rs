@@ -259,7 +259,10 @@ fn status_reports_latency_from_the_change_s_transaction_start_to_acknowledgement
         wait_for(&format!("{n} delivered"), WAIT, || {
             let r = pg.status_row(&s.dest);
             (r["messages_delivered"] == n && r["messages_in_process"] == 0).then_some(r)
-        })
+        });
+        // Latency is published within 200 ms of a delivery.
+        std::thread::sleep(Duration::from_millis(400));
+        pg.status_row(&s.dest)
     };
     // The first event also waits for the producer to connect.
     pg.sql(&format!("INSERT INTO {} VALUES (0)", s.table));
