@@ -74,6 +74,8 @@ pub fn destinations() -> SpiResult<Vec<DestinationRow>> {
 /// which alone may still commit events numbered below the claimed ones.
 pub struct Claimed {
     pub events: Vec<Event>,
+    /// Outbox rows they came from.
+    pub rows: usize,
     /// The snapshot's xmax and xip: a transaction is running in it if listed
     /// in xip or not below xmax (nothing at or above xmax has completed).
     xmax: u64,
@@ -107,16 +109,17 @@ impl Claimed {
 
 /// The oldest outbox rows of a destination numbered above `after`, in id
 /// order, leaving out `skip` (events and groups already in flight), up to
-/// `limit` events (a group is taken whole, the first row even if larger):
-/// their events, groups unfolded in order. With `limit` 1 (isolating a
+/// `limit` events (a group is taken whole, the first row even if larger)
+/// among the first `rows` rows: their events, groups unfolded in order. With `limit` 1 (isolating a
 /// poison event) a group is first split into single events, and only its
 /// first is taken.
-pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64) -> SpiResult<Claimed> {
+pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64, rows: i64) -> SpiResult<Claimed> {
     let mut claimed = Spi::connect(|client| {
         // One statement, so the snapshot reported is the one the rows were read with.
-        // The last row to take is found from ids and event counts alone (the
-        // window over whole rows copied up to `limit` rows of up to 8 kB each
-        // for a few hundred taken: a third of a large statements' drain).
+        // The last row to take is found from ids and event counts alone, among
+        // `rows` rows (the window over whole rows copied up to `limit` rows of
+        // up to 8 kB each, and reading `limit` rows to take a few hundred
+        // groups was a third of a large statements' drain).
         let rows = client.select(
             "(SELECT e.id, e.table_name, e.interaction, e.key, e.row_data::text, e.created_at, \
                      NULL::text, e.ids, e.keys, e.rows::text[] \
@@ -127,15 +130,16 @@ pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64) -> SpiR
                                                    - v.events AS before \
                                         FROM (SELECT id, events FROM outbox.event \
                                                WHERE destination_id = $1 AND id > $2 AND id <> ALL($3) \
-                                               ORDER BY id LIMIT $4) v) w \
+                                               ORDER BY id LIMIT $5) v) w \
                                WHERE w.before < $4) \
                ORDER BY e.id) \
              UNION ALL \
              SELECT NULL, NULL, NULL, NULL, NULL, NULL, pg_catalog.pg_current_snapshot()::text, NULL, NULL, NULL",
             None,
-            &[destination_id.into(), after.into(), skip.to_vec().into(), limit.into()],
+            &[destination_id.into(), after.into(), skip.to_vec().into(), limit.into(), rows.max(1).into()],
         )?;
-        let mut out = Claimed { events: Vec::with_capacity(rows.len()), xmax: 0, xip: Vec::new(), next_xid: 0 };
+        let mut out =
+            Claimed { events: Vec::with_capacity(rows.len()), rows: 0, xmax: 0, xip: Vec::new(), next_xid: 0 };
         for row in rows {
             let Some(id) = row.get::<i64>(1)? else {
                 // xmin:xmax:xip,xip,...
@@ -146,6 +150,7 @@ pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64) -> SpiR
                 out.xip = parts.next().unwrap_or("").split(',').filter_map(|x| x.parse().ok()).collect();
                 continue;
             };
+            out.rows += 1;
             let table: String = row.get(2)?.unwrap_or_default();
             let interaction: String = row.get(3)?.unwrap_or_default();
             // Formatted here: to_char() was a tenth of the claim's time.

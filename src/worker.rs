@@ -117,6 +117,8 @@ struct Destination {
     /// Latency of the last LATENCY_WINDOW events delivered (µs, change to
     /// acknowledgement), whether any came since it was last published, and when.
     latencies: VecDeque<i64>,
+    /// Events per outbox row in the last claim (groups hold several).
+    events_per_row: f64,
     latency_new: bool,
     latency_published: Option<Instant>,
     /// Groups (outbox rows holding several events) being delivered, by id.
@@ -204,6 +206,7 @@ impl Destination {
             epoch: 0,
             in_flight: HashMap::new(),
             latencies: VecDeque::new(),
+            events_per_row: 1.0,
             latency_new: false,
             latency_published: None,
             groups: HashMap::new(),
@@ -1178,6 +1181,11 @@ impl Worker {
             let full_due = d.full_scan_at.is_none_or(|t| now.saturating_duration_since(t) >= FULL_SCAN_MAX);
             let fast = d.watch.as_ref().filter(|_| !full_due);
             let (after, in_flight) = (d.claimed_up_to, &d.in_flight);
+            // Rows to look through for `limit` events: as many as the last
+            // claim's rows held, a quarter more (a claim cut short by it is
+            // merely smaller; the next one adapts).
+            let rows = ((limit as f64 / d.events_per_row).ceil() * 1.25) as i64 + 1;
+            let rows = rows.min(limit);
             let mut full_scan = false;
             let claim = || -> pgrx::spi::SpiResult<store::Claimed> {
                 // Events in flight and the groups they are in.
@@ -1186,13 +1194,13 @@ impl Worker {
                     in_flight.keys().copied().filter(|i| *i > above).chain(groups).collect()
                 };
                 if let Some(watch) = fast {
-                    let c = store::claim(&id, after, &skip(after), limit)?;
+                    let c = store::claim(&id, after, &skip(after), limit, rows)?;
                     if watch.iter().all(|x| c.running(*x)) {
                         return Ok(c);
                     }
                 }
                 full_scan = true;
-                store::claim(&id, 0, &skip(0), limit)
+                store::claim(&id, 0, &skip(0), limit, rows)
             };
             let Some(claimed) = in_transaction("claiming events", claim) else {
                 self.last_reload = None; // maybe the extension went away: look again
@@ -1209,6 +1217,9 @@ impl Worker {
             let Some(d) = self.destinations.get_mut(&id) else { continue };
             if full_scan {
                 d.full_scan_at = Some(now);
+            }
+            if claimed.rows > 0 {
+                d.events_per_row = (events.len() as f64 / claimed.rows as f64).max(1.0);
             }
             // Set again below once the whole claim is on its way.
             d.watch = if events.is_empty() { claimed.in_progress() } else { None };
