@@ -495,6 +495,7 @@ fn buffer_best_effort(
                 key: key.map(str::to_string),
                 row: if *content == Content::FullResource { row.map(str::to_string) } else { None },
                 timestamp_us,
+                committed_us: 0,
             }
             .encode();
             // More than the whole queue could take: drop now rather than hold it.
@@ -759,7 +760,15 @@ fn hand_over(s: &mut State) -> bool {
     if s.pending.is_empty() && s.dropped.is_empty() {
         return false;
     }
-    let mut encoded: Vec<Vec<u8>> = s.pending.iter_mut().map(|(_, _, ev)| std::mem::take(ev)).collect();
+    let committed_us = unsafe { pg_sys::GetCurrentTimestamp() };
+    let mut encoded: Vec<Vec<u8>> = s
+        .pending
+        .iter_mut()
+        .map(|(_, _, ev)| {
+            ring::stamp_commit(ev, committed_us);
+            std::mem::take(ev)
+        })
+        .collect();
     let accepted = ring::push(&mut encoded);
     let mut lost: HashMap<&str, u64> = HashMap::new();
     for ((_, dest, _), ok) in s.pending.iter().zip(&accepted) {

@@ -205,6 +205,13 @@ pub struct BestEffortEvent {
     pub row: Option<String>,
     /// Transaction start, microseconds since 2000-01-01 (Postgres epoch).
     pub timestamp_us: i64,
+    /// When the transaction committed (0: not yet), set by `stamp_commit`.
+    pub committed_us: i64,
+}
+
+/// Note the commit time in an encoded event (handed over after the commit).
+pub fn stamp_commit(encoded: &mut [u8], committed_us: i64) {
+    encoded[16..24].copy_from_slice(&committed_us.to_le_bytes());
 }
 
 fn put_str(out: &mut Vec<u8>, s: Option<&str>) {
@@ -239,6 +246,7 @@ impl BestEffortEvent {
         );
         out.extend_from_slice(&self.number.to_le_bytes());
         out.extend_from_slice(&self.timestamp_us.to_le_bytes());
+        out.extend_from_slice(&self.committed_us.to_le_bytes());
         put_str(&mut out, Some(&self.destination_id));
         put_str(&mut out, Some(&self.table));
         put_str(&mut out, Some(&self.interaction));
@@ -250,10 +258,12 @@ impl BestEffortEvent {
     pub fn decode(buf: &[u8]) -> Option<BestEffortEvent> {
         let number = u64::from_le_bytes(buf.get(0..8)?.try_into().ok()?);
         let timestamp_us = i64::from_le_bytes(buf.get(8..16)?.try_into().ok()?);
-        let mut pos = 16;
+        let committed_us = i64::from_le_bytes(buf.get(16..24)?.try_into().ok()?);
+        let mut pos = 24;
         Some(BestEffortEvent {
             number,
             timestamp_us,
+            committed_us,
             destination_id: get_str(buf, &mut pos)??,
             table: get_str(buf, &mut pos)??,
             interaction: get_str(buf, &mut pos)??,

@@ -122,7 +122,8 @@ pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64, rows: i
         // groups was a third of a large statements' drain).
         let rows = client.select(
             "(SELECT e.id, e.table_name, e.interaction, e.key, e.row_data::text, e.created_at, \
-                     NULL::text, e.ids, e.keys, e.rows::text[] \
+                     NULL::text, e.ids, e.keys, e.rows::text[], \
+                     CASE WHEN $6 THEN pg_catalog.pg_xact_commit_timestamp(e.xmin) END \
                 FROM outbox.event e \
                WHERE e.destination_id = $1 AND e.id > $2 AND e.id <> ALL($3) \
                  AND e.id <= (SELECT max(w.id) \
@@ -134,9 +135,18 @@ pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64, rows: i
                                WHERE w.before < $4) \
                ORDER BY e.id) \
              UNION ALL \
-             SELECT NULL, NULL, NULL, NULL, NULL, NULL, pg_catalog.pg_current_snapshot()::text, NULL, NULL, NULL",
+             SELECT NULL, NULL, NULL, NULL, NULL, NULL, pg_catalog.pg_current_snapshot()::text, NULL, NULL, NULL, \
+                    NULL",
             None,
-            &[destination_id.into(), after.into(), skip.to_vec().into(), limit.into(), rows.max(1).into()],
+            &[
+                destination_id.into(),
+                after.into(),
+                skip.to_vec().into(),
+                limit.into(),
+                rows.max(1).into(),
+                // Latency counts from the commit when Postgres records it.
+                unsafe { pg_sys::track_commit_timestamp }.into(),
+            ],
         )?;
         let mut out =
             Claimed { events: Vec::with_capacity(rows.len()), rows: 0, xmax: 0, xip: Vec::new(), next_xid: 0 };
@@ -154,8 +164,10 @@ pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64, rows: i
             let table: String = row.get(2)?.unwrap_or_default();
             let interaction: String = row.get(3)?.unwrap_or_default();
             // Formatted here: to_char() was a tenth of the claim's time.
-            let born_us = row.get::<pgrx::datum::TimestampWithTimeZone>(6)?.map_or(0, pg_sys::TimestampTz::from);
-            let timestamp = crate::status::format_ts(born_us);
+            let created_us = row.get::<pgrx::datum::TimestampWithTimeZone>(6)?.map_or(0, pg_sys::TimestampTz::from);
+            let timestamp = crate::status::format_ts(created_us);
+            let born_us =
+                row.get::<pgrx::datum::TimestampWithTimeZone>(11)?.map_or(created_us, pg_sys::TimestampTz::from);
             match row.get::<Vec<i64>>(8)? {
                 None => out.events.push(Event {
                     id,

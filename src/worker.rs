@@ -1335,7 +1335,7 @@ impl Worker {
                     key: ev.key,
                     row: ev.row,
                     timestamp: status::format_ts(ev.timestamp_us),
-                    born_us: ev.timestamp_us,
+                    born_us: ev.committed_us,
                 };
                 d.send_best_effort(event);
             }

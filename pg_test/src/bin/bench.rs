@@ -25,8 +25,8 @@
 //! its commit time (track_commit_timestamp) to the moment a consumer polling
 //! the topic received it (an upper bound of commit to acknowledgement), and to
 //! the create time librdkafka gave the message (commit to produce); the
-//! destination's own latency from `outbox.destination_status` (transaction
-//! start to acknowledgement, the last 10,000 events); beside them a bare
+//! destination's own latency from `outbox.destination_status` (commit to
+//! acknowledgement, the last 10,000 events); beside them a bare
 //! producer's send to receipt through the same broker and consumer, and its
 //! send to acknowledgement.
 //!
@@ -488,7 +488,7 @@ fn latency(pg: &Cluster, broker: &Broker, seconds: u64) {
     let row = pg.status_row("lat");
     println!(
         "{:<38} {:>6} last {:>6}  p50 {:>6.1} ms  p99 {:>6.1} ms  max {:>6.1} ms",
-        "pg_outbox's status, start to ack",
+        "pg_outbox's status, commit to ack",
         "",
         row["messages_delivered"].as_i64().unwrap_or(0).min(10_000),
         row["latency_p50_ms"].as_f64().unwrap_or(f64::NAN),
