@@ -82,13 +82,10 @@ CREATE TABLE outbox.event (
     keys           text[],
     rows           json[]
 );
--- Groups live until delivered, typically seconds, and are read whole: the
--- writer cuts them to fit a heap page, and rows up to a page stay in it
--- (toast_tuple_target); a larger one goes out of line, not compressed (which
--- would spend the writer's CPU).
+-- Groups live until delivered, typically seconds, and are read whole:
+-- stored out of line, not compressed (which would spend the writer's CPU).
 ALTER TABLE outbox.event ALTER ids SET STORAGE EXTERNAL, ALTER keys SET STORAGE EXTERNAL,
     ALTER rows SET STORAGE EXTERNAL;
-ALTER TABLE outbox.event SET (toast_tuple_target = 8160);
 CREATE UNIQUE INDEX event_destination_idx ON outbox.event (destination_id, id);
 ALTER TABLE outbox.event REPLICA IDENTITY USING INDEX event_destination_idx;
 

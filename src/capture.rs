@@ -93,20 +93,7 @@ impl Queued {
     fn size(&self) -> usize {
         self.table.len() + self.key.as_ref().map_or(0, String::len) + self.row.as_ref().map_or(0, String::len) + 64
     }
-
-    /// Bytes it adds to a group's row: its id, key and row, each array
-    /// element with its length word and alignment.
-    fn grouped_size(&self) -> usize {
-        8 + self.key.as_ref().map_or(0, String::len) + self.row.as_ref().map_or(0, String::len) + 16
-    }
 }
-
-/// A group's events (`Queued::grouped_size`) fit in this many bytes, less its
-/// destination's and table's names: with `toast_tuple_target` at its most
-/// (8160) the row then stays in the heap page, inline. Out of line, in TOAST,
-/// every 2 kB of it was one more tuple and index entry to write: 40% of what a
-/// 100-row INSERT's outbox writes cost.
-const GROUP_BYTES: usize = 7900;
 
 /// A flush is due at this many queued events or bytes (rows and keys).
 const FLUSH_EVENTS: usize = 1000;
@@ -259,29 +246,20 @@ const INSERT_EVENTS: &str =
 
 /// The outbox rows for these events: per destination, each run of events
 /// with the same topic, table and interaction becomes one row (a group when
-/// it has more than one event), the rows in the order their runs began; a
-/// run is cut where its row would outgrow a heap page (GROUP_BYTES).
+/// it has more than one event), the rows in the order their runs began.
 /// Each destination's events keep their order.
 fn groups(queued: &[Queued]) -> Vec<Vec<usize>> {
     let mut rows: Vec<Vec<usize>> = Vec::new();
-    // Per destination: its open row and the bytes it holds.
-    let mut open: HashMap<&str, (usize, usize)> = HashMap::new();
+    let mut open: HashMap<&str, usize> = HashMap::new();
     for (i, q) in queued.iter().enumerate() {
-        let bytes = q.grouped_size();
-        let fits = |r: usize, held: usize| {
-            let first = &queued[rows[r][0]];
-            first.topic_id == q.topic_id
-                && first.table == q.table
-                && first.interaction == q.interaction
-                && held + bytes <= GROUP_BYTES.saturating_sub(first.destination.len() + first.table.len())
+        let same = |r: &Vec<usize>| {
+            let first = &queued[r[0]];
+            first.topic_id == q.topic_id && first.table == q.table && first.interaction == q.interaction
         };
-        match open.get_mut(q.destination.as_str()) {
-            Some((r, held)) if fits(*r, *held) => {
-                rows[*r].push(i);
-                *held += bytes;
-            }
+        match open.get(q.destination.as_str()) {
+            Some(&r) if same(&rows[r]) => rows[r].push(i),
             _ => {
-                open.insert(&q.destination, (rows.len(), bytes));
+                open.insert(&q.destination, rows.len());
                 rows.push(vec![i]);
             }
         }

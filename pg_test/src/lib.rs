@@ -338,16 +338,6 @@ pub struct Broker {
     log: PathBuf,
 }
 
-/// The number of events in each of a destination's outbox rows, in order.
-pub fn group_sizes(pg: &Cluster, destination: &str) -> Vec<i64> {
-    pg.sql(&format!(
-        "SELECT string_agg(events::text, ' ' ORDER BY id) FROM outbox.event WHERE destination_id = '{destination}'"
-    ))
-    .split_whitespace()
-    .map(|n| n.parse().unwrap())
-    .collect()
-}
-
 pub fn tansu_bin() -> String {
     std::env::var("TANSU").unwrap_or_else(|_| {
         let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
