@@ -213,8 +213,8 @@ pub struct Event {
     pub row: Option<String>,
     /// Transaction timestamp of the change, ISO 8601 UTC.
     pub timestamp: String,
-    /// The same as a Postgres timestamp (µs since 2000-01-01), for the
-    /// latency the status reports.
+    /// Where the latency the status reports starts (Postgres µs): the commit
+    /// when known, else the transaction start.
     pub born_us: i64,
 }
 

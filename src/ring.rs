@@ -239,7 +239,8 @@ impl BestEffortEvent {
     /// Encode; the first 8 bytes (the number) are filled in by `push`.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(
-            48 + self.destination_id.len()
+            48 + self.interaction.len()
+                + self.destination_id.len()
                 + self.table.len()
                 + self.key.as_ref().map_or(0, |k| k.len())
                 + self.row.as_ref().map_or(0, |r| r.len()),

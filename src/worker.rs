@@ -51,7 +51,7 @@ const LATENCY_WINDOW: usize = 10_000;
 const LATENCY_EVERY: Duration = Duration::from_millis(200);
 
 /// An event in flight: the id of its group (see `Group`) or 0, and its
-/// change's transaction start (Postgres µs).
+/// change's commit, or its transaction start when unknown (Postgres µs).
 #[derive(Clone, Copy)]
 struct Flight {
     group: i64,
@@ -324,7 +324,7 @@ impl Destination {
         }
     }
 
-    /// An event whose change's transaction began at `born_us` is acknowledged now.
+    /// An event whose change committed (or began) at `born_us` is acknowledged now.
     fn latency(&mut self, born_us: i64) {
         if self.latencies.len() == LATENCY_WINDOW {
             self.latencies.pop_front();
