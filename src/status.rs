@@ -342,8 +342,34 @@ pub fn format_ts_digits(us: i64, digits: u32) -> String {
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    let width = digits as usize;
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{fraction:0width$}Z", sod / 3600, sod % 3600 / 60, sod % 60)
+    if !(0..=9999).contains(&y) {
+        let width = digits as usize;
+        return format!(
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{fraction:0width$}Z",
+            sod / 3600,
+            sod % 3600 / 60,
+            sod % 60
+        );
+    }
+    // Digit by digit: format!() was a tenth of a claim of single events.
+    let mut out = [0u8; 27];
+    let mut at = 0;
+    let mut put = |value: i64, width: u32, then: u8| {
+        for i in (0..width).rev() {
+            out[at] = b'0' + (value / 10_i64.pow(i) % 10) as u8;
+            at += 1;
+        }
+        out[at] = then;
+        at += 1;
+    };
+    put(y, 4, b'-');
+    put(m, 2, b'-');
+    put(d, 2, b'T');
+    put(sod / 3600, 2, b':');
+    put(sod % 3600 / 60, 2, b':');
+    put(sod % 60, 2, b'.');
+    put(fraction, digits, b'Z');
+    String::from_utf8(out[..at].to_vec()).unwrap_or_default()
 }
 
 /// Days since 1970-01-01 to (year, month, day); Howard Hinnant's algorithm.

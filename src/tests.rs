@@ -167,3 +167,31 @@ fn outbox_changes_work_under_a_publication_for_all_tables() {
         assert_eq!(error_of(sql), None, "{sql}");
     }
 }
+
+/// Event timestamps are formatted in Rust, digit by digit: they match
+/// Postgres's own formatting, at both precisions, across the years.
+#[pg_test]
+fn timestamps_are_formatted_as_postgres_formats_them() {
+    let rows = Spi::connect(|client| {
+        let query = "SELECT (extract(epoch FROM t - '2000-01-01 00:00:00+00') * 1000000)::bigint, \
+                            to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
+                            to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') \
+                       FROM unnest(ARRAY['2000-01-01 00:00:00+00', '1999-12-31 23:59:59.999999+00', \
+                                         '0001-01-01 00:00:00+00', '1970-01-01 00:00:00.000001+00', \
+                                         '2024-02-29 12:34:56.789012+00', '2026-11-27 02:06:21.5+00', \
+                                         '9999-12-31 23:59:59.999999+00']::timestamptz[]) t";
+        let mut out = Vec::new();
+        for row in client.select(query, None, &[]).expect("select") {
+            let us: i64 = row.get(1).expect("us").expect("us");
+            let ms: String = row.get(2).expect("ms").expect("ms");
+            let micro: String = row.get(3).expect("micro").expect("micro");
+            out.push((us, ms, micro));
+        }
+        out
+    });
+    assert_eq!(rows.len(), 7);
+    for (us, ms, micro) in rows {
+        assert_eq!(crate::status::format_ts(us), ms, "{us}");
+        assert_eq!(crate::status::format_ts_digits(us, 6), micro, "{us}");
+    }
+}
