@@ -260,6 +260,19 @@ impl Cluster {
         }
     }
 
+    /// One psql connection kept open for many queries (polling without a
+    /// new process and backend each time).
+    pub fn session(&self) -> Session {
+        let mut child = self
+            .psql_cmd("postgres")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("psql");
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("psql stdout"));
+        Session { child, stdout }
+    }
+
     pub fn count(&self, sql: &str) -> i64 {
         self.sql(sql).trim().parse().unwrap_or_else(|_| panic!("not a number from {sql}"))
     }
@@ -622,5 +635,44 @@ impl Env {
         let pg = Cluster::start(name, extra_conf);
         pg.sql("CREATE EXTENSION pg_outbox");
         Env { pg, broker }
+    }
+}
+
+/// A psql connection kept open (see `Cluster::session`).
+pub struct Session {
+    child: std::process::Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Session {
+    /// Run `sql` (one statement, no trailing semicolon) and return what it printed.
+    pub fn sql(&mut self, sql: &str) -> String {
+        use std::io::{BufRead, Write};
+        const END: &str = "--end-of-result--";
+        let stdin = self.child.stdin.as_mut().expect("psql stdin");
+        writeln!(stdin, "{sql};\n\\echo {END}").expect("write to psql");
+        stdin.flush().expect("flush psql");
+        let mut out = String::new();
+        loop {
+            let mut line = String::new();
+            if self.stdout.read_line(&mut line).expect("read psql") == 0 {
+                panic!("psql ended (failed?) running: {sql}");
+            }
+            if line.trim_end() == END {
+                return out.trim_end().to_string();
+            }
+            out.push_str(&line);
+        }
+    }
+
+    pub fn count(&mut self, sql: &str) -> i64 {
+        self.sql(sql).trim().parse().unwrap_or_else(|_| panic!("not a number from {sql}"))
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
     }
 }
