@@ -18,7 +18,11 @@
 //! built while the broker is frozen, delivered once it thaws: events per second,
 //! against a bare librdkafka producer with the destination's own librdkafka
 //! configuration sending as many messages of the same size in the same run;
-//! then the same drain while another session holds a snapshot open throughout.
+//! then the same drain while another session holds a snapshot open throughout,
+//! compared with the mean of the drains before it and after it (and the bare
+//! producer again). Each drain starts on an empty broker (tansu keeps every
+//! message in memory and slows down as it fills), timed until pg_outbox's
+//! delivered counter reaches the backlog (polled in one open session).
 //!
 //! Latency: pgbench at a steady 1,000 single-row transactions/s for
 //! `--latency-seconds` (default 20) into an at-least-once destination; per row,
@@ -106,7 +110,7 @@ fn watched(pg: &Cluster, broker: &Broker, name: &str, kind: &str, content: &str,
 fn main() {
     let seconds = arg("--seconds", 15);
     let rounds = arg("--rounds", 3) as usize;
-    let broker = Broker::start();
+    let mut broker = Broker::start();
     // Postgres defaults for durability (fsync on, synchronous_commit on).
     let pg = Cluster::start(
         &unique("bench"),
@@ -146,15 +150,17 @@ fn main() {
     let events = arg("--drain", 1_000_000);
     if events > 0 {
         quiesce(&pg);
-        drains(&pg, &broker, events);
+        drains(&pg, &mut broker, events);
     }
     let latency_seconds = arg("--latency-seconds", 20);
     if latency_seconds > 0 {
         quiesce(&pg);
+        fresh(&mut broker);
         latency(&pg, &broker, latency_seconds);
     }
     let steady_seconds = arg("--steady-seconds", 180);
     if steady_seconds > 0 {
+        fresh(&mut broker);
         steady(&pg, &broker, steady_seconds);
     }
     pg.stop("fast");
@@ -234,10 +240,22 @@ fn write_path(pg: &Cluster, broker: &Broker, seconds: u64, rounds: usize, sync: 
 /// The drain of a backlog written by large statements and of one written by
 /// single-row transactions, against a bare producer; then both again with a
 /// snapshot held open.
-fn drains(pg: &Cluster, broker: &Broker, events: u64) {
+/// Restart the broker empty. tansu keeps every message in memory and slows
+/// down as it fills: a bare producer sending 1,000,000 messages after six
+/// such drains ran at 70k/s where it had run at 149k/s (same run). Each drain,
+/// bare producer and the latency part start on an empty broker.
+fn fresh(broker: &mut Broker) {
+    broker.stop();
+    broker.resume();
+}
+
+fn drains(pg: &Cluster, broker: &mut Broker, events: u64) {
+    fresh(broker);
     let free = drain(pg, broker, events, "drain", false);
+    fresh(broker);
     let free_single = drain(pg, broker, events, "drain_single", true);
-    let bare = bare_producer(pg, broker, events);
+    fresh(broker);
+    let bare = bare_producer(pg, broker, events, "bare");
     println!("{:<44} {:>12.0} {:>8.3}", "pg_outbox drain, 50,000-row statements", free, free / bare);
     println!("{:<44} {:>12.0} {:>8.3}", "pg_outbox drain, single-row transactions", free_single, free_single / bare);
     println!("{:<44} {:>12.0} {:>8.3}", "bare librdkafka producer", bare, 1.0);
@@ -257,24 +275,38 @@ fn drains(pg: &Cluster, broker: &Broker, events: u64) {
         );
         (n == 1).then_some(())
     });
+    fresh(broker);
     let held = drain(pg, broker, events, "drain_held", false);
+    fresh(broker);
     let held_single = drain(pg, broker, events, "drain_held_single", true);
     // The server does not notice a killed client while it sleeps: end it.
     pg.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(86400)%' AND pid <> pg_backend_pid()");
     let _ = holder.kill();
     let _ = holder.wait();
+    // The same drains again without the snapshot: a held drain is compared
+    // with the mean of the drains around it (Postgres's own state drifts over
+    // a run too: the outbox's dead rows, WAL, checkpoints).
+    fresh(broker);
+    let after = drain(pg, broker, events, "drain_after", false);
+    fresh(broker);
+    let after_single = drain(pg, broker, events, "drain_after_single", true);
+    fresh(broker);
+    let bare_after = bare_producer(pg, broker, events, "bare_after");
     println!(
-        "{:<44} {:>12.0} {:>8.3}  (ratio to the same drain above)",
+        "{:<44} {:>12.0} {:>8.3}  (ratio to the mean of the same drain before and after)",
         "snapshot held open, 50,000-row statements",
         held,
-        held / free
+        held / ((free + after) / 2.0)
     );
     println!(
-        "{:<44} {:>12.0} {:>8.3}  (ratio to the same drain above)",
+        "{:<44} {:>12.0} {:>8.3}  (ratio to the mean of the same drain before and after)",
         "snapshot held open, single-row transactions",
         held_single,
-        held_single / free_single
+        held_single / ((free_single + after_single) / 2.0)
     );
+    println!("{:<44} {:>12.0}", "drain after the snapshot, 50,000-row statements", after);
+    println!("{:<44} {:>12.0}", "drain after the snapshot, single-row transactions", after_single);
+    println!("{:<44} {:>12.0}", "bare librdkafka producer, again", bare_after);
 }
 
 /// Build a backlog of `events` rows while the broker is frozen, with 50,000-row
@@ -369,15 +401,15 @@ impl rdkafka::producer::ProducerContext for Acks {
 
 /// The same number of messages of the Bundle's size, straight from librdkafka
 /// with the drain destination's own configuration.
-fn bare_producer(pg: &Cluster, broker: &Broker, events: u64) -> f64 {
+fn bare_producer(pg: &Cluster, broker: &Broker, events: u64, name: &str) -> f64 {
     use rdkafka::producer::{BaseRecord, Producer};
-    watched(pg, broker, "bare", "kafka-at-least-once", "full-resource", "");
-    let producer = producer_like(pg, "bare");
+    watched(pg, broker, name, "kafka-at-least-once", "full-resource", "");
+    let producer = producer_like(pg, &name.replace('_', "-"));
     let payload = vec![b'x'; 707];
     let started = Instant::now();
     for i in 0..events {
         let key = i.to_string();
-        let mut record = BaseRecord::to("bare").key(&key).payload(&payload);
+        let mut record = BaseRecord::to(name).key(&key).payload(&payload);
         loop {
             match producer.send(record) {
                 Ok(()) => break,
