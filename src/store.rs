@@ -114,36 +114,63 @@ impl Claimed {
 /// poison event) a group is first split into single events, and only its
 /// first is taken.
 pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64, rows: i64) -> SpiResult<Claimed> {
-    let mut claimed = Spi::connect(|client| {
+    // When the last claim's rows were single events (`rows` reaches `limit`),
+    // one pass reads them: the window over them cost a quarter of the claim.
+    // That pass leaves groups' arrays unread: if it reaches a group it would
+    // take, the claim is made again in two passes.
+    let mut claimed = match claim_rows(destination_id, after, skip, limit, rows, rows >= limit)? {
+        Some(c) => c,
+        None => claim_rows(destination_id, after, skip, limit, rows, false)?.expect("a two-pass claim"),
+    };
+    if limit == 1 && claimed.events.len() > 1 {
+        let group = claimed.events[0].group;
+        split(destination_id, &[group], &[])?;
+        claimed.events.truncate(1);
+        claimed.events[0].group = 0;
+    }
+    Ok(claimed)
+}
+
+/// `claim` in one pass (None if it reached a group to take) or two.
+fn claim_rows(
+    destination_id: &str,
+    after: i64,
+    skip: &[i64],
+    limit: i64,
+    rows: i64,
+    one_pass: bool,
+) -> SpiResult<Option<Claimed>> {
+    Spi::connect(|client| {
         // One statement, so the snapshot reported is the one the rows were read with.
         // The last row to take is found from ids and event counts alone, among
         // `rows` rows (the window over whole rows copied up to `limit` rows of
         // up to 8 kB each, and reading `limit` rows to take a few hundred
         // groups was a third of a large statements' drain).
-        // When the rows are single events (`rows` reaches `limit`), one pass
-        // reads them: the window over them cost a quarter of the claim.
-        let last = if rows < limit {
-            "AND e.id <= (SELECT max(w.id) \
-                            FROM (SELECT v.id, sum(v.events) OVER (ORDER BY v.id ROWS UNBOUNDED PRECEDING) \
-                                               - v.events AS before \
-                                    FROM (SELECT id, events FROM outbox.event \
-                                           WHERE destination_id = $1 AND id > $2 AND id <> ALL($3) \
-                                           ORDER BY id LIMIT $5) v) w \
-                           WHERE w.before < $4) \
-             ORDER BY e.id"
+        let (last, arrays) = if one_pass {
+            ("ORDER BY e.id LIMIT $5", "NULL::bigint[], NULL::text[], NULL::text[]")
         } else {
-            "ORDER BY e.id LIMIT $5"
+            (
+                "AND e.id <= (SELECT max(w.id) \
+                                FROM (SELECT v.id, sum(v.events) OVER (ORDER BY v.id ROWS UNBOUNDED PRECEDING) \
+                                                   - v.events AS before \
+                                        FROM (SELECT id, events FROM outbox.event \
+                                               WHERE destination_id = $1 AND id > $2 AND id <> ALL($3) \
+                                               ORDER BY id LIMIT $5) v) w \
+                               WHERE w.before < $4) \
+                 ORDER BY e.id",
+                "e.ids, e.keys, e.rows::text[]",
+            )
         };
         let rows = client.select(
             &format!(
                 "(SELECT e.id, e.table_name, e.interaction, e.key, e.row_data::text, e.created_at, \
-                         NULL::text, e.ids, e.keys, e.rows::text[], \
-                         CASE WHEN $6 THEN pg_catalog.pg_xact_commit_timestamp(e.xmin) END \
+                         NULL::text, {arrays}, \
+                         CASE WHEN $6 THEN pg_catalog.pg_xact_commit_timestamp(e.xmin) END, e.ids IS NOT NULL \
                     FROM outbox.event e \
                    WHERE e.destination_id = $1 AND e.id > $2 AND e.id <> ALL($3) {last}) \
                  UNION ALL \
                  SELECT NULL, NULL, NULL, NULL, NULL, NULL, pg_catalog.pg_current_snapshot()::text, NULL, NULL, \
-                        NULL, NULL"
+                        NULL, NULL, NULL"
             ),
             None,
             &[
@@ -171,6 +198,9 @@ pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64, rows: i
             // A row is taken while fewer than `limit` events are (a group whole).
             if out.events.len() as i64 >= limit {
                 continue;
+            }
+            if one_pass && row.get::<bool>(12)?.unwrap_or(false) {
+                return Ok(None);
             }
             out.rows += 1;
             let table: String = row.get(2)?.unwrap_or_default();
@@ -213,15 +243,8 @@ pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64, rows: i
             }
         }
         out.next_xid = unsafe { pg_sys::ReadNextFullTransactionId() }.value;
-        Ok::<_, pgrx::spi::SpiError>(out)
-    })?;
-    if limit == 1 && claimed.events.len() > 1 {
-        let group = claimed.events[0].group;
-        split(destination_id, &[group], &[])?;
-        claimed.events.truncate(1);
-        claimed.events[0].group = 0;
-    }
-    Ok(claimed)
+        Ok(Some(out))
+    })
 }
 
 /// Replace these groups by single events, leaving out the events in `drop`
