@@ -173,7 +173,7 @@ fn outbox_changes_work_under_a_publication_for_all_tables() {
 #[pg_test]
 fn timestamps_are_formatted_as_postgres_formats_them() {
     let rows = Spi::connect(|client| {
-        let query = "SELECT (extract(epoch FROM t - '2000-01-01 00:00:00+00') * 1000000)::bigint, \
+        let query = "SELECT t, \
                             to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
                             to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') \
                        FROM unnest(ARRAY['2000-01-01 00:00:00+00', '1999-12-31 23:59:59.999999+00', \
@@ -182,7 +182,8 @@ fn timestamps_are_formatted_as_postgres_formats_them() {
                                          '9999-12-31 23:59:59.999999+00']::timestamptz[]) t";
         let mut out = Vec::new();
         for row in client.select(query, None, &[]).expect("select") {
-            let us: i64 = row.get(1).expect("us").expect("us");
+            let t: pgrx::datum::TimestampWithTimeZone = row.get(1).expect("t").expect("t");
+            let us = pg_sys::TimestampTz::from(t);
             let ms: String = row.get(2).expect("ms").expect("ms");
             let micro: String = row.get(3).expect("micro").expect("micro");
             out.push((us, ms, micro));

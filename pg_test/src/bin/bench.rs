@@ -335,7 +335,8 @@ fn drain(pg: &Cluster, broker: &Broker, events: u64, name: &str, singles: bool) 
     // the outbox every 50 ms took a third of a core from the drain, and under a
     // held snapshot the count walked every deleted row again.
     let mut session = pg.session();
-    let delivered = format!("SELECT messages_delivered FROM outbox._destination_stats() WHERE id = '{dest}'");
+    let delivered =
+        format!("SELECT coalesce((SELECT messages_delivered FROM outbox._destination_stats() WHERE id = '{dest}'), 0)");
     session.sql("SELECT 1");
     broker.thaw();
     let started = Instant::now();
