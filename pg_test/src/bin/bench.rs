@@ -249,11 +249,17 @@ fn fresh(broker: &mut Broker) {
     broker.resume();
 }
 
+/// The drain of `name` (50,000-row statements) and of `name`_single
+/// (single-row transactions), each on an empty broker.
+fn drain_both(pg: &Cluster, broker: &mut Broker, events: u64, name: &str) -> (f64, f64) {
+    fresh(broker);
+    let statements = drain(pg, broker, events, name, false);
+    fresh(broker);
+    (statements, drain(pg, broker, events, &format!("{name}_single"), true))
+}
+
 fn drains(pg: &Cluster, broker: &mut Broker, events: u64) {
-    fresh(broker);
-    let free = drain(pg, broker, events, "drain", false);
-    fresh(broker);
-    let free_single = drain(pg, broker, events, "drain_single", true);
+    let (free, free_single) = drain_both(pg, broker, events, "drain");
     fresh(broker);
     let bare = bare_producer(pg, broker, events, "bare");
     println!("{:<44} {:>12.0} {:>8.3}", "pg_outbox drain, 50,000-row statements", free, free / bare);
@@ -275,10 +281,7 @@ fn drains(pg: &Cluster, broker: &mut Broker, events: u64) {
         );
         (n == 1).then_some(())
     });
-    fresh(broker);
-    let held = drain(pg, broker, events, "drain_held", false);
-    fresh(broker);
-    let held_single = drain(pg, broker, events, "drain_held_single", true);
+    let (held, held_single) = drain_both(pg, broker, events, "drain_held");
     // The server does not notice a killed client while it sleeps: end it.
     pg.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(86400)%' AND pid <> pg_backend_pid()");
     let _ = holder.kill();
@@ -286,10 +289,7 @@ fn drains(pg: &Cluster, broker: &mut Broker, events: u64) {
     // The same drains again without the snapshot: a held drain is compared
     // with the mean of the drains around it (Postgres's own state drifts over
     // a run too: the outbox's dead rows, WAL, checkpoints).
-    fresh(broker);
-    let after = drain(pg, broker, events, "drain_after", false);
-    fresh(broker);
-    let after_single = drain(pg, broker, events, "drain_after_single", true);
+    let (after, after_single) = drain_both(pg, broker, events, "drain_after");
     fresh(broker);
     let bare_after = bare_producer(pg, broker, events, "bare_after");
     println!(
