@@ -601,16 +601,6 @@ unsafe fn fhir_resource(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc, resou
     serde_json::to_string(&resource).expect("raw values serialize")
 }
 
-/// A row as `row_to_json` gives it (with the writer's rights).
-unsafe fn row_json(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc) -> String {
-    unsafe {
-        let composite = pg_sys::heap_copy_tuple_as_datum(tuple, desc);
-        let json = pgrx::fcinfo::direct_function_call_as_datum(pg_sys::row_to_json, &[Some(composite)])
-            .expect("row_to_json returns a value");
-        String::from_datum(json, false).expect("json text")
-    }
-}
-
 /// The row trigger the API attaches: `outbox._capture(topic_id, table, key columns...)`.
 #[pg_trigger]
 fn _capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
@@ -643,12 +633,13 @@ fn _capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, All
     };
     let shape = route.shapes.get(table);
     let fhir_type = shape.and_then(|s| s.resource_type.as_deref());
-    let desc = unsafe { (*td.tg_relation).rd_att };
+    let (relid, desc) = unsafe { ((*td.tg_relation).rd_id, (*td.tg_relation).rd_att) };
     // The changed row as a resource (JSON text): Aidbox's for FHIR tables, else the row.
     let text_of = |t: pg_sys::HeapTuple| -> String {
         match fhir_type {
             Some(rt) => unsafe { fhir_resource(t, desc, rt) },
-            None => unsafe { row_json(t, desc) },
+            // As row_to_json prints it, with the writer's rights.
+            None => unsafe { crate::rowjson::row_json(relid, t, desc) },
         }
     };
     let criteria = shape.and_then(|s| s.criteria.as_ref());

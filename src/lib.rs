@@ -6,6 +6,7 @@
 //! - `capture`: what the row trigger needs from Rust (wake the worker on commit);
 //! - `status`: counters and last errors in shared memory, read by the status view;
 //! - `ring`: the best-effort queue in shared memory;
+//! - `rowjson`: rows as JSON, as `row_to_json` prints them, for the trigger;
 //! - `store`: the outbox table as the worker sees it (claim, acknowledge, fail);
 //! - `kafka`: producer configuration and message building (no Postgres calls);
 //! - `worker`: the background worker loop.
@@ -24,6 +25,7 @@ mod kafka;
 mod oauth;
 mod params;
 mod ring;
+mod rowjson;
 mod status;
 mod store;
 mod worker;

@@ -196,3 +196,77 @@ fn timestamps_are_formatted_as_postgres_formats_them() {
         assert_eq!(crate::status::format_ts_digits(us, 6), micro, "{us}");
     }
 }
+
+/// The captured rows of `public.kinds` (keys in `keys`) whose JSON differs
+/// from `expected` (an SQL expression over the row `kr`).
+fn json_mismatches(keys: &str, interaction: &str, from: &str, expected: &str) -> Vec<String> {
+    let sql = format!(
+        "SELECT coalesce(string_agg(format('%s: captured %s, expected %s', p.key, p.row_data, {expected}), E'\\n'), '') \
+           FROM outbox.pending p JOIN {from} ON p.key = kr.k::text \
+          WHERE p.interaction = '{interaction}' AND kr.k IN ({keys}) \
+            AND p.row_data::text IS DISTINCT FROM {expected}"
+    );
+    let n = count(&format!(
+        "SELECT count(*) FROM outbox.pending WHERE interaction = '{interaction}' AND key::int IN ({keys})"
+    ));
+    assert_eq!(n, keys.split(',').count() as i64, "events captured for {keys}");
+    let text = Spi::get_one::<String>(&sql).expect("SPI").unwrap_or_default();
+    text.lines().map(str::to_string).collect()
+}
+
+/// The trigger prints rows itself (a plan per table, kept per backend): byte
+/// for byte what row_to_json prints, for every kind of column, special
+/// numbers and characters, dropped and later-added columns, and again after
+/// the table's columns change (the plan is made again).
+#[pg_test]
+fn captured_rows_are_printed_as_row_to_json_prints_them() {
+    Spi::run(
+        r#"CREATE DOMAIN public.short_text AS text;
+           CREATE TABLE public.kinds (k int PRIMARY KEY, b bool, i2 int2, i4 int, i8 int8, f4 float4, f8 float8,
+               n numeric, t text, v varchar(20), c char(5), j json, jb jsonb, u uuid, by bytea, ip inet,
+               iv interval, nm name, o oid, d public.short_text, gone int, "we""ird ключ	" text);
+           ALTER TABLE public.kinds DROP COLUMN gone;
+           SELECT outbox.create_topic('urn:kinds', '[{"table": "public.kinds"}]');
+           SELECT outbox.create_destination('kinds', 'urn:kinds', 'kafka-at-least-once',
+             '{"kafkaTopic": "kinds", "bootstrapServers": "127.0.0.1:9"}');
+           INSERT INTO public.kinds (k) VALUES (1);
+           INSERT INTO public.kinds VALUES
+             (2, false, -32768, -2147483648, -9223372036854775808, 'NaN', '-Infinity', 'NaN',
+              (SELECT string_agg(chr(c), '') FROM generate_series(1, 31) c) || E'"\\/ é 𝄞 \x7f',
+              'tab	"q"', 'ab', '{"a" : [1, 2.50]}', '{"b": 1, "a": "x\"y"}',
+              'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '\x00ff', '10.0.0.1/8', '1 day 02:03:04.5',
+              'name"1', 4294967295, E'dom\\ain', ''),
+             (3, true, 32767, 2147483647, 9223372036854775807, 1.5, '1e300', 'Infinity',
+              'plain', 'v', 'c', 'null', '[]', '00000000-0000-0000-0000-000000000000', '', '::1',
+              '-1 mon', '', 0, 'x', 'z'),
+             (4, true, 0, 0, 0, '-0', '-0', '-1.50', '', '', '', '"s"', '"s"', null, null, null,
+              '0', 'n', 1, '', null),
+             (5, null, null, null, null, '3.4e38', '1.5e-7', '0.000001', null, null, null, '1e5', '1e5',
+              null, null, null, null, null, null, null, null);"#,
+    )
+    .expect("setup");
+    let bad = json_mismatches("1,2,3,4,5", "create", "public.kinds kr", "row_to_json(kr)::text");
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    // A renamed column: the plan is made again.
+    Spi::run(
+        "ALTER TABLE public.kinds RENAME COLUMN t TO renamed;
+         INSERT INTO public.kinds (k, renamed, i4) VALUES (6, 'after rename', 6)",
+    )
+    .unwrap();
+    let bad = json_mismatches("6", "create", "public.kinds kr", "row_to_json(kr)::text");
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    // A column added with a default: old rows lack it (their DELETE prints
+    // it from the default); a timestamptz column sends rows through row_to_json.
+    Spi::run(
+        "ALTER TABLE public.kinds ADD COLUMN added int DEFAULT 7;
+         CREATE TEMP TABLE before_delete AS SELECT k, row_to_json(t)::text AS j FROM public.kinds t;
+         DELETE FROM public.kinds WHERE k IN (1, 2, 3);
+         ALTER TABLE public.kinds ADD COLUMN at timestamptz DEFAULT '2026-11-27 05:00:00+00';
+         INSERT INTO public.kinds (k, f8) VALUES (7, 2.5)",
+    )
+    .unwrap();
+    let bad = json_mismatches("1,2,3", "delete", "before_delete kr", "kr.j");
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    let bad = json_mismatches("7", "create", "public.kinds kr", "row_to_json(kr)::text");
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}

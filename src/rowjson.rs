@@ -1,0 +1,271 @@
+//! Rows as JSON text, byte for byte as `row_to_json(row)` prints them, for
+//! the capture trigger. `row_to_json` looks up every column's type category
+//! and output function again for every row (about two thirds of the
+//! trigger's time on a 100-row INSERT); here a plan per table (each column's
+//! JSON name and how its value is printed) is kept per backend and checked
+//! against the row's descriptor (names, types, dropped columns) each time.
+//!
+//! Printed here: booleans, integers, float/numeric (bare when a valid JSON
+//! number, else a string, as `row_to_json` does), text types, json, jsonb
+//! and every other built-in scalar type through its output function (run
+//! each time: bytea_output, IntervalStyle and the like apply). A row with a
+//! column whose JSON form needs more (dates and timestamps, arrays,
+//! composites, and types that are not built in, which may have a cast to
+//! json) is printed by `row_to_json` itself.
+
+use pgrx::pg_sys;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// How one column's value is printed.
+enum How {
+    Bool,
+    Int2,
+    Int4,
+    Int8,
+    /// float4, float8, numeric: the output as it is when it is a valid JSON
+    /// number, else as a string (NaN, Infinity).
+    Number(Box<pg_sys::FmgrInfo>),
+    /// text, varchar, bpchar: the stored bytes, as a string.
+    Text,
+    /// json: the stored text as it is.
+    Json,
+    /// jsonb: the output as it is.
+    Raw(Box<pg_sys::FmgrInfo>),
+    /// Any other built-in scalar type: the output, as a string.
+    Escaped(Box<pg_sys::FmgrInfo>),
+}
+
+struct Column {
+    /// `"name":`, escaped.
+    label: Vec<u8>,
+    /// None for a dropped column.
+    how: Option<How>,
+}
+
+/// A table's plan, for the columns it was made for.
+struct Plan {
+    /// (name, type, dropped) of each column.
+    shape: Vec<(Vec<u8>, pg_sys::Oid, bool)>,
+    /// None when its rows go through `row_to_json`.
+    columns: Option<Vec<Column>>,
+}
+
+thread_local! {
+    static PLANS: RefCell<HashMap<pg_sys::Oid, Rc<Plan>>> = RefCell::new(HashMap::new());
+}
+
+/// The descriptor's columns as (name, type, dropped).
+unsafe fn shape(desc: pg_sys::TupleDesc) -> impl Iterator<Item = (&'static [u8], pg_sys::Oid, bool)> {
+    let attrs = unsafe { (*desc).attrs.as_slice((*desc).natts as usize) };
+    attrs.iter().map(|a| {
+        let name = unsafe { std::ffi::CStr::from_ptr(a.attname.data.as_ptr()) }.to_bytes();
+        (name, a.atttypid, a.attisdropped)
+    })
+}
+
+fn output_function(type_oid: pg_sys::Oid) -> Box<pg_sys::FmgrInfo> {
+    let (mut func, mut varlena) = (pg_sys::Oid::INVALID, false);
+    let mut info: Box<pg_sys::FmgrInfo> = Box::new(unsafe { std::mem::zeroed() });
+    unsafe {
+        pg_sys::getTypeOutputInfo(type_oid, &mut func, &mut varlena);
+        pg_sys::fmgr_info_cxt(func, info.as_mut(), pg_sys::TopMemoryContext);
+    }
+    info
+}
+
+/// How `row_to_json` prints a column of this type, when an output function
+/// is all it takes (see json_categorize_type in Postgres's json.c).
+fn how(type_oid: pg_sys::Oid) -> Option<How> {
+    let base = unsafe { pg_sys::getBaseType(type_oid) };
+    Some(match base {
+        pg_sys::BOOLOID => How::Bool,
+        pg_sys::INT2OID => How::Int2,
+        pg_sys::INT4OID => How::Int4,
+        pg_sys::INT8OID => How::Int8,
+        pg_sys::FLOAT4OID | pg_sys::FLOAT8OID | pg_sys::NUMERICOID => How::Number(output_function(base)),
+        pg_sys::TEXTOID | pg_sys::VARCHAROID | pg_sys::BPCHAROID => How::Text,
+        pg_sys::JSONOID => How::Json,
+        pg_sys::JSONBOID => How::Raw(output_function(base)),
+        pg_sys::DATEOID | pg_sys::TIMESTAMPOID | pg_sys::TIMESTAMPTZOID => return None,
+        _ if u32::from(base) >= pg_sys::FirstNormalObjectId => return None,
+        _ if unsafe { pg_sys::get_element_type(base) } != pg_sys::Oid::INVALID => return None,
+        _ if unsafe { pg_sys::type_is_rowtype(base) } => return None,
+        pg_sys::ANYARRAYOID | pg_sys::ANYCOMPATIBLEARRAYOID | pg_sys::RECORDARRAYOID => return None,
+        _ => How::Escaped(output_function(base)),
+    })
+}
+
+fn columns(desc: pg_sys::TupleDesc) -> Option<Vec<Column>> {
+    let mut columns = Vec::new();
+    for (name, type_oid, dropped) in unsafe { shape(desc) } {
+        let mut label = Vec::with_capacity(name.len() + 3);
+        escape(&mut label, name);
+        label.push(b':');
+        let how = if dropped { None } else { Some(how(type_oid)?) };
+        columns.push(Column { label, how });
+    }
+    Some(columns)
+}
+
+/// The cached plan for this relation, made again when its columns changed.
+fn plan_for(relid: pg_sys::Oid, desc: pg_sys::TupleDesc) -> Rc<Plan> {
+    let cached = PLANS.with(|p| p.borrow().get(&relid).cloned());
+    if let Some(plan) = cached {
+        let same = unsafe { (*desc).natts } as usize == plan.shape.len()
+            && unsafe { shape(desc) }
+                .zip(&plan.shape)
+                .all(|((n, t, d), (cn, ct, cd))| n == cn.as_slice() && t == *ct && d == *cd);
+        if same {
+            return plan;
+        }
+    }
+    let shape = unsafe { shape(desc) }.map(|(n, t, d)| (n.to_vec(), t, d)).collect();
+    let plan = Rc::new(Plan { shape, columns: columns(desc) });
+    PLANS.with(|p| p.borrow_mut().insert(relid, plan.clone()));
+    plan
+}
+
+/// `"s"` with `s` escaped as Postgres's escape_json does.
+pub fn escape(out: &mut Vec<u8>, s: &[u8]) {
+    out.push(b'"');
+    let mut start = 0;
+    for (i, &b) in s.iter().enumerate() {
+        let named: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&s[start..i]);
+        if named.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.extend_from_slice(b"\\u00");
+            out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+        } else {
+            out.extend_from_slice(named);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&s[start..]);
+    out.push(b'"');
+}
+
+/// A JSON number as Postgres's IsValidJsonNumber accepts it:
+/// `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`.
+pub fn is_json_number(s: &[u8]) -> bool {
+    let mut i = usize::from(s.first() == Some(&b'-'));
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while s.get(*i).is_some_and(u8::is_ascii_digit) {
+            *i += 1;
+        }
+        *i > start
+    };
+    match s.get(i) {
+        Some(b'0') => i += 1,
+        Some(b'1'..=b'9') => {
+            digits(&mut i);
+        }
+        _ => return false,
+    }
+    if s.get(i) == Some(&b'.') {
+        i += 1;
+        if !digits(&mut i) {
+            return false;
+        }
+    }
+    if matches!(s.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(s.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        if !digits(&mut i) {
+            return false;
+        }
+    }
+    i == s.len()
+}
+
+/// The output function's text for a value.
+unsafe fn output(info: &pg_sys::FmgrInfo, value: pg_sys::Datum, f: impl FnOnce(&[u8])) {
+    unsafe {
+        let text = pg_sys::OutputFunctionCall(std::ptr::from_ref(info).cast_mut(), value);
+        f(std::ffi::CStr::from_ptr(text).to_bytes());
+        pg_sys::pfree(text.cast());
+    }
+}
+
+/// A varlena's bytes (detoasted), for `f`.
+unsafe fn varlena_bytes(value: pg_sys::Datum, f: impl FnOnce(&[u8])) {
+    unsafe {
+        let raw = value.cast_mut_ptr::<pg_sys::varlena>();
+        let plain = pg_sys::pg_detoast_datum_packed(raw);
+        f(pgrx::varlena::varlena_to_byte_slice(plain));
+        if plain != raw {
+            pg_sys::pfree(plain.cast());
+        }
+    }
+}
+
+/// The row of `relid` as `row_to_json` prints it.
+///
+/// # Safety
+/// `tuple` is a valid heap tuple described by `desc`, a descriptor of `relid`.
+pub unsafe fn row_json(relid: pg_sys::Oid, tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc) -> String {
+    let plan = plan_for(relid, desc);
+    let Some(columns) = &plan.columns else {
+        return unsafe { row_to_json(tuple, desc) };
+    };
+    let n = columns.len();
+    let mut values = vec![pg_sys::Datum::from(0); n];
+    let mut nulls = vec![false; n];
+    unsafe { pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr()) };
+    let mut out = Vec::with_capacity(unsafe { (*tuple).t_len } as usize + 16 * n);
+    out.push(b'{');
+    let mut first = true;
+    for ((column, &value), &null) in columns.iter().zip(&values).zip(&nulls) {
+        let Some(how) = &column.how else { continue };
+        if !std::mem::take(&mut first) {
+            out.push(b',');
+        }
+        out.extend_from_slice(&column.label);
+        if null {
+            out.extend_from_slice(b"null");
+            continue;
+        }
+        use std::io::Write;
+        match how {
+            How::Bool => out.extend_from_slice(if value.value() != 0 { b"true" } else { b"false" }),
+            How::Int2 => write!(out, "{}", value.value() as i16).expect("a Vec takes it"),
+            How::Int4 => write!(out, "{}", value.value() as i32).expect("a Vec takes it"),
+            How::Int8 => write!(out, "{}", value.value() as i64).expect("a Vec takes it"),
+            How::Number(info) => unsafe {
+                output(info, value, |s| if is_json_number(s) { out.extend_from_slice(s) } else { escape(&mut out, s) })
+            },
+            How::Text => unsafe { varlena_bytes(value, |s| escape(&mut out, s)) },
+            How::Json => unsafe { varlena_bytes(value, |s| out.extend_from_slice(s)) },
+            How::Raw(info) => unsafe { output(info, value, |s| out.extend_from_slice(s)) },
+            How::Escaped(info) => unsafe { output(info, value, |s| escape(&mut out, s)) },
+        }
+    }
+    out.push(b'}');
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// Postgres's own `row_to_json`.
+unsafe fn row_to_json(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc) -> String {
+    use pgrx::FromDatum;
+    unsafe {
+        let composite = pg_sys::heap_copy_tuple_as_datum(tuple, desc);
+        let json = pgrx::fcinfo::direct_function_call_as_datum(pg_sys::row_to_json, &[Some(composite)])
+            .expect("row_to_json returns a value");
+        String::from_datum(json, false).expect("json text")
+    }
+}
