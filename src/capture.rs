@@ -465,17 +465,8 @@ fn buffer_best_effort(
         let mut s = s.borrow_mut();
         ensure_callbacks(&mut s);
         for (dest, content) in destinations {
-            let ev = BestEffortEvent {
-                number: 0,
-                destination_id: dest.clone(),
-                table: table.to_string(),
-                interaction: interaction.to_string(),
-                key: key.map(str::to_string),
-                row: if *content == Content::FullResource { row.map(str::to_string) } else { None },
-                timestamp_us,
-                committed_us: 0,
-            }
-            .encode();
+            let row = if *content == Content::FullResource { row } else { None };
+            let ev = BestEffortEvent::encode(timestamp_us, dest, table, interaction, key, row);
             // More than the whole queue could take: drop now rather than hold it.
             if s.pending_bytes + ev.len() + 4 > limit {
                 s.dropped.push((subid, dest.clone()));
@@ -508,10 +499,7 @@ unsafe fn row_key(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc, columns: &[
         if attnum <= 0 {
             pgrx::error!("pg_outbox: key column \"{}\" is missing", name.to_string_lossy());
         }
-        let text = unsafe { pg_sys::SPI_getvalue(tuple, desc, attnum) };
-        let type_oid = unsafe { pg_sys::SPI_gettypeid(desc, attnum) };
-        let text = (!text.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(text) }.to_string_lossy().into_owned());
-        (text, type_oid)
+        unsafe { crate::rowjson::column_text(tuple, desc, attnum) }
     };
     match columns {
         [] => None,

@@ -236,23 +236,25 @@ fn get_str(buf: &[u8], pos: &mut usize) -> Option<Option<String>> {
 }
 
 impl BestEffortEvent {
-    /// Encode; the first 8 bytes (the number) are filled in by `push`.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(
-            48 + self.interaction.len()
-                + self.destination_id.len()
-                + self.table.len()
-                + self.key.as_ref().map_or(0, |k| k.len())
-                + self.row.as_ref().map_or(0, |r| r.len()),
-        );
-        out.extend_from_slice(&self.number.to_le_bytes());
-        out.extend_from_slice(&self.timestamp_us.to_le_bytes());
-        out.extend_from_slice(&self.committed_us.to_le_bytes());
-        put_str(&mut out, Some(&self.destination_id));
-        put_str(&mut out, Some(&self.table));
-        put_str(&mut out, Some(&self.interaction));
-        put_str(&mut out, self.key.as_deref());
-        put_str(&mut out, self.row.as_deref());
+    /// Encode an event from borrowed parts (the trigger's own strings, not
+    /// copies); the first 8 bytes (the number) are filled in by `push`, the
+    /// commit time by `stamp_commit`.
+    pub fn encode(
+        timestamp_us: i64,
+        destination_id: &str,
+        table: &str,
+        interaction: &str,
+        key: Option<&str>,
+        row: Option<&str>,
+    ) -> Vec<u8> {
+        let strs = [Some(destination_id), Some(table), Some(interaction), key, row];
+        let mut out = Vec::with_capacity(24 + strs.iter().map(|s| 4 + s.map_or(0, str::len)).sum::<usize>());
+        out.extend_from_slice(&0u64.to_le_bytes());
+        out.extend_from_slice(&timestamp_us.to_le_bytes());
+        out.extend_from_slice(&0i64.to_le_bytes());
+        for s in strs {
+            put_str(&mut out, s);
+        }
         out
     }
 

@@ -224,7 +224,7 @@ fn captured_rows_are_printed_as_row_to_json_prints_them() {
         r#"CREATE DOMAIN public.short_text AS text;
            CREATE TABLE public.kinds (k int PRIMARY KEY, b bool, i2 int2, i4 int, i8 int8, f4 float4, f8 float8,
                n numeric, t text, v varchar(20), c char(5), j json, jb jsonb, u uuid, by bytea, ip inet,
-               iv interval, nm name, o oid, d public.short_text, gone int, "we""ird ключ	" text);
+               iv interval, nm name, o oid, d public.short_text, gone int, "we""ird ключ	" text, r int4range);
            ALTER TABLE public.kinds DROP COLUMN gone;
            SELECT outbox.create_topic('urn:kinds', '[{"table": "public.kinds"}]');
            SELECT outbox.create_destination('kinds', 'urn:kinds', 'kafka-at-least-once',
@@ -235,14 +235,14 @@ fn captured_rows_are_printed_as_row_to_json_prints_them() {
               (SELECT string_agg(chr(c), '') FROM generate_series(1, 31) c) || E'"\\/ é 𝄞 \x7f',
               'tab	"q"', 'ab', '{"a" : [1, 2.50]}', '{"b": 1, "a": "x\"y"}',
               'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '\x00ff', '10.0.0.1/8', '1 day 02:03:04.5',
-              'name"1', 4294967295, E'dom\\ain', ''),
+              'name"1', 4294967295, E'dom\\ain', '', '[1,5)'),
              (3, true, 32767, 2147483647, 9223372036854775807, 1.5, '1e300', 'Infinity',
-              'plain', 'v', 'c', 'null', '[]', '00000000-0000-0000-0000-000000000000', '', '::1',
-              '-1 mon', '', 0, 'x', 'z'),
+              repeat('p', 37) || '"' || repeat('q', 16) || E'\\n', 'v', 'c', 'null', '[]', '00000000-0000-0000-0000-000000000000', '', '::1',
+              '-1 mon', '', 0, 'x', 'z', 'empty'),
              (4, true, 0, 0, 0, '-0', '-0', '-1.50', '', '', '', '"s"', '"s"', null, null, null,
-              '0', 'n', 1, '', null),
+              '0', 'n', 1, '', null, '(,3]'),
              (5, null, null, null, null, '3.4e38', '1.5e-7', '0.000001', null, null, null, '1e5', '1e5',
-              null, null, null, null, null, null, null, null);"#,
+              null, null, null, null, null, null, null, null, null);"#,
     )
     .expect("setup");
     let bad = json_mismatches("1,2,3,4,5", "create", "public.kinds kr", "row_to_json(kr)::text");
