@@ -10,7 +10,9 @@
 //! common alternative), for single-row and for 100-row INSERT statements
 //! (broker up, worker draining), and the at-least-once and best-effort tables
 //! again with the broker frozen (capture alone, no delivery competing for the
-//! CPU; best-effort events then wait in librdkafka's buffer or are lost), in
+//! CPU; best-effort events then wait in librdkafka's buffer or are lost), and
+//! a floor for any outbox written in the writer's transaction (a statement
+//! trigger copying the new rows as they are into an unindexed table), in
 //! interleaved rounds in one run; the median of each is reported with its
 //! ratio to "no destination".
 //!
@@ -133,6 +135,20 @@ fn main() {
          CREATE TRIGGER plain_outbox AFTER INSERT OR UPDATE ON bench_plpgsql
            FOR EACH ROW EXECUTE FUNCTION plain_outbox_capture();",
     );
+    // A floor for any outbox written in the writer's transaction: a statement
+    // trigger copying the new rows as they are into an unindexed table (no
+    // JSON, no routing, nothing to deliver).
+    pg.sql(
+        "CREATE TABLE copy_sink (id bigint, payload text);
+         CREATE FUNCTION copy_rows() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO copy_sink SELECT * FROM new_rows;
+             RETURN NULL;
+         END $$;
+         CREATE TABLE bench_copy (id bigserial PRIMARY KEY, payload text);
+         CREATE TRIGGER copy_rows AFTER INSERT ON bench_copy REFERENCING NEW TABLE AS new_rows
+           FOR EACH STATEMENT EXECUTE FUNCTION copy_rows();",
+    );
     // outbox.batch_size (events per claim), if given; else the default.
     let batch_size = arg("--batch-size", 0);
     if batch_size > 0 {
@@ -176,7 +192,7 @@ fn quiesce(pg: &Cluster) {
 
 /// pgbench into each variant, single-row and 100-row statements.
 fn write_path(pg: &Cluster, broker: &Broker, seconds: u64, rounds: usize, sync: bool) {
-    let variants = ["bench_none", "bench_be", "bench_alo", "bench_plpgsql", "bench_alo", "bench_be"];
+    let variants = ["bench_none", "bench_be", "bench_alo", "bench_plpgsql", "bench_alo", "bench_be", "bench_copy"];
     let names = [
         "no destination",
         "best-effort destination",
@@ -184,11 +200,12 @@ fn write_path(pg: &Cluster, broker: &Broker, seconds: u64, rounds: usize, sync: 
         "PL/pgSQL outbox trigger",
         "at-least-once, broker paused",
         "best-effort, broker paused",
+        "copy of the rows (floor)",
     ];
     // The last two measure what capture alone costs the writers: the broker
     // is frozen, so the worker delivers nothing meanwhile (on two cores,
     // delivering 50k+ events/s competes with the writers for CPU).
-    let paused = |i: usize| i >= 4;
+    let paused = |i: usize| i == 4 || i == 5;
     for (rows, statement) in [
         (1, "INSERT INTO {t} (payload) VALUES (repeat('x', 200));\n"),
         (100, "INSERT INTO {t} (payload) SELECT repeat('x', 200) FROM generate_series(1, 100);\n"),
@@ -200,7 +217,7 @@ fn write_path(pg: &Cluster, broker: &Broker, seconds: u64, rounds: usize, sync: 
             for k in 0..variants.len() {
                 let i = (k + round) % variants.len();
                 settle(pg);
-                pg.sql("TRUNCATE plain_outbox");
+                pg.sql("TRUNCATE plain_outbox, copy_sink");
                 if paused(i) {
                     broker.freeze();
                 }
