@@ -11,7 +11,9 @@
 //! each time: bytea_output, IntervalStyle and the like apply). A row with a
 //! column whose JSON form needs more (dates and timestamps, arrays,
 //! composites, and types that are not built in, which may have a cast to
-//! json) is printed by `row_to_json` itself.
+//! json) is printed by `row_to_json` itself, as is every row in a database
+//! whose encoding is not UTF8 (the trigger's strings are Rust strings).
+//! A plan is dropped when its relation's cache entry is invalidated.
 
 use pgrx::pg_sys;
 use std::cell::RefCell;
@@ -50,6 +52,15 @@ struct Plan {
     shape: Vec<(Vec<u8>, pg_sys::Oid, bool)>,
     /// None when its rows go through `row_to_json`.
     columns: Option<Vec<Column>>,
+    /// Where its output functions keep what they cache (range_out, say).
+    context: pg_sys::MemoryContext,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        self.columns = None;
+        unsafe { pg_sys::MemoryContextDelete(self.context) };
+    }
 }
 
 thread_local! {
@@ -58,8 +69,9 @@ thread_local! {
     static OUTPUTS: RefCell<HashMap<pg_sys::Oid, Rc<Output>>> = RefCell::new(HashMap::new());
 }
 
-/// The descriptor's columns as (name, type, dropped).
-unsafe fn shape(desc: pg_sys::TupleDesc) -> impl Iterator<Item = (&'static [u8], pg_sys::Oid, bool)> {
+/// The descriptor's columns as (name, type, dropped); the names borrow from
+/// `desc`, which must outlive `'a`.
+unsafe fn shape<'a>(desc: pg_sys::TupleDesc) -> impl Iterator<Item = (&'a [u8], pg_sys::Oid, bool)> {
     let attrs = unsafe { (*desc).attrs.as_slice((*desc).natts as usize) };
     attrs.iter().map(|a| {
         let name = unsafe { std::ffi::CStr::from_ptr(a.attname.data.as_ptr()) }.to_bytes();
@@ -72,12 +84,12 @@ unsafe fn shape(desc: pg_sys::TupleDesc) -> impl Iterator<Item = (&'static [u8],
 struct Output(Box<std::cell::UnsafeCell<pg_sys::FmgrInfo>>);
 
 impl Output {
-    fn of(type_oid: pg_sys::Oid) -> Output {
+    fn of(type_oid: pg_sys::Oid, context: pg_sys::MemoryContext) -> Output {
         let (mut func, mut varlena) = (pg_sys::Oid::INVALID, false);
         let info = Box::new(std::cell::UnsafeCell::new(unsafe { std::mem::zeroed() }));
         unsafe {
             pg_sys::getTypeOutputInfo(type_oid, &mut func, &mut varlena);
-            pg_sys::fmgr_info_cxt(func, info.get(), pg_sys::TopMemoryContext);
+            pg_sys::fmgr_info_cxt(func, info.get(), context);
         }
         Output(info)
     }
@@ -94,33 +106,37 @@ impl Output {
 
 /// How `row_to_json` prints a column of this type, when an output function
 /// is all it takes (see json_categorize_type in Postgres's json.c).
-fn how(type_oid: pg_sys::Oid) -> Option<How> {
+fn how(type_oid: pg_sys::Oid, context: pg_sys::MemoryContext) -> Option<How> {
     let base = unsafe { pg_sys::getBaseType(type_oid) };
+    let output = || Output::of(base, context);
     Some(match base {
         pg_sys::BOOLOID => How::Bool,
         pg_sys::INT2OID => How::Int2,
         pg_sys::INT4OID => How::Int4,
         pg_sys::INT8OID => How::Int8,
-        pg_sys::FLOAT4OID | pg_sys::FLOAT8OID | pg_sys::NUMERICOID => How::Number(Output::of(base)),
+        pg_sys::FLOAT4OID | pg_sys::FLOAT8OID | pg_sys::NUMERICOID => How::Number(output()),
         pg_sys::TEXTOID | pg_sys::VARCHAROID | pg_sys::BPCHAROID => How::Text,
         pg_sys::JSONOID => How::Json,
-        pg_sys::JSONBOID => How::Raw(Output::of(base)),
+        pg_sys::JSONBOID => How::Raw(output()),
         pg_sys::DATEOID | pg_sys::TIMESTAMPOID | pg_sys::TIMESTAMPTZOID => return None,
         _ if u32::from(base) >= pg_sys::FirstNormalObjectId => return None,
         _ if unsafe { pg_sys::get_element_type(base) } != pg_sys::Oid::INVALID => return None,
         _ if unsafe { pg_sys::type_is_rowtype(base) } => return None,
         pg_sys::ANYARRAYOID | pg_sys::ANYCOMPATIBLEARRAYOID | pg_sys::RECORDARRAYOID => return None,
-        _ => How::Escaped(Output::of(base)),
+        _ => How::Escaped(output()),
     })
 }
 
-fn columns(desc: pg_sys::TupleDesc) -> Option<Vec<Column>> {
+fn columns(desc: pg_sys::TupleDesc, context: pg_sys::MemoryContext) -> Option<Vec<Column>> {
+    if unsafe { pg_sys::GetDatabaseEncoding() } != pg_sys::pg_enc::PG_UTF8 as i32 {
+        return None;
+    }
     let mut columns = Vec::new();
     for (name, type_oid, dropped) in unsafe { shape(desc) } {
         let mut label = Vec::with_capacity(name.len() + 3);
         escape(&mut label, name);
         label.push(b':');
-        let how = if dropped { None } else { Some(how(type_oid)?) };
+        let how = if dropped { None } else { Some(how(type_oid, context)?) };
         columns.push(Column { label, how });
     }
     Some(columns)
@@ -139,9 +155,38 @@ fn plan_for(relid: pg_sys::Oid, desc: pg_sys::TupleDesc) -> Rc<Plan> {
         }
     }
     let shape = unsafe { shape(desc) }.map(|(n, t, d)| (n.to_vec(), t, d)).collect();
-    let plan = Rc::new(Plan { shape, columns: columns(desc) });
+    let context = unsafe {
+        pg_sys::AllocSetContextCreateInternal(
+            pg_sys::TopMemoryContext,
+            c"pg_outbox row JSON plan".as_ptr(),
+            0,
+            1024,
+            8192,
+        )
+    };
+    // Made before the entry is taken: the lookups may raise an ERROR.
+    let mut plan = Plan { shape, columns: None, context };
+    plan.columns = columns(desc, context);
+    let plan = Rc::new(plan);
     PLANS.with(|p| p.borrow_mut().insert(relid, plan.clone()));
+    static REGISTERED: std::sync::Once = std::sync::Once::new();
+    REGISTERED.call_once(|| unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget), pg_sys::Datum::from(0)) });
     plan
+}
+
+/// A relation's cache entry was invalidated (altered, dropped; InvalidOid:
+/// all of them): its plan goes too. The shape check stays as the guard.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn forget(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    PLANS.with(|p| {
+        if let Ok(mut p) = p.try_borrow_mut() {
+            if relid == pg_sys::Oid::INVALID {
+                p.clear();
+            } else {
+                p.remove(&relid);
+            }
+        }
+    });
 }
 
 /// `"s"` with `s` escaped as Postgres's escape_json does.
@@ -252,8 +297,15 @@ pub unsafe fn column_text(
     if null {
         return (None, type_oid);
     }
-    let output =
-        OUTPUTS.with(|o| o.borrow_mut().entry(type_oid).or_insert_with(|| Rc::new(Output::of(type_oid))).clone());
+    let output = match OUTPUTS.with(|o| o.borrow().get(&type_oid).cloned()) {
+        Some(output) => output,
+        None => {
+            // Looked up before the entry is taken: the lookup may raise an ERROR.
+            let output = Rc::new(Output::of(type_oid, unsafe { pg_sys::TopMemoryContext }));
+            OUTPUTS.with(|o| o.borrow_mut().insert(type_oid, output.clone()));
+            output
+        }
+    };
     let mut text = None;
     unsafe { output.call(value, |s| text = Some(String::from_utf8_lossy(s).into_owned())) };
     (text, type_oid)
@@ -302,6 +354,13 @@ pub unsafe fn row_json(relid: pg_sys::Oid, tuple: pg_sys::HeapTuple, desc: pg_sy
     }
     out.push(b'}');
     String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// For tests: whether rows of `relid` are printed here (Some(true)) or by
+/// `row_to_json` (Some(false)); None when no plan is cached.
+#[cfg(any(test, feature = "pg_test"))]
+pub fn printed_here(relid: pg_sys::Oid) -> Option<bool> {
+    PLANS.with(|p| p.borrow().get(&relid).map(|plan| plan.columns.is_some()))
 }
 
 /// Postgres's own `row_to_json`.

@@ -222,9 +222,11 @@ fn json_mismatches(keys: &str, interaction: &str, from: &str, expected: &str) ->
 fn captured_rows_are_printed_as_row_to_json_prints_them() {
     Spi::run(
         r#"CREATE DOMAIN public.short_text AS text;
+           CREATE DOMAIN public.json_domain AS json;
            CREATE TABLE public.kinds (k int PRIMARY KEY, b bool, i2 int2, i4 int, i8 int8, f4 float4, f8 float8,
                n numeric, t text, v varchar(20), c char(5), j json, jb jsonb, u uuid, by bytea, ip inet,
-               iv interval, nm name, o oid, d public.short_text, gone int, "we""ird ключ	" text, r int4range);
+               iv interval, nm name, o oid, d public.short_text, gone int, "we""ird ключ	" text, r int4range,
+               dj public.json_domain, ch "char", m money);
            ALTER TABLE public.kinds DROP COLUMN gone;
            SELECT outbox.create_topic('urn:kinds', '[{"table": "public.kinds"}]');
            SELECT outbox.create_destination('kinds', 'urn:kinds', 'kafka-at-least-once',
@@ -235,17 +237,28 @@ fn captured_rows_are_printed_as_row_to_json_prints_them() {
               (SELECT string_agg(chr(c), '') FROM generate_series(1, 31) c) || E'"\\/ é 𝄞 \x7f',
               'tab	"q"', 'ab', '{"a" : [1, 2.50]}', '{"b": 1, "a": "x\"y"}',
               'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '\x00ff', '10.0.0.1/8', '1 day 02:03:04.5',
-              'name"1', 4294967295, E'dom\\ain', '', '[1,5)'),
+              'name"1', 4294967295, E'dom\\ain', '', '[1,5)', '{"d" : 1}', 'q', 12.5),
              (3, true, 32767, 2147483647, 9223372036854775807, 1.5, '1e300', 'Infinity',
               repeat('p', 37) || '"' || repeat('q', 16) || E'\\n', 'v', 'c', 'null', '[]', '00000000-0000-0000-0000-000000000000', '', '::1',
-              '-1 mon', '', 0, 'x', 'z', 'empty'),
+              '-1 mon', '', 0, 'x', 'z', 'empty', '[]', '"', -3),
              (4, true, 0, 0, 0, '-0', '-0', '-1.50', '', '', '', '"s"', '"s"', null, null, null,
-              '0', 'n', 1, '', null, '(,3]'),
+              '0', 'n', 1, '', null, '(,3]', null, null, null),
              (5, null, null, null, null, '3.4e38', '1.5e-7', '0.000001', null, null, null, '1e5', '1e5',
-              null, null, null, null, null, null, null, null, null);"#,
+              null, null, null, null, null, null, null, null, null, null, null, null);"#,
     )
     .expect("setup");
     let bad = json_mismatches("1,2,3,4,5", "create", "public.kinds kr", "row_to_json(kr)::text");
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    let relid = || Spi::get_one::<pg_sys::Oid>("SELECT 'public.kinds'::regclass::oid").unwrap().unwrap();
+    assert_eq!(crate::rowjson::printed_here(relid()), Some(true), "rows of public.kinds are printed by pg_outbox");
+    // Output functions run for every value: settings apply as they do to row_to_json.
+    Spi::run(
+        "SET LOCAL extra_float_digits = 0; SET LOCAL bytea_output = 'escape'; SET LOCAL IntervalStyle = 'iso_8601';
+         INSERT INTO public.kinds (k, f8, by, iv) VALUES (8, 0.1::float8 + 0.2, '\\x00ff', '1 day 02:03:04.5')",
+    )
+    .unwrap();
+    let bad = json_mismatches("8", "create", "public.kinds kr", "row_to_json(kr)::text");
+    Spi::run("RESET extra_float_digits; RESET bytea_output; RESET IntervalStyle").unwrap();
     assert!(bad.is_empty(), "{}", bad.join("\n"));
     // A renamed column: the plan is made again.
     Spi::run(
@@ -269,4 +282,5 @@ fn captured_rows_are_printed_as_row_to_json_prints_them() {
     assert!(bad.is_empty(), "{}", bad.join("\n"));
     let bad = json_mismatches("7", "create", "public.kinds kr", "row_to_json(kr)::text");
     assert!(bad.is_empty(), "{}", bad.join("\n"));
+    assert_eq!(crate::rowjson::printed_here(relid()), Some(false), "a timestamptz column: rows go through row_to_json");
 }

@@ -202,7 +202,7 @@ fn write_path(pg: &Cluster, broker: &Broker, seconds: u64, rounds: usize, sync: 
         "best-effort, broker paused",
         "copy of the rows (floor)",
     ];
-    // The last two measure what capture alone costs the writers: the broker
+    // The two paused ones measure what capture alone costs the writers: the broker
     // is frozen, so the worker delivers nothing meanwhile (on two cores,
     // delivering 50k+ events/s competes with the writers for CPU).
     let paused = |i: usize| i == 4 || i == 5;
