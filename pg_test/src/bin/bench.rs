@@ -9,8 +9,9 @@
 //! an at-least-once destination and a hand-written PL/pgSQL outbox trigger (the
 //! common alternative), for single-row and for 100-row INSERT statements
 //! (broker up, worker draining), and the at-least-once and best-effort tables
-//! again with the broker frozen (capture alone, no delivery competing for the
-//! CPU; best-effort events then wait in librdkafka's buffer or are lost), and
+//! again with the broker frozen (no delivery; librdkafka's broker thread spins
+//! while a frozen broker holds its requests, so this is capture plus that spin;
+//! best-effort events then wait in librdkafka's buffer or are lost), and
 //! a floor for any outbox written in the writer's transaction (a statement
 //! trigger copying the new rows as they are into an unindexed table), in
 //! interleaved rounds in one run; the median of each is reported with its
@@ -198,13 +199,13 @@ fn write_path(pg: &Cluster, broker: &Broker, seconds: u64, rounds: usize, sync: 
         "best-effort destination",
         "at-least-once destination",
         "PL/pgSQL outbox trigger",
-        "at-least-once, broker paused",
-        "best-effort, broker paused",
+        "at-least-once, broker frozen",
+        "best-effort, broker frozen",
         "copy of the rows (floor)",
     ];
-    // The two paused ones measure what capture alone costs the writers: the broker
-    // is frozen, so the worker delivers nothing meanwhile (on two cores,
-    // delivering 50k+ events/s competes with the writers for CPU).
+    // The two frozen ones: the worker delivers nothing meanwhile (on two cores,
+    // delivering 50k+ events/s competes with the writers for CPU), though
+    // librdkafka's broker thread spins while the frozen broker holds its requests.
     let paused = |i: usize| i == 4 || i == 5;
     for (rows, statement) in [
         (1, "INSERT INTO {t} (payload) VALUES (repeat('x', 200));\n"),
@@ -232,7 +233,7 @@ fn write_path(pg: &Cluster, broker: &Broker, seconds: u64, rounds: usize, sync: 
         let base = median(tps[0].clone());
         println!("\nwrite path: {rows}-row INSERT transactions/s, pgbench -M prepared -c 2 -j 2 -T {seconds}, {rounds} interleaved round(s), median");
         println!(
-            "fsync = on, synchronous_commit = {}; 2 cores; broker up and the worker draining unless paused",
+            "fsync = on, synchronous_commit = {}; 2 cores; broker up and the worker draining unless frozen",
             if sync { "off" } else { "on" }
         );
         println!("{:<28} {:>10} {:>8}", "table", "tps", "ratio");
