@@ -49,7 +49,12 @@ fn arg(name: &str, default: u64) -> u64 {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median, of the values that were measured (NaN if none was).
+fn median(v: Vec<f64>) -> f64 {
+    let mut v: Vec<f64> = v.into_iter().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
 }
@@ -67,13 +72,52 @@ fn pgbench_cmd(pg: &Cluster, script: &str, seconds: u64, rate: Option<u64>) -> C
     c
 }
 
-fn pgbench(pg: &Cluster, script: &str, seconds: u64) -> f64 {
-    let out = pgbench_cmd(pg, script, seconds, None).output().expect("pgbench");
+/// CPU time (user + system) of these processes so far, in seconds.
+fn cpu_seconds(pids: &[String]) -> f64 {
+    // /proc counts in USER_HZ, 100 on Linux whatever the kernel's own tick.
+    let ticks = 100.0;
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .map(|stat| {
+            // Fields after the command name (which may hold spaces): state is
+            // the 3rd field, utime and stime the 14th and 15th.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<f64> = rest.split_whitespace().map(|v| v.parse().unwrap_or(0.0)).collect();
+            (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / ticks
+        })
+        .sum()
+}
+
+/// pgbench into `table`: transactions per second, and the writers' own CPU
+/// (their backends' user + system time) per inserted row over the middle
+/// 60% of the run, in microseconds: what capture costs the writing
+/// sessions themselves, whatever else competes for the cores.
+fn pgbench(pg: &Cluster, script: &str, seconds: u64, table: &str) -> (f64, f64) {
+    let started = Instant::now();
+    let child =
+        pgbench_cmd(pg, script, seconds, None).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("pgbench");
+    let at = |fraction: f64| {
+        let wait = Duration::from_secs_f64(seconds as f64 * fraction).saturating_sub(started.elapsed());
+        std::thread::sleep(wait);
+        let pids: Vec<String> = pg
+            .sql("SELECT string_agg(pid::text, ' ') FROM pg_stat_activity WHERE application_name = 'pgbench'")
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        let rows: f64 = pg.sql(&format!("SELECT coalesce(max(id), 0) FROM {table}")).trim().parse().unwrap_or(0.0);
+        (cpu_seconds(&pids), rows, pids)
+    };
+    let (cpu0, rows0, pids) = at(0.2);
+    let (cpu1, rows1, later) = at(0.8);
+    let cpu_per_row = if pids == later && rows1 > rows0 { (cpu1 - cpu0) * 1e6 / (rows1 - rows0) } else { f64::NAN };
+    let out = child.wait_with_output().expect("pgbench");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "pgbench failed: {text}{}", String::from_utf8_lossy(&out.stderr));
-    text.lines()
+    let tps = text
+        .lines()
         .find_map(|l| l.strip_prefix("tps = ").and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()))
-        .unwrap_or_else(|| panic!("no tps in pgbench output: {text}"))
+        .unwrap_or_else(|| panic!("no tps in pgbench output: {text}"));
+    (tps, cpu_per_row)
 }
 
 /// pgbench at a fixed rate, in the background.
@@ -212,6 +256,7 @@ fn write_path(pg: &Cluster, broker: &Broker, seconds: u64, rounds: usize, sync: 
         (100, "INSERT INTO {t} (payload) SELECT repeat('x', 200) FROM generate_series(1, 100);\n"),
     ] {
         let mut tps: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+        let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
         for round in 0..rounds {
             // Rotate the order, and let the worker finish draining before each run,
             // so no variant pays for the previous one's backlog.
@@ -222,12 +267,13 @@ fn write_path(pg: &Cluster, broker: &Broker, seconds: u64, rounds: usize, sync: 
                 if paused(i) {
                     broker.freeze();
                 }
-                let t = pgbench(pg, &statement.replace("{t}", variants[i]), seconds);
+                let (t, c) = pgbench(pg, &statement.replace("{t}", variants[i]), seconds, variants[i]);
                 if paused(i) {
                     broker.thaw();
                 }
-                eprintln!("round {}: {rows}-row INSERT, {}: {t:.0} tps", round + 1, names[i]);
+                eprintln!("round {}: {rows}-row INSERT, {}: {t:.0} tps, {c:.2} us writer CPU/row", round + 1, names[i]);
                 tps[i].push(t);
+                cpu[i].push(c);
             }
         }
         let base = median(tps[0].clone());
@@ -236,10 +282,13 @@ fn write_path(pg: &Cluster, broker: &Broker, seconds: u64, rounds: usize, sync: 
             "fsync = on, synchronous_commit = {}; 2 cores; broker up and the worker draining unless frozen",
             if sync { "off" } else { "on" }
         );
-        println!("{:<28} {:>10} {:>8}", "table", "tps", "ratio");
+        println!("(writer CPU: the two backends' own CPU per inserted row, middle 60% of each run)");
+        let cpu_base = median(cpu[0].clone());
+        println!("{:<28} {:>10} {:>8} {:>16} {:>12}", "table", "tps", "ratio", "writer CPU/row", "over none");
         for (i, name) in names.iter().enumerate() {
             let m = median(tps[i].clone());
-            println!("{name:<28} {m:>10.0} {:>8.3}", m / base);
+            let c = median(cpu[i].clone());
+            println!("{name:<28} {m:>10.0} {:>8.3} {c:>13.2} us {:>9.2} us", m / base, c - cpu_base);
         }
     }
     // Show that the destinations really got the events.
