@@ -101,7 +101,7 @@ fn pgbench(pg: &Cluster, script: &str, seconds: u64, table: &str) -> (f64, f64) 
         let wait = Duration::from_secs_f64(seconds as f64 * fraction).saturating_sub(started.elapsed());
         std::thread::sleep(wait);
         let pids: Vec<String> = pg
-            .sql("SELECT string_agg(pid::text, ' ') FROM pg_stat_activity WHERE application_name = 'pgbench'")
+            .sql("SELECT string_agg(pid::text, ' ' ORDER BY pid) FROM pg_stat_activity WHERE application_name = 'pgbench'")
             .split_whitespace()
             .map(str::to_string)
             .collect();
