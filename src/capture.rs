@@ -525,8 +525,7 @@ unsafe fn column_text(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc, name: &
     if attnum <= 0 {
         return None;
     }
-    let text = unsafe { pg_sys::SPI_getvalue(tuple, desc, attnum) };
-    (!text.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(text) }.to_string_lossy().into_owned())
+    unsafe { crate::rowjson::column_text(tuple, desc, attnum) }.0
 }
 
 /// A timestamp column as ISO 8601 UTC with microseconds, like Aidbox's
