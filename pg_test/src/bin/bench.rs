@@ -11,9 +11,12 @@
 //! (broker up, worker draining), and the at-least-once and best-effort tables
 //! again with the broker frozen (no delivery; librdkafka's broker thread spins
 //! while a frozen broker holds its requests, so this is capture plus that spin;
-//! best-effort events then wait in librdkafka's buffer or are lost), and
-//! a floor for any outbox written in the writer's transaction (a statement
-//! trigger copying the new rows as they are into an unindexed table), in
+//! best-effort events then wait in librdkafka's buffer or are lost) and with
+//! a destination whose broker is down (connection refused: no delivery and no
+//! spin, capture's own cost), a floor for any outbox written in the writer's transaction (a
+//! statement trigger copying the new rows as they are into an unindexed
+//! table), and no destination beside two busy loops at nice 19 (what any
+//! CPU-bound neighbour costs these fsync-bound writers on this machine), in
 //! interleaved rounds in one run; the median of each is reported with its
 //! ratio to "no destination", and with the writers' own CPU per inserted row
 //! (their backends' user + system time, middle 60% of each run).
@@ -168,6 +171,11 @@ fn main() {
     pg.sql("CREATE TABLE bench_none (id bigserial PRIMARY KEY, payload text)");
     watched(&pg, &broker, "bench_be", "kafka-best-effort", "full-resource", "");
     watched(&pg, &broker, "bench_alo", "kafka-at-least-once", "full-resource", "");
+    // The same, with a destination only while measured, to a broker that is down.
+    for name in ["bench_alo_down", "bench_be_down"] {
+        pg.sql(&format!("CREATE TABLE {name} (id bigserial PRIMARY KEY, payload text)"));
+        pg.sql(&format!("SELECT outbox.create_topic('urn:{name}', '[{{\"table\": \"{name}\"}}]')"));
+    }
     // The common alternative: a PL/pgSQL trigger writing each row to an outbox table.
     pg.sql(
         "CREATE TABLE plain_outbox (id bigserial PRIMARY KEY, topic text NOT NULL, payload jsonb NOT NULL,
@@ -236,22 +244,58 @@ fn quiesce(pg: &Cluster) {
     pg.sql("CHECKPOINT");
 }
 
+/// What else is going on while a variant's writers run.
+#[derive(Clone, Copy, PartialEq)]
+enum Beside {
+    /// The broker up and the worker draining.
+    Delivery,
+    /// The broker frozen (SIGSTOP): nothing delivered, but librdkafka's
+    /// broker thread spins while the frozen broker holds its requests.
+    Frozen,
+    /// A destination whose broker is down (connection refused), on a table
+    /// of its own: nothing delivered and nothing spinning, capture's own cost.
+    Down(&'static str),
+    /// Two busy loops at nice 19, nothing of pg_outbox: what any CPU-bound
+    /// neighbour costs these writers on this machine.
+    BusyLoops,
+}
+
+/// A destination on `table` (a copy of the others, with a topic but no
+/// destination until now) whose broker is down: nothing listens on its port,
+/// so librdkafka gets connection refused and retries now and then.
+fn destination_down(pg: &Cluster, table: &str, kind: &str) {
+    let dead = format!("127.0.0.1:{}", pg_outbox_test::free_port());
+    pg.create_destination(&table.replace('_', "-"), &format!("urn:{table}"), kind, table, &dead, "", "full-resource");
+}
+
+/// Drop it again, with what it never delivered.
+fn drop_destination_down(pg: &Cluster, table: &str) {
+    pg.sql(&format!("SELECT outbox.drop_destination('{}')", table.replace('_', "-")));
+}
+
+/// Two busy loops at the lowest priority, until killed.
+fn busy_loops() -> Vec<Child> {
+    (0..2)
+        .map(|_| {
+            Command::new("nice").args(["-n", "19", "sh", "-c", "while :; do :; done"]).spawn().expect("a busy loop")
+        })
+        .collect()
+}
+
 /// pgbench into each variant, single-row and 100-row statements.
 fn write_path(pg: &Cluster, broker: &Broker, seconds: u64, rounds: usize, sync: bool) {
-    let variants = ["bench_none", "bench_be", "bench_alo", "bench_plpgsql", "bench_alo", "bench_be", "bench_copy"];
-    let names = [
-        "no destination",
-        "best-effort destination",
-        "at-least-once destination",
-        "PL/pgSQL outbox trigger",
-        "at-least-once, broker frozen",
-        "best-effort, broker frozen",
-        "copy of the rows (floor)",
+    let variants = [
+        ("bench_none", "no destination", Beside::Delivery),
+        ("bench_be", "best-effort destination", Beside::Delivery),
+        ("bench_alo", "at-least-once destination", Beside::Delivery),
+        ("bench_plpgsql", "PL/pgSQL outbox trigger", Beside::Delivery),
+        ("bench_alo", "at-least-once, broker frozen", Beside::Frozen),
+        ("bench_be", "best-effort, broker frozen", Beside::Frozen),
+        ("bench_copy", "copy of the rows (floor)", Beside::Delivery),
+        ("bench_alo_down", "at-least-once, broker down", Beside::Down("kafka-at-least-once")),
+        ("bench_be_down", "best-effort, broker down", Beside::Down("kafka-best-effort")),
+        ("bench_none", "none, 2 busy loops nice 19", Beside::BusyLoops),
     ];
-    // The two frozen ones: the worker delivers nothing meanwhile (on two cores,
-    // delivering 50k+ events/s competes with the writers for CPU), though
-    // librdkafka's broker thread spins while the frozen broker holds its requests.
-    let paused = |i: usize| i == 4 || i == 5;
     for (rows, statement) in [
         (1, "INSERT INTO {t} (payload) VALUES (repeat('x', 200));\n"),
         (100, "INSERT INTO {t} (payload) SELECT repeat('x', 200) FROM generate_series(1, 100);\n"),
@@ -263,16 +307,27 @@ fn write_path(pg: &Cluster, broker: &Broker, seconds: u64, rounds: usize, sync: 
             // so no variant pays for the previous one's backlog.
             for k in 0..variants.len() {
                 let i = (k + round) % variants.len();
+                let (table, name, beside) = variants[i];
                 settle(pg);
                 pg.sql("TRUNCATE plain_outbox, copy_sink");
-                if paused(i) {
-                    broker.freeze();
+                let mut loops = Vec::new();
+                match beside {
+                    Beside::Delivery => {}
+                    Beside::Frozen => broker.freeze(),
+                    Beside::Down(kind) => destination_down(pg, table, kind),
+                    Beside::BusyLoops => loops = busy_loops(),
                 }
-                let (t, c) = pgbench(pg, &statement.replace("{t}", variants[i]), seconds, variants[i]);
-                if paused(i) {
-                    broker.thaw();
+                let (t, c) = pgbench(pg, &statement.replace("{t}", table), seconds, table);
+                match beside {
+                    Beside::Delivery => {}
+                    Beside::Frozen => broker.thaw(),
+                    Beside::Down(_) => drop_destination_down(pg, table),
+                    Beside::BusyLoops => loops.iter_mut().for_each(|l| {
+                        let _ = l.kill();
+                        let _ = l.wait();
+                    }),
                 }
-                eprintln!("round {}: {rows}-row INSERT, {}: {t:.0} tps, {c:.2} us writer CPU/row", round + 1, names[i]);
+                eprintln!("round {}: {rows}-row INSERT, {name}: {t:.0} tps, {c:.2} us writer CPU/row", round + 1);
                 tps[i].push(t);
                 cpu[i].push(c);
             }
@@ -280,13 +335,13 @@ fn write_path(pg: &Cluster, broker: &Broker, seconds: u64, rounds: usize, sync: 
         let base = median(tps[0].clone());
         println!("\nwrite path: {rows}-row INSERT transactions/s, pgbench -M prepared -c 2 -j 2 -T {seconds}, {rounds} interleaved round(s), median");
         println!(
-            "fsync = on, synchronous_commit = {}; 2 cores; broker up and the worker draining unless frozen",
+            "fsync = on, synchronous_commit = {}; 2 cores; broker up and the worker draining unless frozen or down",
             if sync { "off" } else { "on" }
         );
         println!("(writer CPU: the two backends' own CPU per inserted row, middle 60% of each run)");
         let cpu_base = median(cpu[0].clone());
         println!("{:<28} {:>10} {:>8} {:>16} {:>12}", "table", "tps", "ratio", "writer CPU/row", "over none");
-        for (i, name) in names.iter().enumerate() {
+        for (i, (_, name, _)) in variants.iter().enumerate() {
             let m = median(tps[i].clone());
             let c = median(cpu[i].clone());
             println!("{name:<28} {m:>10.0} {:>8.3} {c:>13.2} us {:>9.2} us", m / base, c - cpu_base);
