@@ -13,10 +13,12 @@
 //! while a frozen broker holds its requests, so this is capture plus that spin;
 //! best-effort events then wait in librdkafka's buffer or are lost) and with
 //! a destination whose broker is down (connection refused: no delivery and no
-//! spin, capture's own cost), a floor for any outbox written in the writer's transaction (a
+//! spin; capture plus the worker claiming and producing into librdkafka until
+//! its buffer is full), a floor for any outbox written in the writer's transaction (a
 //! statement trigger copying the new rows as they are into an unindexed
-//! table), and no destination beside two busy loops at nice 19 (what any
-//! CPU-bound neighbour costs these fsync-bound writers on this machine), in
+//! table), and no destination beside two busy loops at nice 19 in the bench's
+//! session (what a CPU-bound neighbour in another session costs these
+//! fsync-bound writers on this machine), in
 //! interleaved rounds in one run; the median of each is reported with its
 //! ratio to "no destination", and with the writers' own CPU per inserted row
 //! (their backends' user + system time, middle 60% of each run).
@@ -108,7 +110,12 @@ fn pgbench(pg: &Cluster, script: &str, seconds: u64, table: &str) -> (f64, f64) 
             .split_whitespace()
             .map(str::to_string)
             .collect();
-        let rows: f64 = pg.sql(&format!("SELECT coalesce(max(id), 0) FROM {table}")).trim().parse().unwrap_or(0.0);
+        // The id sequence: the tables are emptied before each run.
+        let rows: f64 = pg
+            .sql(&format!("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {table}_id_seq"))
+            .trim()
+            .parse()
+            .unwrap_or(0.0);
         (cpu_seconds(&pids), rows, pids)
     };
     let (cpu0, rows0, pids) = at(0.2);
@@ -253,7 +260,8 @@ enum Beside {
     /// broker thread spins while the frozen broker holds its requests.
     Frozen,
     /// A destination whose broker is down (connection refused), on a table
-    /// of its own: nothing delivered and nothing spinning, capture's own cost.
+    /// of its own: nothing delivered and nothing spinning; capture plus the
+    /// worker claiming and producing into librdkafka until its buffer is full.
     Down(&'static str),
     /// Two busy loops at nice 19, nothing of pg_outbox: what any CPU-bound
     /// neighbour costs these writers on this machine.
@@ -273,13 +281,33 @@ fn drop_destination_down(pg: &Cluster, table: &str) {
     pg.sql(&format!("SELECT outbox.drop_destination('{}')", table.replace('_', "-")));
 }
 
-/// Two busy loops at the lowest priority, until killed.
-fn busy_loops() -> Vec<Child> {
-    (0..2)
-        .map(|_| {
-            Command::new("nice").args(["-n", "19", "sh", "-c", "while :; do :; done"]).spawn().expect("a busy loop")
-        })
-        .collect()
+/// Two busy loops at the lowest priority, until dropped (also when the
+/// bench panics meanwhile).
+struct BusyLoops(Vec<Child>);
+
+impl BusyLoops {
+    fn start() -> BusyLoops {
+        // `nice` and `sh` exec in place: the child's pid is the loop's.
+        BusyLoops(
+            (0..2)
+                .map(|_| {
+                    Command::new("nice")
+                        .args(["-n", "19", "sh", "-c", "while :; do :; done"])
+                        .spawn()
+                        .expect("a busy loop")
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for BusyLoops {
+    fn drop(&mut self) {
+        for l in &mut self.0 {
+            let _ = l.kill();
+            let _ = l.wait();
+        }
+    }
 }
 
 /// pgbench into each variant, single-row and 100-row statements.
@@ -308,29 +336,26 @@ fn write_path(pg: &Cluster, broker: &Broker, seconds: u64, rounds: usize, sync: 
             for k in 0..variants.len() {
                 let i = (k + round) % variants.len();
                 let (table, name, beside) = variants[i];
-                settle(pg);
-                // Emptied before each run (the ids go on): 100-row runs write
-                // gigabytes, which filled this VM's disk in one run.
+                // Every table emptied before each run (the ids go on): with
+                // ten variants, 100-row runs filled this VM's disk in one run.
+                // Pending events stay in the outbox and are drained first.
                 pg.sql(
                     "TRUNCATE bench_none, bench_be, bench_alo, bench_plpgsql, bench_copy, bench_alo_down, \
                      bench_be_down, plain_outbox, copy_sink",
                 );
-                let mut loops = Vec::new();
+                settle(pg);
                 match beside {
-                    Beside::Delivery => {}
+                    Beside::Delivery | Beside::BusyLoops => {}
                     Beside::Frozen => broker.freeze(),
                     Beside::Down(kind) => destination_down(pg, table, kind),
-                    Beside::BusyLoops => loops = busy_loops(),
                 }
+                let loops = (beside == Beside::BusyLoops).then(BusyLoops::start);
                 let (t, c) = pgbench(pg, &statement.replace("{t}", table), seconds, table);
+                drop(loops);
                 match beside {
-                    Beside::Delivery => {}
+                    Beside::Delivery | Beside::BusyLoops => {}
                     Beside::Frozen => broker.thaw(),
                     Beside::Down(_) => drop_destination_down(pg, table),
-                    Beside::BusyLoops => loops.iter_mut().for_each(|l| {
-                        let _ = l.kill();
-                        let _ = l.wait();
-                    }),
                 }
                 eprintln!("round {}: {rows}-row INSERT, {name}: {t:.0} tps, {c:.2} us writer CPU/row", round + 1);
                 tps[i].push(t);
@@ -358,7 +383,8 @@ fn write_path(pg: &Cluster, broker: &Broker, seconds: u64, rounds: usize, sync: 
         "\nrows written / events delivered / lost / still queued:\n{}",
         pg.sql(
             "SELECT string_agg(format('%s: %s / %s / %s / %s', d.id, \
-                      CASE d.id WHEN 'bench-be' THEN (SELECT last_value FROM bench_be_id_seq) ELSE (SELECT last_value FROM bench_alo_id_seq) END, \
+                      CASE d.id WHEN 'bench-be' THEN (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM bench_be_id_seq) \
+                           ELSE (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM bench_alo_id_seq) END, \
                       s.messages_delivered, s.messages_lost, s.messages_queued), E'\\n' ORDER BY d.id) \
                FROM outbox.destination d JOIN outbox.destination_status s USING (id)"
         )
