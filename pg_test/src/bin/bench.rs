@@ -14,14 +14,14 @@
 //! best-effort events then wait in librdkafka's buffer or are lost) and with
 //! a destination whose broker is down (connection refused: no delivery and no
 //! spin; capture plus the worker claiming and producing into librdkafka until
-//! its buffer is full), a floor for any outbox written in the writer's transaction (a
-//! statement trigger copying the new rows as they are into an unindexed
-//! table), and no destination beside two busy loops at nice 19 in the bench's
-//! session (what a CPU-bound neighbour in another session costs these
-//! fsync-bound writers on this machine), in
-//! interleaved rounds in one run; the median of each is reported with its
-//! ratio to "no destination", and with the writers' own CPU per inserted row
-//! (their backends' user + system time, middle 60% of each run).
+//! its buffer is full), a floor for any outbox written in the writer's
+//! transaction (a statement trigger copying the new rows as they are into an
+//! unindexed table), and no destination beside two busy loops at nice 19 in
+//! the bench's session (what a CPU-bound neighbour in another session costs
+//! these fsync-bound writers on this machine), in interleaved rounds in one
+//! run, every table emptied before each; the median of each is reported with
+//! its ratio to "no destination", and with the writers' own CPU per inserted
+//! row (their backends' user + system time, middle 60% of each run).
 //!
 //! Drain: a backlog of `--drain` events (default 1,000,000) from ~300-byte rows,
 //! built while the broker is frozen, delivered once it thaws: events per second,
@@ -263,8 +263,9 @@ enum Beside {
     /// of its own: nothing delivered and nothing spinning; capture plus the
     /// worker claiming and producing into librdkafka until its buffer is full.
     Down(&'static str),
-    /// Two busy loops at nice 19, nothing of pg_outbox: what any CPU-bound
-    /// neighbour costs these writers on this machine.
+    /// Two busy loops at nice 19 in the bench's session, nothing of
+    /// pg_outbox: what a CPU-bound neighbour in another session costs these
+    /// writers on this machine.
     BusyLoops,
 }
 
