@@ -110,12 +110,7 @@ fn pgbench(pg: &Cluster, script: &str, seconds: u64, table: &str) -> (f64, f64) 
             .split_whitespace()
             .map(str::to_string)
             .collect();
-        // The id sequence: the tables are emptied before each run.
-        let rows: f64 = pg
-            .sql(&format!("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {table}_id_seq"))
-            .trim()
-            .parse()
-            .unwrap_or(0.0);
+        let rows: f64 = pg.sql(&format!("SELECT {}", written(table))).trim().parse().unwrap_or(0.0);
         (cpu_seconds(&pids), rows, pids)
     };
     let (cpu0, rows0, pids) = at(0.2);
@@ -152,17 +147,25 @@ fn settle(pg: &Cluster) {
 /// destination producing to the Kafka topic `name`.
 fn watched(pg: &Cluster, broker: &Broker, name: &str, kind: &str, content: &str, extra: &str) {
     broker.create_topic(name, 3);
+    table_with_topic(pg, name);
+    destination(pg, name, kind, content, extra, &broker.bootstrap());
+}
+
+/// The table `name` and a topic `urn:name` over it, no destination yet.
+fn table_with_topic(pg: &Cluster, name: &str) {
     pg.sql(&format!("CREATE TABLE {name} (id bigserial PRIMARY KEY, payload text)"));
     pg.sql(&format!("SELECT outbox.create_topic('urn:{name}', '[{{\"table\": \"{name}\"}}]')"));
-    pg.create_destination(
-        &name.replace('_', "-"),
-        &format!("urn:{name}"),
-        kind,
-        name,
-        &broker.bootstrap(),
-        extra,
-        content,
-    );
+}
+
+/// The destination `name` (dashed) on topic `urn:name`, to the Kafka topic `name`.
+fn destination(pg: &Cluster, name: &str, kind: &str, content: &str, extra: &str, bootstrap: &str) {
+    pg.create_destination(&name.replace('_', "-"), &format!("urn:{name}"), kind, name, bootstrap, extra, content);
+}
+
+/// Rows written into `table` so far (its id sequence; the tables are emptied
+/// between runs, the ids go on), as SQL.
+fn written(table: &str) -> String {
+    format!("(SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {table}_id_seq)")
 }
 
 fn main() {
@@ -179,10 +182,8 @@ fn main() {
     watched(&pg, &broker, "bench_be", "kafka-best-effort", "full-resource", "");
     watched(&pg, &broker, "bench_alo", "kafka-at-least-once", "full-resource", "");
     // The same, with a destination only while measured, to a broker that is down.
-    for name in ["bench_alo_down", "bench_be_down"] {
-        pg.sql(&format!("CREATE TABLE {name} (id bigserial PRIMARY KEY, payload text)"));
-        pg.sql(&format!("SELECT outbox.create_topic('urn:{name}', '[{{\"table\": \"{name}\"}}]')"));
-    }
+    table_with_topic(&pg, "bench_alo_down");
+    table_with_topic(&pg, "bench_be_down");
     // The common alternative: a PL/pgSQL trigger writing each row to an outbox table.
     pg.sql(
         "CREATE TABLE plain_outbox (id bigserial PRIMARY KEY, topic text NOT NULL, payload jsonb NOT NULL,
@@ -273,8 +274,7 @@ enum Beside {
 /// destination until now) whose broker is down: nothing listens on its port,
 /// so librdkafka gets connection refused and retries now and then.
 fn destination_down(pg: &Cluster, table: &str, kind: &str) {
-    let dead = format!("127.0.0.1:{}", pg_outbox_test::free_port());
-    pg.create_destination(&table.replace('_', "-"), &format!("urn:{table}"), kind, table, &dead, "", "full-resource");
+    destination(pg, table, kind, "full-resource", "", &format!("127.0.0.1:{}", pg_outbox_test::free_port()));
 }
 
 /// Drop it again, with what it never delivered.
@@ -382,13 +382,14 @@ fn write_path(pg: &Cluster, broker: &Broker, seconds: u64, rounds: usize, sync: 
     settle(pg);
     println!(
         "\nrows written / events delivered / lost / still queued:\n{}",
-        pg.sql(
+        pg.sql(&format!(
             "SELECT string_agg(format('%s: %s / %s / %s / %s', d.id, \
-                      CASE d.id WHEN 'bench-be' THEN (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM bench_be_id_seq) \
-                           ELSE (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM bench_alo_id_seq) END, \
-                      s.messages_delivered, s.messages_lost, s.messages_queued), E'\\n' ORDER BY d.id) \
-               FROM outbox.destination d JOIN outbox.destination_status s USING (id)"
-        )
+                          CASE d.id WHEN 'bench-be' THEN {} ELSE {} END, \
+                          s.messages_delivered, s.messages_lost, s.messages_queued), E'\\n' ORDER BY d.id) \
+                   FROM outbox.destination d JOIN outbox.destination_status s USING (id)",
+            written("bench_be"),
+            written("bench_alo")
+        ))
     );
 }
 
