@@ -10,7 +10,9 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientContext;
+use std::io::Write;
 use std::os::fd::RawFd;
+use std::rc::Rc;
 use std::time::Duration;
 
 /// What the producer's callbacks report to the worker's main thread.
@@ -65,14 +67,16 @@ impl ClientContext for Context {
 }
 
 impl ProducerContext for Context {
-    type DeliveryOpaque = Box<i64>;
+    /// The event's id (ids are positive `bigint`s): no allocation per message.
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, event_id: Box<i64>) {
+    fn delivery(&self, result: &DeliveryResult<'_>, event_id: usize) {
+        let event_id = event_id as i64;
         let report = match result {
-            Ok(_) => Report::Delivered { epoch: self.epoch, event_id: *event_id },
+            Ok(_) => Report::Delivered { epoch: self.epoch, event_id },
             Err((e, _)) => Report::Failed {
                 epoch: self.epoch,
-                event_id: *event_id,
+                event_id,
                 error: e.to_string(),
                 poison: is_poison(e),
                 stale: is_stale_producer(e),
@@ -204,15 +208,16 @@ pub struct Event {
     /// The id of the outbox row holding this event with others of its
     /// statement (see `outbox.event`), or 0 for a row of its own.
     pub group: i64,
-    /// Schema-qualified source table, e.g. `public.orders`.
-    pub table: String,
+    /// Schema-qualified source table, e.g. `public.orders`. (Shared: the
+    /// events of a group have the same table, interaction and timestamp.)
+    pub table: Rc<str>,
     /// `create`, `update` or `delete`.
-    pub interaction: String,
+    pub interaction: Rc<str>,
     pub key: Option<String>,
     /// The row as JSON text (full-resource only).
     pub row: Option<String>,
     /// Transaction timestamp of the change, ISO 8601 UTC.
-    pub timestamp: String,
+    pub timestamp: Rc<str>,
     /// Where the latency the status reports starts (Postgres µs): the commit
     /// when known, else the transaction start.
     pub born_us: i64,
@@ -235,8 +240,14 @@ fn url_path(base: &str) -> &str {
     rest.find('/').map_or("", |i| &rest[i..])
 }
 
-fn push_json_str(out: &mut String, s: &str) {
-    out.push_str(&serde_json::to_string(s).expect("a string serializes"));
+/// A JSON string made of `parts`, escaped as serde_json and Postgres do
+/// (see `rowjson::escape_contents`), written straight into `out`.
+fn push_json_str(out: &mut Vec<u8>, parts: &[&str]) {
+    out.push(b'"');
+    for p in parts {
+        crate::rowjson::escape_contents(out, p.as_bytes());
+    }
+    out.push(b'"');
 }
 
 /// The table name used in references and request urls: `orders` for
@@ -245,46 +256,50 @@ pub fn display_table(table: &str) -> &str {
     table.strip_prefix("public.").unwrap_or(table)
 }
 
-/// The Kafka message value: Aidbox's notification Bundle.
-pub fn bundle(target: &Target<'_>, ev: &Event) -> String {
+/// The Kafka message value: Aidbox's notification Bundle (UTF-8 JSON).
+/// Written into one buffer, its strings escaped in place: one allocation
+/// per message, on the worker's path for every event.
+pub fn bundle(target: &Target<'_>, ev: &Event) -> Vec<u8> {
     // A FHIR table: `Type/id` references, Aidbox's absolute fullUrl and
     // request urls under the base URL's path. Otherwise `table/key`.
     let (collection, prefix) = match target.resource_type {
         Some(rt) => (rt, url_path(target.fhir_base)),
         None => (display_table(&ev.table), ""),
     };
-    let reference = match &ev.key {
-        Some(k) => format!("{collection}/{k}"),
-        None => collection.to_string(),
+    // The reference, `collection/key`, and the fullUrl: the base URL and
+    // the reference for a FHIR table, else the reference.
+    let reference: [&str; 3] = match &ev.key {
+        Some(k) => [collection, "/", k],
+        None => [collection, "", ""],
     };
-    let full_url = match target.resource_type {
-        Some(_) => format!("{}/{reference}", target.fhir_base),
-        None => reference.clone(),
+    let base: [&str; 2] = match target.resource_type {
+        Some(_) => [target.fhir_base, "/"],
+        None => ["", ""],
     };
-    let (method, url) = match ev.interaction.as_str() {
-        "create" => ("POST", format!("{prefix}/{collection}")),
-        "update" => ("PUT", format!("{prefix}/{reference}")),
-        _ => ("DELETE", format!("{prefix}/{reference}")),
+    let full_url = [base[0], base[1], reference[0], reference[1], reference[2]];
+    let (method, url) = match &*ev.interaction {
+        "create" => ("POST", [prefix, "/", collection, "", ""]),
+        "update" => ("PUT", [prefix, "/", reference[0], reference[1], reference[2]]),
+        _ => ("DELETE", [prefix, "/", reference[0], reference[1], reference[2]]),
     };
-    let mut out = String::with_capacity(512 + ev.row.as_ref().map_or(0, |r| r.len()));
-    out.push_str(r#"{"resourceType":"Bundle","type":"history","timestamp":"#);
-    push_json_str(&mut out, &ev.timestamp);
-    out.push_str(r#","entry":[{"resource":{"resourceType":"AidboxSubscriptionStatus","status":"active","type":"event-notification","notificationEvent":[{"eventNumber":"#);
-    out.push_str(&ev.id.to_string());
-    out.push_str(r#","focus":{"reference":"#);
+    let mut out = Vec::with_capacity(640 + ev.row.as_ref().map_or(0, |r| r.len()) + target.topic_url.len());
+    out.extend_from_slice(br#"{"resourceType":"Bundle","type":"history","timestamp":"#);
+    push_json_str(&mut out, &[&*ev.timestamp]);
+    out.extend_from_slice(br#","entry":[{"resource":{"resourceType":"AidboxSubscriptionStatus","status":"active","type":"event-notification","notificationEvent":[{"eventNumber":"#);
+    let _ = write!(out, "{}", ev.id);
+    out.extend_from_slice(br#","focus":{"reference":"#);
     push_json_str(&mut out, &reference);
-    out.push_str(r#"}}],"topic":"#);
-    push_json_str(&mut out, target.topic_url);
-    out.push_str(r#","topic-destination":{"reference":"#);
-    push_json_str(&mut out, &format!("AidboxTopicDestination/{}", target.destination_id));
-    out.push_str("}}}");
-    let request = {
-        let mut r = String::from(r#""request":{"method":"#);
-        push_json_str(&mut r, method);
-        r.push_str(r#","url":"#);
-        push_json_str(&mut r, &url);
-        r.push('}');
-        r
+    out.extend_from_slice(br#"}}],"topic":"#);
+    push_json_str(&mut out, &[target.topic_url]);
+    out.extend_from_slice(br#","topic-destination":{"reference":"#);
+    push_json_str(&mut out, &["AidboxTopicDestination/", target.destination_id]);
+    out.extend_from_slice(b"}}}");
+    let request = |out: &mut Vec<u8>| {
+        out.extend_from_slice(br#","request":{"method":"#);
+        push_json_str(out, &[method]);
+        out.extend_from_slice(br#","url":"#);
+        push_json_str(out, &url);
+        out.push(b'}');
     };
     // Captured while the destination was id-only or empty (alter_destination
     // switched it since): there is no row to send, only its reference.
@@ -294,26 +309,24 @@ pub fn bundle(target: &Target<'_>, ev: &Event) -> String {
     };
     match content {
         Content::FullResource => {
-            out.push_str(r#",{"resource":"#);
-            out.push_str(ev.row.as_deref().unwrap_or("null"));
+            out.extend_from_slice(br#",{"resource":"#);
+            out.extend_from_slice(ev.row.as_deref().unwrap_or("null").as_bytes());
             if target.resource_type.is_some() {
-                out.push_str(r#","fullUrl":"#);
+                out.extend_from_slice(br#","fullUrl":"#);
                 push_json_str(&mut out, &full_url);
             }
-            out.push(',');
-            out.push_str(&request);
-            out.push('}');
+            request(&mut out);
+            out.push(b'}');
         }
         Content::IdOnly => {
-            out.push_str(r#",{"fullUrl":"#);
+            out.extend_from_slice(br#",{"fullUrl":"#);
             push_json_str(&mut out, &full_url);
-            out.push(',');
-            out.push_str(&request);
-            out.push('}');
+            request(&mut out);
+            out.push(b'}');
         }
         Content::Empty => {}
     }
-    out.push_str("]}");
+    out.extend_from_slice(b"]}");
     out
 }
 
@@ -324,15 +337,16 @@ pub fn headers(target: &Target<'_>, ev: &Event) -> OwnedHeaders {
         .insert(Header { key: "event-number", value: Some(number.as_str()) })
         .insert(Header { key: "topic-url", value: Some(target.topic_url) })
         .insert(Header { key: "destination-id", value: Some(target.destination_id) })
-        .insert(Header { key: "interaction", value: Some(ev.interaction.as_str()) })
-        .insert(Header { key: "source-table", value: Some(ev.table.as_str()) })
+        .insert(Header { key: "interaction", value: Some(&*ev.interaction) })
+        .insert(Header { key: "source-table", value: Some(&*ev.table) })
 }
 
 /// Produce one event; the delivery report comes back through the context.
 pub fn send(producer: &KafkaProducer, kafka_topic: &str, target: &Target<'_>, ev: &Event) -> Result<(), KafkaError> {
     let payload = bundle(target, ev);
-    let mut record =
-        BaseRecord::with_opaque_to(kafka_topic, Box::new(ev.id)).payload(payload.as_str()).headers(headers(target, ev));
+    let mut record = BaseRecord::with_opaque_to(kafka_topic, ev.id as usize)
+        .payload(payload.as_slice())
+        .headers(headers(target, ev));
     if let Some(k) = &ev.key {
         record = record.key(k.as_str());
     }

@@ -191,8 +191,17 @@ unsafe extern "C-unwind" fn forget(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
 
 /// `"s"` with `s` escaped as Postgres's escape_json does.
 pub fn escape(out: &mut Vec<u8>, s: &[u8]) {
-    let plain = |b: &u8| *b >= 0x20 && *b != b'"' && *b != b'\\';
     out.push(b'"');
+    escape_contents(out, s);
+    out.push(b'"');
+}
+
+/// `s` escaped as Postgres's escape_json does, without the quotes (the
+/// same bytes as serde_json writes: `\b \t \n \f \r \" \\`, other control
+/// characters as lowercase `\u00xx`, nothing else escaped). Escaping goes
+/// character by character, so parts of a string may be escaped one by one.
+pub fn escape_contents(out: &mut Vec<u8>, s: &[u8]) {
+    let plain = |b: &u8| *b >= 0x20 && *b != b'"' && *b != b'\\';
     let mut start = 0;
     let mut i = 0;
     while i < s.len() {
@@ -225,7 +234,6 @@ pub fn escape(out: &mut Vec<u8>, s: &[u8]) {
         }
     }
     out.extend_from_slice(&s[start..]);
-    out.push(b'"');
 }
 
 /// A JSON number as Postgres's IsValidJsonNumber accepts it:

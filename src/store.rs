@@ -7,6 +7,7 @@ use crate::kafka::Event;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
+use std::rc::Rc;
 
 /// A destination as configured in `outbox.destination`.
 pub struct DestinationRow {
@@ -203,11 +204,11 @@ fn claim_rows(
                 return Ok(None);
             }
             out.rows += 1;
-            let table: String = row.get(2)?.unwrap_or_default();
-            let interaction: String = row.get(3)?.unwrap_or_default();
+            let table: Rc<str> = row.get::<String>(2)?.unwrap_or_default().into();
+            let interaction: Rc<str> = row.get::<String>(3)?.unwrap_or_default().into();
             // Formatted here: to_char() was a tenth of the claim's time.
             let created_us = row.get::<pgrx::datum::TimestampWithTimeZone>(6)?.map_or(0, pg_sys::TimestampTz::from);
-            let timestamp = crate::status::format_ts(created_us);
+            let timestamp: Rc<str> = crate::status::format_ts(created_us).into();
             let born_us =
                 row.get::<pgrx::datum::TimestampWithTimeZone>(11)?.map_or(created_us, pg_sys::TimestampTz::from);
             match row.get::<Vec<i64>>(8)? {
@@ -278,22 +279,26 @@ fn span(ids: &[i64]) -> (i64, i64) {
     (ids.iter().copied().min().unwrap_or(0), ids.iter().copied().max().unwrap_or(0))
 }
 
-/// Kafka acknowledged these events: they leave the outbox. A group goes
-/// only when listed in `whole` (its events are among `ids`).
+/// Kafka acknowledged these events (`ids`, rows of their own) and groups
+/// (`whole`, by the group's id): they leave the outbox. The lists hold row
+/// ids only, not the events of whole groups: Postgres estimates every
+/// element of them when it plans the DELETE, which with a group's events
+/// listed was a tenth of the worker's time on 100-row statements.
 pub fn acknowledge(destination_id: &str, ids: &[i64], whole: &[i64]) -> SpiResult<()> {
-    if ids.is_empty() {
+    if ids.is_empty() && whole.is_empty() {
         return Ok(());
     }
+    let rows: Vec<i64> = ids.iter().chain(whole).copied().collect();
     Spi::connect_mut(|client| {
         client.update(
-            "DELETE FROM outbox.event WHERE destination_id = $1 AND id BETWEEN $3 AND $4 AND id = ANY($2) \
-                AND (ids IS NULL OR id = ANY($5))",
+            "DELETE FROM outbox.event WHERE destination_id = $1 AND id BETWEEN $3 AND $4 \
+                AND CASE WHEN ids IS NULL THEN id = ANY($2) ELSE id = ANY($5) END",
             None,
             &[
                 destination_id.into(),
                 ids.to_vec().into(),
-                span(ids).0.into(),
-                span(ids).1.into(),
+                span(&rows).0.into(),
+                span(&rows).1.into(),
                 whole.to_vec().into(),
             ],
         )?;

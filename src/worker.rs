@@ -113,7 +113,7 @@ struct Destination {
     producer: Option<KafkaProducer>,
     epoch: u64,
     /// Event id -> its group and when its change's transaction began.
-    in_flight: HashMap<i64, Flight>,
+    in_flight: IdMap<Flight>,
     /// Latency of the last LATENCY_WINDOW events delivered (µs, change to
     /// acknowledgement), whether any came since it was last published, and when.
     latencies: VecDeque<i64>,
@@ -122,7 +122,7 @@ struct Destination {
     latency_new: bool,
     latency_published: Option<Instant>,
     /// Groups (outbox rows holding several events) being delivered, by id.
-    groups: HashMap<i64, Group>,
+    groups: IdMap<Group>,
     /// (produced at, event) in produce order, to expire what is never acknowledged.
     produced: VecDeque<(Instant, i64)>,
     /// At-least-once outcomes waiting to be recorded in the outbox.
@@ -132,8 +132,10 @@ struct Destination {
     /// Events Kafka will never take, bound for outbox.dead_letter, with
     /// their group (or 0).
     poisoned: Vec<(i64, i64, String)>,
-    /// Groups Kafka has whole (their events are in `acked`).
+    /// Groups Kafka has whole, and how many events they hold (not listed in
+    /// `acked`: the outbox deletes a group by its own id).
     whole: Vec<i64>,
+    whole_events: usize,
     /// The producer must be replaced (fatal or fenced).
     replace_producer: bool,
     /// A broker refused a batch as poison: send one event at a time up to this
@@ -175,6 +177,30 @@ struct Destination {
     last_logged: Option<(u64, Instant)>,
 }
 
+/// Maps keyed by event or group id, updated for every event delivered.
+type IdMap<V> = HashMap<i64, V, std::hash::BuildHasherDefault<IdHasher>>;
+
+/// Hashes an id with one multiplication (Fibonacci hashing) instead of
+/// SipHash: the keys are sequence numbers, not chosen by anyone.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_i64(&mut self, n: i64) {
+        self.0 = (self.0 ^ n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
 /// An outbox row holding several events of one statement (see
 /// `outbox.event`), being delivered. Deleted whole once Kafka has all of its
 /// events; if some fail, are never sent or go to the dead letters, it is
@@ -204,17 +230,18 @@ impl Destination {
             slot,
             producer: None,
             epoch: 0,
-            in_flight: HashMap::new(),
+            in_flight: IdMap::default(),
             latencies: VecDeque::new(),
             events_per_row: 1.0,
             latency_new: false,
             latency_published: None,
-            groups: HashMap::new(),
+            groups: IdMap::default(),
             produced: VecDeque::new(),
             acked: Vec::new(),
             failed: Vec::new(),
             poisoned: Vec::new(),
             whole: Vec::new(),
+            whole_events: 0,
             replace_producer: false,
             isolate_until: 0,
             batch_len: 0,
@@ -280,6 +307,7 @@ impl Destination {
             && !self.txn_open
             && self.held.is_empty()
             && self.acked.is_empty()
+            && self.whole.is_empty()
             && self.failed.is_empty()
             && self.poisoned.is_empty()
             // What a broken group still has in flight decides what of it is
@@ -376,7 +404,7 @@ impl Destination {
         g.acked.push(id);
         if !g.broken && g.acked.len() == g.len {
             let g = self.groups.remove(&group).expect("looked up above");
-            self.acked.extend(g.acked);
+            self.whole_events += g.acked.len();
             self.whole.push(group);
         }
     }
@@ -413,6 +441,7 @@ impl Destination {
         self.in_process() == 0
             && !self.txn_open
             && self.acked.is_empty()
+            && self.whole.is_empty()
             && self.failed.is_empty()
             && self.poisoned.is_empty()
             && self.delivered_best_effort == 0
@@ -540,7 +569,7 @@ impl Destination {
 
     /// Produce one event; librdkafka may refuse it at once.
     fn send(&mut self, ev: &kafka::Event) -> Result<(), Refused> {
-        let resource_type = self.resource_types.get(&ev.table).map(String::as_str);
+        let resource_type = self.resource_types.get(&*ev.table).map(String::as_str);
         let fhir_base = if resource_type.is_some() { config::fhir_base_url() } else { String::new() };
         let target = Target {
             destination_id: &self.id,
@@ -1091,13 +1120,19 @@ impl Worker {
                 }
                 !(g.broken && g.outstanding == 0)
             });
-            if d.acked.is_empty() && split.is_empty() && d.failed.is_empty() && d.poisoned.is_empty() {
+            if d.acked.is_empty()
+                && d.whole.is_empty()
+                && split.is_empty()
+                && d.failed.is_empty()
+                && d.poisoned.is_empty()
+            {
                 continue;
             }
             let mut acked = std::mem::take(&mut d.acked);
             acked.extend_from_slice(&split_acked);
             let failed = std::mem::take(&mut d.failed);
             let whole = std::mem::take(&mut d.whole);
+            let whole_events = std::mem::take(&mut d.whole_events);
             let poisoned = std::mem::take(&mut d.poisoned);
             if !failed.is_empty() || !poisoned.is_empty() {
                 // Events left behind: the next claim scans from the start.
@@ -1129,7 +1164,7 @@ impl Worker {
             }
             status::record_outcome(
                 d.slot,
-                acked.len() as u64,
+                (acked.len() + whole_events) as u64,
                 (failed_ids.len() + poisoned.len()) as u64,
                 d.in_process(),
             );
@@ -1180,7 +1215,7 @@ impl Worker {
             // Scan from the start anyway now and then (a safety net).
             let full_due = d.full_scan_at.is_none_or(|t| now.saturating_duration_since(t) >= FULL_SCAN_MAX);
             let fast = d.watch.as_ref().filter(|_| !full_due);
-            let (after, in_flight) = (d.claimed_up_to, &d.in_flight);
+            let (after, in_flight, groups) = (d.claimed_up_to, &d.in_flight, &d.groups);
             // Rows to look through for `limit` events: as many as the last
             // claim's rows held, a quarter more (a claim cut short by it is
             // merely smaller; the next one adapts).
@@ -1188,10 +1223,20 @@ impl Worker {
             let rows = rows.min(limit);
             let mut full_scan = false;
             let claim = || -> pgrx::spi::SpiResult<store::Claimed> {
-                // Events in flight and the groups they are in.
+                // Outbox rows in flight: the groups, and the events that may be
+                // rows of their own (single events, members of a broken group,
+                // which may have been split). Members of other groups are not
+                // rows; listing them made the list a whole batch long, and
+                // Postgres estimates each element when it plans the claim.
                 let skip = |above: i64| -> Vec<i64> {
-                    let groups: HashSet<i64> = in_flight.values().map(|f| f.group).filter(|g| *g > above).collect();
-                    in_flight.keys().copied().filter(|i| *i > above).chain(groups).collect()
+                    let row_of_its_own = |f: &Flight| f.group == 0 || groups.get(&f.group).is_none_or(|g| g.broken);
+                    let in_groups: HashSet<i64> = in_flight.values().map(|f| f.group).filter(|g| *g > above).collect();
+                    in_flight
+                        .iter()
+                        .filter(|(id, f)| **id > above && row_of_its_own(f))
+                        .map(|(id, _)| *id)
+                        .chain(in_groups)
+                        .collect()
                 };
                 if let Some(watch) = fast {
                     let c = store::claim(&id, after, &skip(after), limit, rows)?;
@@ -1330,11 +1375,11 @@ impl Worker {
                 let event = kafka::Event {
                     group: 0,
                     id: ev.number as i64,
-                    table: ev.table,
-                    interaction: ev.interaction,
+                    table: ev.table.into(),
+                    interaction: ev.interaction.into(),
                     key: ev.key,
                     row: ev.row,
-                    timestamp: status::format_ts(ev.timestamp_us),
+                    timestamp: status::format_ts(ev.timestamp_us).into(),
                     born_us: ev.committed_us,
                 };
                 d.send_best_effort(event);
