@@ -185,7 +185,7 @@ fn every_parameter_reaches_the_librdkafka_configuration() {
         ("acks", "all"),
         ("partitioner", "murmur2_random"),
         ("compression.type", "none"),
-        ("batch.size", "16384"),
+        ("batch.size", "1000000"),
         ("message.timeout.ms", "120000"),
         ("message.max.bytes", "1048576"),
         ("request.timeout.ms", "30000"),

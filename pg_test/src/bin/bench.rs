@@ -31,7 +31,11 @@
 //! compared with the mean of the drains before it and after it (and the bare
 //! producer again). Each drain starts on an empty broker (tansu keeps every
 //! message in memory and slows down as it fills), timed until pg_outbox's
-//! delivered counter reaches the backlog (polled in one open session).
+//! delivered counter reaches the backlog (polled in one open session). Beside
+//! each rate, CPU per event in microseconds: the worker process's (its main
+//! thread and librdkafka's) for a drain, the bench's own for the bare
+//! producer; steadier between runs than the rates, which move with whatever
+//! else the two cores are doing.
 //!
 //! Latency: pgbench at a steady 1,000 single-row transactions/s for
 //! `--latency-seconds` (default 20) into an at-least-once destination; per row,
@@ -406,21 +410,27 @@ fn fresh(broker: &mut Broker) {
 }
 
 /// The drain of `name` (50,000-row statements) and of `name`_single
-/// (single-row transactions), each on an empty broker.
-fn drain_both(pg: &Cluster, broker: &mut Broker, events: u64, name: &str) -> (f64, f64) {
+/// (single-row transactions), each on an empty broker: events per second
+/// and the worker's CPU per event.
+fn drain_both(pg: &Cluster, broker: &mut Broker, events: u64, name: &str) -> ((f64, f64), (f64, f64)) {
     fresh(broker);
     let statements = drain(pg, broker, events, name, false);
     fresh(broker);
     (statements, drain(pg, broker, events, &format!("{name}_single"), true))
 }
 
+/// A row of the drain table: rate, ratio, CPU per event in microseconds.
+fn drain_line(label: &str, (rate, cpu_us): (f64, f64), ratio: f64, note: &str) {
+    println!("{label:<44} {rate:>12.0} {ratio:>8.3} {cpu_us:>8.2}{note}");
+}
+
 fn drains(pg: &Cluster, broker: &mut Broker, events: u64) {
     let (free, free_single) = drain_both(pg, broker, events, "drain");
     fresh(broker);
     let bare = bare_producer(pg, broker, events, "bare");
-    println!("{:<44} {:>12.0} {:>8.3}", "pg_outbox drain, 50,000-row statements", free, free / bare);
-    println!("{:<44} {:>12.0} {:>8.3}", "pg_outbox drain, single-row transactions", free_single, free_single / bare);
-    println!("{:<44} {:>12.0} {:>8.3}", "bare librdkafka producer", bare, 1.0);
+    drain_line("pg_outbox drain, 50,000-row statements", free, free.0 / bare.0, "");
+    drain_line("pg_outbox drain, single-row transactions", free_single, free_single.0 / bare.0, "");
+    drain_line("bare librdkafka producer", bare, 1.0, "");
     // Again, while another session holds a snapshot from before the backlog on.
     let mut holder = Command::new(format!("{PG_BIN}/psql"))
         .args(["-X", "-q", "-h"])
@@ -448,27 +458,24 @@ fn drains(pg: &Cluster, broker: &mut Broker, events: u64) {
     let (after, after_single) = drain_both(pg, broker, events, "drain_after");
     fresh(broker);
     let bare_after = bare_producer(pg, broker, events, "bare_after");
-    println!(
-        "{:<44} {:>12.0} {:>8.3}  (ratio to the mean of the same drain before and after)",
-        "snapshot held open, 50,000-row statements",
-        held,
-        held / ((free + after) / 2.0)
-    );
-    println!(
-        "{:<44} {:>12.0} {:>8.3}  (ratio to the mean of the same drain before and after)",
+    let before_after = "  (ratio to the mean of the same drain before and after)";
+    drain_line("snapshot held open, 50,000-row statements", held, held.0 / ((free.0 + after.0) / 2.0), before_after);
+    drain_line(
         "snapshot held open, single-row transactions",
         held_single,
-        held_single / ((free_single + after_single) / 2.0)
+        held_single.0 / ((free_single.0 + after_single.0) / 2.0),
+        before_after,
     );
-    println!("{:<44} {:>12.0}", "drain after the snapshot, 50,000-row statements", after);
-    println!("{:<44} {:>12.0}", "drain after the snapshot, single-row transactions", after_single);
-    println!("{:<44} {:>12.0}", "bare librdkafka producer, again", bare_after);
+    drain_line("drain after the snapshot, 50,000-row statements", after, after.0 / bare_after.0, "");
+    drain_line("drain after the snapshot, single-row transactions", after_single, after_single.0 / bare_after.0, "");
+    drain_line("bare librdkafka producer, again", bare_after, 1.0, "");
 }
 
 /// Build a backlog of `events` rows while the broker is frozen, with 50,000-row
 /// INSERTs or (`singles`) one transaction per row, then time its delivery;
-/// returns events per second.
-fn drain(pg: &Cluster, broker: &Broker, events: u64, name: &str, singles: bool) -> f64 {
+/// returns events per second and the worker process's CPU (its main thread
+/// and librdkafka's, user + system) per event in microseconds.
+fn drain(pg: &Cluster, broker: &Broker, events: u64, name: &str, singles: bool) -> (f64, f64) {
     watched(pg, broker, name, "kafka-at-least-once", "full-resource", r#", "deliveryTimeoutMs": 600000"#);
     let dest = name.replace('_', "-");
     broker.freeze();
@@ -494,6 +501,8 @@ fn drain(pg: &Cluster, broker: &Broker, events: u64, name: &str, singles: bool) 
     let delivered =
         format!("SELECT coalesce((SELECT messages_delivered FROM outbox._destination_stats() WHERE id = '{dest}'), 0)");
     session.sql("SELECT 1");
+    let worker = [pg.worker_pid().expect("the pg_outbox worker runs").to_string()];
+    let cpu = cpu_seconds(&worker);
     broker.thaw();
     let started = Instant::now();
     while session.count(&delivered) < events as i64 {
@@ -501,6 +510,7 @@ fn drain(pg: &Cluster, broker: &Broker, events: u64, name: &str, singles: bool) 
         std::thread::sleep(Duration::from_millis(20));
     }
     let rate = events as f64 / started.elapsed().as_secs_f64();
+    let cpu_us = (cpu_seconds(&worker) - cpu) / events as f64 * 1e6;
     // Delivered counts what the worker deleted and committed: nothing is left.
     let left = session.count(&format!("SELECT count(*) FROM outbox.event WHERE destination_id = '{dest}'"));
     assert_eq!(left, 0, "events left in the outbox after {events} were delivered");
@@ -511,10 +521,10 @@ fn drain(pg: &Cluster, broker: &Broker, events: u64, name: &str, singles: bool) 
             size + 400,
             filled.as_secs_f64()
         );
-        println!("{:<44} {:>12} {:>8}", "", "events/s", "ratio");
+        println!("{:<44} {:>12} {:>8} {:>8}", "", "events/s", "ratio", "CPU µs");
     }
     pg.sql(&format!("SELECT outbox.drop_destination('{dest}'); SELECT outbox.drop_topic('urn:{name}')"));
-    rate
+    (rate, cpu_us)
 }
 
 /// A bare librdkafka producer with destination `id`'s effective configuration.
@@ -557,12 +567,16 @@ impl rdkafka::producer::ProducerContext for Acks {
 }
 
 /// The same number of messages of the Bundle's size, straight from librdkafka
-/// with the drain destination's own configuration.
-fn bare_producer(pg: &Cluster, broker: &Broker, events: u64, name: &str) -> f64 {
+/// with the drain destination's own configuration: messages per second and
+/// this process's CPU per message in microseconds (nothing else of it runs
+/// meanwhile).
+fn bare_producer(pg: &Cluster, broker: &Broker, events: u64, name: &str) -> (f64, f64) {
     use rdkafka::producer::{BaseRecord, Producer};
     watched(pg, broker, name, "kafka-at-least-once", "full-resource", "");
     let producer = producer_like(pg, &name.replace('_', "-"));
     let payload = vec![b'x'; 707];
+    let me = [std::process::id().to_string()];
+    let cpu = cpu_seconds(&me);
     let started = Instant::now();
     for i in 0..events {
         let key = i.to_string();
@@ -579,7 +593,8 @@ fn bare_producer(pg: &Cluster, broker: &Broker, events: u64, name: &str) -> f64 
         producer.poll(Duration::ZERO);
     }
     producer.flush(Duration::from_secs(600)).expect("flush");
-    events as f64 / started.elapsed().as_secs_f64()
+    let rate = events as f64 / started.elapsed().as_secs_f64();
+    (rate, (cpu_seconds(&me) - cpu) / events as f64 * 1e6)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
