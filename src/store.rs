@@ -109,7 +109,8 @@ impl Claimed {
 }
 
 /// The oldest outbox rows of a destination numbered above `after`, in id
-/// order, leaving out `skip` (events and groups already in flight), up to
+/// order, leaving out `skip` (outbox rows already in flight: groups, and
+/// events that may be rows of their own), up to
 /// `limit` events (a group is taken whole, the first row even if larger)
 /// among the first `rows` rows: their events, groups unfolded in order. With `limit` 1 (isolating a
 /// poison event) a group is first split into single events, and only its

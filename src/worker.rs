@@ -180,14 +180,17 @@ struct Destination {
 /// Maps keyed by event or group id, updated for every event delivered.
 type IdMap<V> = HashMap<i64, V, std::hash::BuildHasherDefault<IdHasher>>;
 
-/// Hashes an id with one multiplication (Fibonacci hashing) instead of
+/// Hashes an id with a multiplication and a rotation (as rustc's FxHash) instead of
 /// SipHash: the keys are sequence numbers, not chosen by anyone.
 #[derive(Default)]
 struct IdHasher(u64);
 
 impl std::hash::Hasher for IdHasher {
     fn finish(&self) -> u64 {
-        self.0
+        // The table picks buckets by the low bits, which a product takes from
+        // the id's low bits alone (ids spaced by 2 or 4, destinations sharing
+        // the sequence, would use part of the buckets): bring the high ones down.
+        self.0.rotate_left(26)
     }
 
     fn write(&mut self, bytes: &[u8]) {
