@@ -53,7 +53,7 @@ pub const DEFAULT_MAX_BLOCK_MS: i64 = 60_000;
 const DEFAULT_MAX_REQUEST_SIZE: i64 = 1_048_576;
 const DEFAULT_REQUEST_TIMEOUT_MS: i64 = 30_000;
 /// batch.size when batchSize is not given: librdkafka's own default, not
-/// Java's 16384. With 16 KB batches librdkafka's broker thread took 3.5-5.2
+/// Java's 16384. With 16 KB batches librdkafka's threads took 3.5-5.2
 /// us of CPU per ~700-byte event against 0.9-1.0 with these (100-row
 /// statements delivered on this 2-core VM, see README Performance): the
 /// idempotent producer has at most 5 requests in flight and keeps waking to
