@@ -208,8 +208,8 @@ pub struct Event {
     /// The id of the outbox row holding this event with others of its
     /// statement (see `outbox.event`), or 0 for a row of its own.
     pub group: i64,
-    /// Schema-qualified source table, e.g. `public.orders`. (Shared: the
-    /// events of a group have the same table, interaction and timestamp.)
+    /// Schema-qualified source table, e.g. `public.orders`. (This, the
+    /// interaction and the timestamp are shared between events, see `share`.)
     pub table: Rc<str>,
     /// `create`, `update` or `delete`.
     pub interaction: Rc<str>,
@@ -221,6 +221,16 @@ pub struct Event {
     /// Where the latency the status reports starts (Postgres µs): the commit
     /// when known, else the transaction start.
     pub born_us: i64,
+}
+
+/// `s` as a shared string: `last` again if it holds the same text (the
+/// events of a claim or of the best-effort queue mostly share their table,
+/// interaction and timestamp), else a new one, kept in `last`.
+pub fn share(last: &mut Option<Rc<str>>, s: &str) -> Rc<str> {
+    match last {
+        Some(l) if **l == *s => l.clone(),
+        _ => last.insert(Rc::from(s)).clone(),
+    }
 }
 
 /// The destination facts a message needs.

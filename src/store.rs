@@ -3,7 +3,7 @@
 //! these inside a worker transaction (see `worker::in_transaction`). The
 //! enqueue side is the row trigger in src/capture.rs.
 
-use crate::kafka::Event;
+use crate::kafka::{share, Event};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
@@ -187,6 +187,8 @@ fn claim_rows(
         )?;
         let mut out =
             Claimed { events: Vec::with_capacity(rows.len()), rows: 0, xmax: 0, xip: Vec::new(), next_xid: 0 };
+        // The last table, interaction and timestamp, shared by the events that have them.
+        let mut shared: [Option<Rc<str>>; 3] = [None, None, None];
         for row in rows {
             let Some(id) = row.get::<i64>(1)? else {
                 // xmin:xmax:xip,xip,...
@@ -205,11 +207,11 @@ fn claim_rows(
                 return Ok(None);
             }
             out.rows += 1;
-            let table: Rc<str> = row.get::<String>(2)?.unwrap_or_default().into();
-            let interaction: Rc<str> = row.get::<String>(3)?.unwrap_or_default().into();
+            let table = share(&mut shared[0], row.get::<&str>(2)?.unwrap_or_default());
+            let interaction = share(&mut shared[1], row.get::<&str>(3)?.unwrap_or_default());
             // Formatted here: to_char() was a tenth of the claim's time.
             let created_us = row.get::<pgrx::datum::TimestampWithTimeZone>(6)?.map_or(0, pg_sys::TimestampTz::from);
-            let timestamp: Rc<str> = crate::status::format_ts(created_us).into();
+            let timestamp = share(&mut shared[2], &crate::status::format_ts(created_us));
             let born_us =
                 row.get::<pgrx::datum::TimestampWithTimeZone>(11)?.map_or(created_us, pg_sys::TimestampTz::from);
             match row.get::<Vec<i64>>(8)? {

@@ -309,10 +309,7 @@ impl Destination {
             && room
             && !self.txn_open
             && self.held.is_empty()
-            && self.acked.is_empty()
-            && self.whole.is_empty()
-            && self.failed.is_empty()
-            && self.poisoned.is_empty()
+            && !self.outcomes_waiting()
             // What a broken group still has in flight decides what of it is
             // claimed again, before anything after it.
             && !self.groups.values().any(|g| g.broken && g.outstanding > 0)
@@ -443,12 +440,14 @@ impl Destination {
     fn idle(&self) -> bool {
         self.in_process() == 0
             && !self.txn_open
-            && self.acked.is_empty()
-            && self.whole.is_empty()
-            && self.failed.is_empty()
-            && self.poisoned.is_empty()
+            && !self.outcomes_waiting()
             && self.delivered_best_effort == 0
             && self.lost_best_effort == 0
+    }
+
+    /// At-least-once outcomes not yet recorded in the outbox.
+    fn outcomes_waiting(&self) -> bool {
+        !(self.acked.is_empty() && self.whole.is_empty() && self.failed.is_empty() && self.poisoned.is_empty())
     }
 
     /// Events in process: produced and not yet acknowledged (or committed).
@@ -1123,12 +1122,7 @@ impl Worker {
                 }
                 !(g.broken && g.outstanding == 0)
             });
-            if d.acked.is_empty()
-                && d.whole.is_empty()
-                && split.is_empty()
-                && d.failed.is_empty()
-                && d.poisoned.is_empty()
-            {
+            if !d.outcomes_waiting() && split.is_empty() {
                 continue;
             }
             let mut acked = std::mem::take(&mut d.acked);
@@ -1358,6 +1352,8 @@ impl Worker {
                 return;
             }
             self.busy = true;
+            // The last table, interaction and timestamp, shared by the events that have them.
+            let mut shared: [Option<std::rc::Rc<str>>; 3] = [None, None, None];
             for record in records {
                 let Some(ev) = ring::BestEffortEvent::decode(&record) else { continue };
                 if !self.destinations.contains_key(&ev.destination_id) && !reloaded {
@@ -1378,11 +1374,11 @@ impl Worker {
                 let event = kafka::Event {
                     group: 0,
                     id: ev.number as i64,
-                    table: ev.table.into(),
-                    interaction: ev.interaction.into(),
+                    table: kafka::share(&mut shared[0], &ev.table),
+                    interaction: kafka::share(&mut shared[1], &ev.interaction),
                     key: ev.key,
                     row: ev.row,
-                    timestamp: status::format_ts(ev.timestamp_us).into(),
+                    timestamp: kafka::share(&mut shared[2], &status::format_ts(ev.timestamp_us)),
                     born_us: ev.committed_us,
                 };
                 d.send_best_effort(event);
