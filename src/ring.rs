@@ -160,12 +160,13 @@ pub fn push(events: &mut [Vec<u8>]) -> Vec<bool> {
         .collect()
 }
 
-/// Take up to `max` events (and about `max_bytes`), oldest first. Under the
-/// lock only one copy of the bytes is made; the records are split after it.
-pub fn pop(max: usize, max_bytes: usize) -> Vec<Vec<u8>> {
-    let (raw, count) = {
+/// Take up to `max` events (and about `max_bytes`), oldest first, and
+/// whether more are left. Under the lock only one copy of the bytes is made;
+/// the records are split after it.
+pub fn pop(max: usize, max_bytes: usize) -> (Vec<Vec<u8>>, bool) {
+    let (raw, count, left) = {
         let Some((h, data, _guard)) = locked() else {
-            return Vec::new();
+            return (Vec::new(), false);
         };
         let mut end = h.tail;
         let mut count = 0;
@@ -182,7 +183,7 @@ pub fn pop(max: usize, max_bytes: usize) -> Vec<Vec<u8>> {
         let mut raw = vec![0u8; (end - h.tail) as usize];
         read_at(data, h.tail, &mut raw);
         h.tail = end;
-        (raw, count)
+        (raw, count, end < h.head)
     };
     let mut out = Vec::with_capacity(count);
     let mut at = 0;
@@ -191,7 +192,7 @@ pub fn pop(max: usize, max_bytes: usize) -> Vec<Vec<u8>> {
         out.push(raw[at + 4..at + 4 + len].to_vec());
         at += 4 + len;
     }
-    out
+    (out, left)
 }
 
 /// One best-effort event as it travels through the queue.

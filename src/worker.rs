@@ -697,6 +697,9 @@ struct Worker {
     postmaster_died: bool,
     /// The last pass had work to do.
     busy: bool,
+    /// The last pass left work it could do at once (a full claim or a full
+    /// best-effort batch): the next wait neither pauses nor sleeps.
+    more: bool,
 }
 
 #[pg_guard]
@@ -744,6 +747,7 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
         terminating: false,
         postmaster_died: false,
         busy: false,
+        more: false,
     };
     // Whatever a previous incarnation had in flight is still in the outbox.
     status::worker_started();
@@ -806,13 +810,18 @@ impl Worker {
         // backend does it when idle): without this, autovacuum never learns
         // of the outbox rows the worker deleted. Rate-limited by Postgres.
         unsafe { pg_sys::pgstat_report_stat(false) };
-        if std::mem::take(&mut self.busy) {
+        let more = std::mem::take(&mut self.more);
+        if std::mem::take(&mut self.busy) && !more {
             // Under load, let commits accumulate for a moment: one pass then
             // serves many events, and writers find the latch already set.
             unsafe { pg_sys::pg_usleep(BUSY_PAUSE_US) };
         }
         let now = Instant::now();
-        let mut timeout = Duration::from_millis(config::POLL_INTERVAL_MS.get() as u64);
+        // A backlog: look at the latch and the reports, then go on with it
+        // (waiting here for the first report of the batch just sent was a
+        // sixth of a single-row drain's time).
+        let mut timeout =
+            if more { Duration::ZERO } else { Duration::from_millis(config::POLL_INTERVAL_MS.get() as u64) };
         for d in self.destinations.values_mut() {
             let retry = d.retry_at.filter(|_| d.in_flight.is_empty());
             let blocked =
@@ -1327,6 +1336,8 @@ impl Worker {
             d.batch_len = d.in_flight.len();
             if all_sent && d.poisoned.is_empty() {
                 d.watch = claimed.in_progress();
+                // A full claim: more may be waiting behind it.
+                self.more |= events.len() as i64 >= limit || claimed.rows as i64 >= rows;
             }
             if let Some(p) = &d.producer {
                 p.poll(Duration::ZERO);
@@ -1347,11 +1358,13 @@ impl Worker {
         let mut reloaded = false;
         // One bounded batch per pass, so nothing else waits behind a busy queue.
         {
-            let records = ring::pop(BEST_EFFORT_PER_TURN, BEST_EFFORT_BYTES_PER_TURN);
+            let (records, left) = ring::pop(BEST_EFFORT_PER_TURN, BEST_EFFORT_BYTES_PER_TURN);
             if records.is_empty() {
                 return;
             }
             self.busy = true;
+            // Not while events wait for librdkafka's buffer: those wait for reports.
+            self.more |= left && self.destinations.values().all(|d| d.blocked.is_empty());
             // The last table, interaction and timestamp, shared by the events that have them.
             let mut shared: [Option<std::rc::Rc<str>>; 3] = [None, None, None];
             for record in records {
