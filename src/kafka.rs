@@ -70,16 +70,10 @@ impl ProducerContext for Context {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, event_id: usize) {
-        self.delivered(event_id as i64, result.as_ref().err().map(|(e, _)| e));
-    }
-}
-
-impl Context {
-    /// Kafka has this event, or refused it with `error`.
-    fn delivered(&self, event_id: i64, error: Option<&KafkaError>) {
-        let report = match error {
-            None => Report::Delivered { epoch: self.epoch, event_id },
-            Some(e) => Report::Failed {
+        let event_id = event_id as i64;
+        let report = match result {
+            Ok(_) => Report::Delivered { epoch: self.epoch, event_id },
+            Err((e, _)) => Report::Failed {
                 epoch: self.epoch,
                 event_id,
                 error: e.to_string(),
@@ -91,11 +85,6 @@ impl Context {
     }
 }
 
-/// A served librdkafka event, on its way to the janitor thread.
-struct Served(*mut rdkafka::bindings::rd_kafka_event_t);
-// librdkafka events may be destroyed on any thread.
-unsafe impl Send for Served {}
-
 /// A producer and a handle on its Kafka topic. Producing through the handle
 /// spares librdkafka finding the topic by name under its client-wide write
 /// lock for every message (rust-rdkafka's `send` names the topic each time):
@@ -104,11 +93,6 @@ unsafe impl Send for Served {}
 pub struct KafkaProducer {
     /// Null if librdkafka refused the topic name: messages then name it.
     topic: *mut rdkafka::bindings::rd_kafka_topic_t,
-    /// A thread that destroys the delivery reports `serve` has read: freeing
-    /// their messages (each with five headers, each its own allocation) was
-    /// an eighth of the worker's time on a single-row drain. None for an
-    /// OAUTHBEARER producer, whose token refreshes rust-rdkafka's poll serves.
-    janitor: Option<(Sender<Served>, std::thread::JoinHandle<()>)>,
     inner: BaseProducer<Context>,
 }
 
@@ -120,12 +104,8 @@ impl std::ops::Deref for KafkaProducer {
 }
 
 impl Drop for KafkaProducer {
-    // The events and the handle go before the producer they belong to.
+    // The handle goes before the producer it belongs to.
     fn drop(&mut self) {
-        if let Some((tx, thread)) = self.janitor.take() {
-            drop(tx);
-            let _ = thread.join();
-        }
         if !self.topic.is_null() {
             unsafe { rdkafka::bindings::rd_kafka_topic_destroy(self.topic) };
         }
@@ -200,76 +180,20 @@ pub fn create_producer(
         Ok(name) => unsafe { rdkafka::bindings::rd_kafka_topic_new(rk, name.as_ptr(), std::ptr::null_mut()) },
         Err(_) => std::ptr::null_mut(),
     };
-    let janitor = if params.token.is_none() { spawn_janitor() } else { None };
-    Ok(KafkaProducer { topic, janitor, inner })
-}
-
-/// The janitor thread (None if it could not be started: `serve` then
-/// destroys the events itself). It blocks every signal, as librdkafka's own
-/// threads do: Postgres's handlers belong to the backend's main thread.
-fn spawn_janitor() -> Option<(Sender<Served>, std::thread::JoinHandle<()>)> {
-    let (tx, rx) = crossbeam_channel::unbounded::<Served>();
-    let thread = unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        let thread = std::thread::Builder::new().name("pg_outbox:free".into()).spawn(move || {
-            for event in rx {
-                rdkafka::bindings::rd_kafka_event_destroy(event.0);
-            }
-        });
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        thread
-    };
-    Some((tx, thread.ok()?))
+    Ok(KafkaProducer { topic, inner })
 }
 
 /// Serve every event ready on the producer's queue (delivery reports, errors).
-/// With a janitor, delivery reports and errors are read here as
-/// rust-rdkafka's poll reads them, and the reports are destroyed by the janitor.
 pub fn serve(producer: &KafkaProducer) {
-    use rdkafka::bindings as rd;
     unsafe {
-        let queue = rd::rd_kafka_queue_get_main(producer.client().native_ptr());
+        let queue = rdkafka::bindings::rd_kafka_queue_get_main(producer.client().native_ptr());
         for _ in 0..10_000 {
-            if rd::rd_kafka_queue_length(queue) == 0 {
+            if rdkafka::bindings::rd_kafka_queue_length(queue) == 0 {
                 break;
             }
-            let Some((janitor, _)) = &producer.janitor else {
-                producer.poll(Duration::ZERO);
-                continue;
-            };
-            let event = rd::rd_kafka_queue_poll(queue, 0);
-            if event.is_null() {
-                break;
-            }
-            match rd::rd_kafka_event_type(event) {
-                rd::RD_KAFKA_EVENT_DR => {
-                    loop {
-                        let message = rd::rd_kafka_event_message_next(event);
-                        if message.is_null() {
-                            break;
-                        }
-                        let error = (*message).err;
-                        let error = (error != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR)
-                            .then(|| KafkaError::MessageProduction(error.into()));
-                        producer.context().delivered((*message)._private as usize as i64, error.as_ref());
-                    }
-                    if let Err(e) = janitor.send(Served(event)) {
-                        rd::rd_kafka_event_destroy(e.into_inner().0);
-                    }
-                }
-                rd::RD_KAFKA_EVENT_ERROR => {
-                    let reason = std::ffi::CStr::from_ptr(rd::rd_kafka_event_error_string(event)).to_string_lossy();
-                    let error = KafkaError::Global(rd::rd_kafka_event_error(event).into());
-                    producer.context().error(error, reason.trim());
-                    rd::rd_kafka_event_destroy(event);
-                }
-                _ => rd::rd_kafka_event_destroy(event),
-            }
+            producer.poll(Duration::ZERO);
         }
-        rd::rd_kafka_queue_destroy(queue);
+        rdkafka::bindings::rd_kafka_queue_destroy(queue);
     }
 }
 
@@ -448,7 +372,8 @@ pub fn bundle(target: &Target<'_>, ev: &Event) -> Vec<u8> {
 
 /// Produce one event (its id the delivery opaque, as rust-rdkafka reads it
 /// back); the delivery report comes back through the context. Kafka headers:
-/// enough to deduplicate and route without parsing the value.
+/// enough to deduplicate and route without parsing the value. `kafka_topic`
+/// (the producer's) is named only if librdkafka refused it a handle.
 pub fn send(producer: &KafkaProducer, kafka_topic: &str, target: &Target<'_>, ev: &Event) -> Result<(), KafkaError> {
     use rdkafka::bindings::{rd_kafka_vtype_t as V, rd_kafka_vu_s__bindgen_ty_1 as U, rd_kafka_vu_t};
     let payload = bundle(target, ev);
