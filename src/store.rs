@@ -195,7 +195,24 @@ fn claim_rows(
         // switched memory contexts for each value, a sixth of a single-row
         // drain's time.
         let (table, count) = unsafe { (pg_sys::SPI_tuptable, pg_sys::SPI_processed as usize) };
-        assert!(count == rows.len() && (count == 0 || unsafe { (*(*table).tupdesc).natts } == 12));
+        // The columns as `get` below reads them (once per claim: the
+        // accessors checked each value).
+        use pg_sys::{BOOLOID, INT8ARRAYOID, INT8OID, TEXTARRAYOID, TEXTOID, TIMESTAMPTZOID};
+        let types = [INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TIMESTAMPTZOID, TEXTOID].into_iter().chain([
+            INT8ARRAYOID,
+            TEXTARRAYOID,
+            TEXTARRAYOID,
+            TIMESTAMPTZOID,
+            BOOLOID,
+        ]);
+        assert!(count == rows.len());
+        if count > 0 {
+            let desc = unsafe { (*table).tupdesc };
+            assert!(unsafe { (*desc).natts } == 12, "the claim reads 12 columns");
+            for (c, expected) in types.enumerate() {
+                assert!(unsafe { pg_sys::SPI_gettypeid(desc, c as i32 + 1) } == expected, "claim column {}", c + 1);
+            }
+        }
         let mut values = [pg_sys::Datum::from(0); 12];
         let mut nulls = [true; 12];
         for i in 0..count {
