@@ -87,9 +87,9 @@ impl ProducerContext for Context {
 
 /// A producer and a handle on its Kafka topic. Producing through the handle
 /// spares librdkafka finding the topic by name under its client-wide write
-/// lock for every message (rust-rdkafka's `send` names the topic each time):
-/// waiting for that lock, held for reading by librdkafka's broker thread,
-/// was a tenth of a single-row drain's time.
+/// lock for every message (rust-rdkafka's `send` names the topic each time),
+/// which librdkafka's broker thread holds for reading: most of the times the
+/// worker went to sleep on a single-row drain, it waited for that lock.
 pub struct KafkaProducer {
     /// Null if librdkafka refused the topic name: messages then name it.
     topic: *mut rdkafka::bindings::rd_kafka_topic_t,

@@ -192,8 +192,8 @@ fn claim_rows(
         // The rows are read straight from SPI's tuple table, each deformed
         // once: pgrx's row accessors fetched every column of a row one by one
         // (each walking the row from its start past the text columns) and
-        // switched memory contexts for each value, a sixth of a single-row
-        // drain's time.
+        // switched memory contexts for each value: a sixth of the worker's
+        // main thread on a single-row drain.
         let (table, count) = unsafe { (pg_sys::SPI_tuptable, pg_sys::SPI_processed as usize) };
         // The columns as `get` below reads them (once per claim: the
         // accessors checked each value).

@@ -818,8 +818,7 @@ impl Worker {
         }
         let now = Instant::now();
         // A backlog: look at the latch and the reports, then go on with it
-        // (waiting here for the first report of the batch just sent was a
-        // sixth of a single-row drain's time).
+        // (not pause, nor sleep until the first report of the batch just sent).
         let mut timeout =
             if more { Duration::ZERO } else { Duration::from_millis(config::POLL_INTERVAL_MS.get() as u64) };
         for d in self.destinations.values_mut() {
