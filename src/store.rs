@@ -133,6 +133,31 @@ pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64, rows: i
     Ok(claimed)
 }
 
+/// The types of the claim's columns, in the order its SELECT lists them.
+const CLAIM_COLUMNS: [pg_sys::Oid; 12] = {
+    use pg_sys::{BOOLOID, INT8ARRAYOID, INT8OID, TEXTARRAYOID, TEXTOID, TIMESTAMPTZOID};
+    [
+        INT8OID,
+        TEXTOID,
+        TEXTOID,
+        TEXTOID,
+        TEXTOID,
+        TIMESTAMPTZOID,
+        TEXTOID,
+        INT8ARRAYOID,
+        TEXTARRAYOID,
+        TEXTARRAYOID,
+        TIMESTAMPTZOID,
+        BOOLOID,
+    ]
+};
+
+/// Column `c` (1-based) of a deformed claim row as a `T` (of the type
+/// `CLAIM_COLUMNS` gives it).
+fn get<T: FromDatum>(values: &[pg_sys::Datum], nulls: &[bool], c: usize) -> Option<T> {
+    unsafe { T::from_datum(values[c - 1], nulls[c - 1]) }
+}
+
 /// `claim` in one pass (None if it reached a group to take) or two.
 fn claim_rows(
     destination_id: &str,
@@ -195,26 +220,18 @@ fn claim_rows(
         // switched memory contexts for each value: a sixth of the worker's
         // main thread on a single-row drain.
         let (table, count) = unsafe { (pg_sys::SPI_tuptable, pg_sys::SPI_processed as usize) };
-        // The columns as `get` below reads them (once per claim: the
-        // accessors checked each value).
-        use pg_sys::{BOOLOID, INT8ARRAYOID, INT8OID, TEXTARRAYOID, TEXTOID, TIMESTAMPTZOID};
-        let types = [INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TIMESTAMPTZOID, TEXTOID].into_iter().chain([
-            INT8ARRAYOID,
-            TEXTARRAYOID,
-            TEXTARRAYOID,
-            TIMESTAMPTZOID,
-            BOOLOID,
-        ]);
+        // The columns' types are checked once per claim (the accessors
+        // checked each value).
         assert!(count == rows.len());
         if count > 0 {
             let desc = unsafe { (*table).tupdesc };
-            assert!(unsafe { (*desc).natts } == 12, "the claim reads 12 columns");
-            for (c, expected) in types.enumerate() {
+            assert!(unsafe { (*desc).natts } as usize == CLAIM_COLUMNS.len(), "the claim's columns");
+            for (c, expected) in CLAIM_COLUMNS.into_iter().enumerate() {
                 assert!(unsafe { pg_sys::SPI_gettypeid(desc, c as i32 + 1) } == expected, "claim column {}", c + 1);
             }
         }
-        let mut values = [pg_sys::Datum::from(0); 12];
-        let mut nulls = [true; 12];
+        let mut values = [pg_sys::Datum::from(0); CLAIM_COLUMNS.len()];
+        let mut nulls = [true; CLAIM_COLUMNS.len()];
         for i in 0..count {
             unsafe {
                 pg_sys::heap_deform_tuple(
@@ -224,10 +241,6 @@ fn claim_rows(
                     nulls.as_mut_ptr(),
                 )
             };
-            // Column `c` (1-based, as the SELECT lists them) as a `T`.
-            fn get<'a, T: FromDatum + 'a>(values: &[pg_sys::Datum], nulls: &[bool], c: usize) -> Option<T> {
-                unsafe { T::from_datum(values[c - 1], nulls[c - 1]) }
-            }
             let get_ts = |c: usize| (!nulls[c - 1]).then(|| values[c - 1].value() as i64);
             let Some(id) = get::<i64>(&values, &nulls, 1) else {
                 // xmin:xmax:xip,xip,...
