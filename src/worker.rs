@@ -111,6 +111,9 @@ struct Destination {
     resource_types: std::collections::HashMap<String, String>,
     slot: SlotRef,
     producer: Option<KafkaProducer>,
+    /// The message value being produced (librdkafka copies it): one buffer
+    /// for all, not an allocation per event.
+    payload: Vec<u8>,
     epoch: u64,
     /// Event id -> its group and when its change's transaction began.
     in_flight: IdMap<Flight>,
@@ -232,6 +235,7 @@ impl Destination {
             params,
             slot,
             producer: None,
+            payload: Vec::new(),
             epoch: 0,
             in_flight: IdMap::default(),
             latencies: VecDeque::new(),
@@ -581,7 +585,7 @@ impl Destination {
             fhir_base: &fhir_base,
         };
         let producer = self.producer.as_ref().ok_or(Refused::Other("no producer".to_string()))?;
-        kafka::send(producer, &self.params.kafka_topic, &target, ev).map_err(|e| {
+        kafka::send(producer, &self.params.kafka_topic, &target, ev, &mut self.payload).map_err(|e| {
             if kafka::is_queue_full(&e) {
                 Refused::Full
             } else if kafka::is_poison(&e) {
