@@ -152,10 +152,102 @@ const CLAIM_COLUMNS: [pg_sys::Oid; 12] = {
     ]
 };
 
-/// Column `c` (1-based) of a deformed claim row as a `T` (of the type
+/// Column `c` (1-based) of a claim row as a `T` (of the type
 /// `CLAIM_COLUMNS` gives it).
 fn get<T: FromDatum>(values: &[pg_sys::Datum], nulls: &[bool], c: usize) -> Option<T> {
     unsafe { T::from_datum(values[c - 1], nulls[c - 1]) }
+}
+
+/// A row handed over by the executor (its values and nulls); false when no
+/// more rows are wanted.
+type Take<'a> = dyn FnMut(&[pg_sys::Datum], &[bool]) -> bool + 'a;
+
+/// Run the query `sql` (its columns `CLAIM_COLUMNS`) with `params` (type,
+/// value or NULL), planned for their values, and hand each row to `take` as
+/// the executor makes it. SPI's own receiver copied every row into its tuple
+/// table first (a twentieth of the worker's main thread on a single-row
+/// drain), to be read back from there.
+fn select_into(sql: &str, params: &[(pg_sys::Oid, Option<pg_sys::Datum>)], take: &mut Take<'_>) {
+    #[repr(C)]
+    struct Receiver<'a, 'b> {
+        // First: the executor sees a DestReceiver.
+        base: pg_sys::DestReceiver,
+        take: &'a mut Take<'b>,
+    }
+    #[pg_guard]
+    unsafe extern "C-unwind" fn receive(slot: *mut pg_sys::TupleTableSlot, me: *mut pg_sys::DestReceiver) -> bool {
+        unsafe {
+            let natts = (*(*slot).tts_tupleDescriptor).natts;
+            if ((*slot).tts_nvalid as i32) < natts {
+                pg_sys::slot_getsomeattrs_int(slot, natts);
+            }
+            let values = std::slice::from_raw_parts((*slot).tts_values, natts as usize);
+            let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts as usize);
+            ((*(me as *mut Receiver)).take)(values, nulls)
+        }
+    }
+    // The columns' types are checked once per query.
+    #[pg_guard]
+    unsafe extern "C-unwind" fn startup(
+        _me: *mut pg_sys::DestReceiver,
+        _operation: std::ffi::c_int,
+        desc: pg_sys::TupleDesc,
+    ) {
+        unsafe {
+            assert!((*desc).natts as usize == CLAIM_COLUMNS.len(), "the claim's columns");
+            for (c, expected) in CLAIM_COLUMNS.into_iter().enumerate() {
+                assert!(pg_sys::SPI_gettypeid(desc, c as i32 + 1) == expected, "claim column {}", c + 1);
+            }
+        }
+    }
+    unsafe extern "C-unwind" fn nothing(_me: *mut pg_sys::DestReceiver) {}
+    let src = std::ffi::CString::new(sql).expect("the claim's SQL has no NUL");
+    let mut types: Vec<pg_sys::Oid> = params.iter().map(|(t, _)| *t).collect();
+    unsafe {
+        // A custom plan, as SPI_execute_with_args makes: Postgres hashes the
+        // skip list only when it plans for its value.
+        let plan = pg_sys::SPI_prepare_cursor(
+            src.as_ptr(),
+            params.len() as i32,
+            types.as_mut_ptr(),
+            pg_sys::CURSOR_OPT_CUSTOM_PLAN as i32,
+        );
+        if plan.is_null() {
+            let code = pg_sys::SPI_result;
+            pgrx::error!("pg_outbox: preparing the claim failed (SPI code {code})");
+        }
+        let list = pg_sys::makeParamList(params.len() as i32);
+        for (slot, (ptype, value)) in (*list).params.as_mut_slice(params.len()).iter_mut().zip(params) {
+            *slot = pg_sys::ParamExternData {
+                value: value.unwrap_or(pg_sys::Datum::from(0)),
+                isnull: value.is_none(),
+                pflags: pg_sys::PARAM_FLAG_CONST as u16,
+                ptype: *ptype,
+            };
+        }
+        let mut receiver = Receiver {
+            base: pg_sys::DestReceiver {
+                receiveSlot: Some(receive),
+                rStartup: Some(startup),
+                rShutdown: Some(nothing),
+                rDestroy: Some(nothing),
+                mydest: pg_sys::CommandDest::DestNone,
+            },
+            take,
+        };
+        let options = pg_sys::SPIExecuteOptions {
+            params: list,
+            // As pgrx's queries: read-only until the transaction writes.
+            read_only: pg_sys::GetCurrentTransactionIdIfAny() == pg_sys::InvalidTransactionId,
+            dest: &mut receiver.base,
+            ..Default::default()
+        };
+        let code = pg_sys::SPI_execute_plan_extended(plan, &options);
+        if code < 0 {
+            pgrx::error!("pg_outbox: the claim failed (SPI code {code})");
+        }
+        pg_sys::SPI_freeplan(plan);
+    }
 }
 
 /// `claim` in one pass (None if it reached a group to take) or two.
@@ -167,139 +259,130 @@ fn claim_rows(
     rows: i64,
     one_pass: bool,
 ) -> SpiResult<Option<Claimed>> {
-    Spi::connect(|client| {
-        // One statement, so the snapshot reported is the one the rows were read with.
-        // The last row to take is found from ids and event counts alone, among
-        // `rows` rows (the window over whole rows copied up to `limit` rows of
-        // up to 8 kB each, and reading `limit` rows to take a few hundred
-        // groups was a third of a large statements' drain).
-        let (last, arrays) = if one_pass {
-            ("ORDER BY e.id LIMIT $5", "NULL::bigint[], NULL::text[], NULL::text[]")
-        } else {
-            (
-                "AND e.id <= (SELECT max(w.id) \
-                                FROM (SELECT v.id, sum(v.events) OVER (ORDER BY v.id ROWS UNBOUNDED PRECEDING) \
-                                                   - v.events AS before \
-                                        FROM (SELECT id, events FROM outbox.event \
-                                               WHERE destination_id = $1 AND id > $2 AND id <> ALL($3) \
-                                               ORDER BY id LIMIT $5) v) w \
-                               WHERE w.before < $4) \
-                 ORDER BY e.id",
-                "e.ids, e.keys, e.rows::text[]",
-            )
+    // One statement, so the snapshot reported is the one the rows were read with.
+    // The last row to take is found from ids and event counts alone, among
+    // `rows` rows (the window over whole rows copied up to `limit` rows of
+    // up to 8 kB each, and reading `limit` rows to take a few hundred
+    // groups was a third of a large statements' drain).
+    let (last, arrays) = if one_pass {
+        ("ORDER BY e.id LIMIT $5", "NULL::bigint[], NULL::text[], NULL::text[]")
+    } else {
+        (
+            "AND e.id <= (SELECT max(w.id) \
+                            FROM (SELECT v.id, sum(v.events) OVER (ORDER BY v.id ROWS UNBOUNDED PRECEDING) \
+                                               - v.events AS before \
+                                    FROM (SELECT id, events FROM outbox.event \
+                                           WHERE destination_id = $1 AND id > $2 AND id <> ALL($3) \
+                                           ORDER BY id LIMIT $5) v) w \
+                           WHERE w.before < $4) \
+             ORDER BY e.id",
+            "e.ids, e.keys, e.rows::text[]",
+        )
+    };
+    let sql = format!(
+        "(SELECT e.id, e.table_name, e.interaction, e.key, e.row_data::text, e.created_at, \
+                 NULL::text, {arrays}, \
+                 CASE WHEN $6 THEN pg_catalog.pg_xact_commit_timestamp(e.xmin) END, e.ids IS NOT NULL \
+            FROM outbox.event e \
+           WHERE e.destination_id = $1 AND e.id > $2 AND e.id <> ALL($3) {last}) \
+         UNION ALL \
+         SELECT NULL, NULL, NULL, NULL, NULL, NULL, pg_catalog.pg_current_snapshot()::text, NULL, NULL, \
+                NULL, NULL, NULL"
+    );
+    let mut out = Claimed { events: Vec::new(), rows: 0, xmax: 0, xip: Vec::new(), next_xid: 0 };
+    // The last table, interaction and timestamp, shared by the events that have them.
+    let mut shared: [Option<Rc<str>>; 3] = [None, None, None];
+    // The millisecond the shared timestamp shows: rows of the same
+    // millisecond take it without formatting theirs.
+    let mut shown_ms = None;
+    // A one-pass claim stops at the first group it would take.
+    let mut reached_group = false;
+    let mut take = |values: &[pg_sys::Datum], nulls: &[bool]| -> bool {
+        let get_ts = |c: usize| (!nulls[c - 1]).then(|| values[c - 1].value() as i64);
+        let Some(id) = get::<i64>(values, nulls, 1) else {
+            // xmin:xmax:xip,xip,...
+            let snapshot: String = get(values, nulls, 7).unwrap_or_default();
+            let mut parts = snapshot.split(':');
+            let _xmin = parts.next();
+            out.xmax = parts.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+            out.xip = parts.next().unwrap_or("").split(',').filter_map(|x| x.parse().ok()).collect();
+            return true;
         };
-        let rows = client.select(
-            &format!(
-                "(SELECT e.id, e.table_name, e.interaction, e.key, e.row_data::text, e.created_at, \
-                         NULL::text, {arrays}, \
-                         CASE WHEN $6 THEN pg_catalog.pg_xact_commit_timestamp(e.xmin) END, e.ids IS NOT NULL \
-                    FROM outbox.event e \
-                   WHERE e.destination_id = $1 AND e.id > $2 AND e.id <> ALL($3) {last}) \
-                 UNION ALL \
-                 SELECT NULL, NULL, NULL, NULL, NULL, NULL, pg_catalog.pg_current_snapshot()::text, NULL, NULL, \
-                        NULL, NULL, NULL"
-            ),
-            None,
-            &[
-                destination_id.into(),
-                after.into(),
-                skip.to_vec().into(),
-                limit.into(),
-                rows.max(1).into(),
-                // Latency counts from the commit when Postgres records it.
-                unsafe { pg_sys::track_commit_timestamp }.into(),
-            ],
-        )?;
-        let mut out =
-            Claimed { events: Vec::with_capacity(rows.len()), rows: 0, xmax: 0, xip: Vec::new(), next_xid: 0 };
-        // The last table, interaction and timestamp, shared by the events that have them.
-        let mut shared: [Option<Rc<str>>; 3] = [None, None, None];
-        // The rows are read straight from SPI's tuple table, each deformed
-        // once: pgrx's row accessors fetched every column of a row one by one
-        // (each walking the row from its start past the text columns) and
-        // switched memory contexts for each value: a sixth of the worker's
-        // main thread on a single-row drain.
-        let (table, count) = unsafe { (pg_sys::SPI_tuptable, pg_sys::SPI_processed as usize) };
-        // The columns' types are checked once per claim (the accessors
-        // checked each value).
-        assert!(count == rows.len());
-        if count > 0 {
-            let desc = unsafe { (*table).tupdesc };
-            assert!(unsafe { (*desc).natts } as usize == CLAIM_COLUMNS.len(), "the claim's columns");
-            for (c, expected) in CLAIM_COLUMNS.into_iter().enumerate() {
-                assert!(unsafe { pg_sys::SPI_gettypeid(desc, c as i32 + 1) } == expected, "claim column {}", c + 1);
-            }
+        // A row is taken while fewer than `limit` events are (a group whole).
+        if out.events.len() as i64 >= limit {
+            return true;
         }
-        let mut values = [pg_sys::Datum::from(0); CLAIM_COLUMNS.len()];
-        let mut nulls = [true; CLAIM_COLUMNS.len()];
-        for i in 0..count {
-            unsafe {
-                pg_sys::heap_deform_tuple(
-                    *(*table).vals.add(i),
-                    (*table).tupdesc,
-                    values.as_mut_ptr(),
-                    nulls.as_mut_ptr(),
-                )
-            };
-            let get_ts = |c: usize| (!nulls[c - 1]).then(|| values[c - 1].value() as i64);
-            let Some(id) = get::<i64>(&values, &nulls, 1) else {
-                // xmin:xmax:xip,xip,...
-                let snapshot: String = get(&values, &nulls, 7).unwrap_or_default();
-                let mut parts = snapshot.split(':');
-                let _xmin = parts.next();
-                out.xmax = parts.next().and_then(|x| x.parse().ok()).unwrap_or(0);
-                out.xip = parts.next().unwrap_or("").split(',').filter_map(|x| x.parse().ok()).collect();
-                continue;
-            };
-            // A row is taken while fewer than `limit` events are (a group whole).
-            if out.events.len() as i64 >= limit {
-                continue;
+        if one_pass && get::<bool>(values, nulls, 12).unwrap_or(false) {
+            reached_group = true;
+            return false;
+        }
+        out.rows += 1;
+        let table = share(&mut shared[0], get::<&str>(values, nulls, 2).unwrap_or_default());
+        let interaction = share(&mut shared[1], get::<&str>(values, nulls, 3).unwrap_or_default());
+        // Formatted here: to_char() was a tenth of the claim's time.
+        let created_us = get_ts(6).unwrap_or(0);
+        let timestamp = match &shared[2] {
+            Some(t) if shown_ms == Some(created_us.div_euclid(1000)) => t.clone(),
+            _ => {
+                shown_ms = Some(created_us.div_euclid(1000));
+                share(&mut shared[2], &crate::status::format_ts(created_us))
             }
-            if one_pass && get::<bool>(&values, &nulls, 12).unwrap_or(false) {
-                return Ok(None);
-            }
-            out.rows += 1;
-            let table = share(&mut shared[0], get::<&str>(&values, &nulls, 2).unwrap_or_default());
-            let interaction = share(&mut shared[1], get::<&str>(&values, &nulls, 3).unwrap_or_default());
-            // Formatted here: to_char() was a tenth of the claim's time.
-            let created_us = get_ts(6).unwrap_or(0);
-            let timestamp = share(&mut shared[2], &crate::status::format_ts(created_us));
-            let born_us = get_ts(11).unwrap_or(created_us);
-            match get::<Vec<i64>>(&values, &nulls, 8) {
-                None => out.events.push(Event {
-                    id,
-                    group: 0,
-                    table,
-                    interaction,
-                    key: get(&values, &nulls, 4),
-                    row: get(&values, &nulls, 5),
-                    timestamp,
-                    born_us,
-                }),
-                Some(ids) => {
-                    let keys: Vec<Option<String>> = get(&values, &nulls, 9).unwrap_or_default();
-                    let rows: Vec<Option<String>> = get(&values, &nulls, 10).unwrap_or_default();
-                    if keys.len() != ids.len() || rows.len() != ids.len() {
-                        pgrx::error!("pg_outbox: outbox row {id} of destination \"{destination_id}\" is malformed");
-                    }
-                    for ((event, key), data) in ids.into_iter().zip(keys).zip(rows) {
-                        out.events.push(Event {
-                            id: event,
-                            group: id,
-                            table: table.clone(),
-                            interaction: interaction.clone(),
-                            key,
-                            row: data,
-                            timestamp: timestamp.clone(),
-                            born_us,
-                        });
-                    }
+        };
+        let born_us = get_ts(11).unwrap_or(created_us);
+        match get::<Vec<i64>>(values, nulls, 8) {
+            None => out.events.push(Event {
+                id,
+                group: 0,
+                table,
+                interaction,
+                key: get(values, nulls, 4),
+                row: get(values, nulls, 5),
+                timestamp,
+                born_us,
+            }),
+            Some(ids) => {
+                let keys: Vec<Option<String>> = get(values, nulls, 9).unwrap_or_default();
+                let rows: Vec<Option<String>> = get(values, nulls, 10).unwrap_or_default();
+                if keys.len() != ids.len() || rows.len() != ids.len() {
+                    pgrx::error!("pg_outbox: outbox row {id} of destination \"{destination_id}\" is malformed");
+                }
+                for ((event, key), data) in ids.into_iter().zip(keys).zip(rows) {
+                    out.events.push(Event {
+                        id: event,
+                        group: id,
+                        table: table.clone(),
+                        interaction: interaction.clone(),
+                        key,
+                        row: data,
+                        timestamp: timestamp.clone(),
+                        born_us,
+                    });
                 }
             }
         }
-        out.next_xid = unsafe { pg_sys::ReadNextFullTransactionId() }.value;
-        Ok(Some(out))
-    })
+        true
+    };
+    Spi::connect(|_| {
+        use pg_sys::{BOOLOID, INT8ARRAYOID, INT8OID, TEXTOID};
+        select_into(
+            &sql,
+            &[
+                (TEXTOID, destination_id.into_datum()),
+                (INT8OID, after.into_datum()),
+                (INT8ARRAYOID, skip.to_vec().into_datum()),
+                (INT8OID, limit.into_datum()),
+                (INT8OID, rows.max(1).into_datum()),
+                // Latency counts from the commit when Postgres records it.
+                (BOOLOID, unsafe { pg_sys::track_commit_timestamp }.into_datum()),
+            ],
+            &mut take,
+        )
+    });
+    if reached_group {
+        return Ok(None);
+    }
+    out.next_xid = unsafe { pg_sys::ReadNextFullTransactionId() }.value;
+    Ok(Some(out))
 }
 
 /// Replace these groups by single events, leaving out the events in `drop`
