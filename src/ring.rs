@@ -38,9 +38,9 @@ static mut PREV_STARTUP: pg_sys::shmem_startup_hook_type = None;
 /// Called from `_PG_init` under shared_preload_libraries.
 pub fn init() {
     unsafe {
-        #[cfg(any(feature = "pg13", feature = "pg14"))]
+        #[cfg(feature = "pg14")]
         request();
-        #[cfg(not(any(feature = "pg13", feature = "pg14")))]
+        #[cfg(not(feature = "pg14"))]
         {
             PREV_REQUEST = pg_sys::shmem_request_hook;
             pg_sys::shmem_request_hook = Some(on_request);
@@ -57,7 +57,7 @@ unsafe fn request() {
     }
 }
 
-#[cfg(not(any(feature = "pg13", feature = "pg14")))]
+#[cfg(not(feature = "pg14"))]
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn on_request() {
     unsafe {

@@ -204,13 +204,14 @@ fn select_into(sql: &str, params: &[(pg_sys::Oid, Option<pg_sys::Datum>)], take:
     let src = std::ffi::CString::new(sql).expect("the claim's SQL has no NUL");
     let mut types: Vec<pg_sys::Oid> = params.iter().map(|(t, _)| *t).collect();
     unsafe {
-        // A custom plan, as SPI_execute_with_args makes: Postgres hashes the
-        // skip list only when it plans for its value.
+        // A custom plan, as SPI_execute_with_args makes (the worker also sets
+        // plan_cache_mode, which comes first): Postgres (15 and later) hashes
+        // the skip list only when it plans for its value.
         let plan = pg_sys::SPI_prepare_cursor(
             src.as_ptr(),
             params.len() as i32,
             types.as_mut_ptr(),
-            pg_sys::CURSOR_OPT_CUSTOM_PLAN as i32,
+            (pg_sys::CURSOR_OPT_CUSTOM_PLAN | pg_sys::CURSOR_OPT_PARALLEL_OK) as i32,
         );
         if plan.is_null() {
             let code = pg_sys::SPI_result;
@@ -239,7 +240,8 @@ fn select_into(sql: &str, params: &[(pg_sys::Oid, Option<pg_sys::Datum>)], take:
             params: list,
             // As pgrx's queries: read-only until the transaction writes.
             read_only: pg_sys::GetCurrentTransactionIdIfAny() == pg_sys::InvalidTransactionId,
-            dest: &mut receiver.base,
+            // A pointer to the whole receiver: `receive` reads past `base`.
+            dest: (&raw mut receiver).cast(),
             ..Default::default()
         };
         let code = pg_sys::SPI_execute_plan_extended(plan, &options);

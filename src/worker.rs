@@ -112,7 +112,7 @@ struct Destination {
     slot: SlotRef,
     producer: Option<KafkaProducer>,
     /// The message value being produced (librdkafka copies it): one buffer
-    /// for all, not an allocation per event.
+    /// for all, not an allocation per event (given back after a large one).
     payload: Vec<u8>,
     epoch: u64,
     /// Event id -> its group and when its change's transaction began.
@@ -585,6 +585,9 @@ impl Destination {
             fhir_base: &fhir_base,
         };
         let producer = self.producer.as_ref().ok_or(Refused::Other("no producer".to_string()))?;
+        if self.payload.capacity() > 1 << 20 {
+            self.payload = Vec::new();
+        }
         kafka::send(producer, &self.params.kafka_topic, &target, ev, &mut self.payload).map_err(|e| {
             if kafka::is_queue_full(&e) {
                 Refused::Full
@@ -718,8 +721,15 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
     // in a crash only means those events are sent again, never lost.
     // Its claims must walk the outbox's (destination_id, id) index in order:
     // before autovacuum first analyzes a fresh outbox the planner would
-    // rather collect and sort the whole backlog for every batch.
-    for (name, value) in [(c"synchronous_commit", c"off"), (c"enable_sort", c"off"), (c"enable_bitmapscan", c"off")] {
+    // rather collect and sort the whole backlog for every batch. And they are
+    // planned for their parameters' values (see store::select_into), whatever
+    // plan_cache_mode the server sets.
+    for (name, value) in [
+        (c"synchronous_commit", c"off"),
+        (c"enable_sort", c"off"),
+        (c"enable_bitmapscan", c"off"),
+        (c"plan_cache_mode", c"force_custom_plan"),
+    ] {
         unsafe {
             pg_sys::SetConfigOption(
                 name.as_ptr(),
