@@ -292,11 +292,11 @@ fn claim_rows(
                 NULL, NULL, NULL"
     );
     let mut out = Claimed { events: Vec::new(), rows: 0, xmax: 0, xip: Vec::new(), next_xid: 0 };
-    // The last table, interaction and timestamp, shared by the events that have them.
-    let mut shared: [Option<Rc<str>>; 3] = [None, None, None];
-    // The millisecond the shared timestamp shows: rows of the same
-    // millisecond take it without formatting theirs.
-    let mut shown_ms = None;
+    // The last table and interaction, shared by the events that have them.
+    let mut shared: [Option<Rc<str>>; 2] = [None, None];
+    // The last timestamp and its millisecond: rows of the same millisecond
+    // share it without formatting theirs.
+    let mut stamp: Option<(i64, Rc<str>)> = None;
     // A one-pass claim stops at the first group it would take.
     let mut reached_group = false;
     let mut take = |values: &[pg_sys::Datum], nulls: &[bool]| -> bool {
@@ -323,12 +323,10 @@ fn claim_rows(
         let interaction = share(&mut shared[1], get::<&str>(values, nulls, 3).unwrap_or_default());
         // Formatted here: to_char() was a tenth of the claim's time.
         let created_us = get_ts(6).unwrap_or(0);
-        let timestamp = match &shared[2] {
-            Some(t) if shown_ms == Some(created_us.div_euclid(1000)) => t.clone(),
-            _ => {
-                shown_ms = Some(created_us.div_euclid(1000));
-                share(&mut shared[2], &crate::status::format_ts(created_us))
-            }
+        let ms = created_us.div_euclid(1000);
+        let timestamp = match &stamp {
+            Some((shown, t)) if *shown == ms => t.clone(),
+            _ => stamp.insert((ms, Rc::from(crate::status::format_ts(created_us)))).1.clone(),
         };
         let born_us = get_ts(11).unwrap_or(created_us);
         match get::<Vec<i64>>(values, nulls, 8) {
