@@ -22,12 +22,15 @@ pub enum Report {
     },
     /// `poison`: Kafka will never take this event as it is (see `is_poison`).
     /// `stale`: the producer's idempotence state is refused (see `is_stale_producer`).
+    /// `refused`: librdkafka refused to take it (a producing thread's `produce`
+    /// call, not a delivery report): this very event is the culprit.
     Failed {
         epoch: u64,
         event_id: i64,
         error: String,
         poison: bool,
         stale: bool,
+        refused: bool,
     },
     ClientError {
         epoch: u64,
@@ -69,17 +72,30 @@ impl ProducerContext for Context {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, event_id: usize) {
-        let event_id = event_id as i64;
-        let report = match result {
-            Ok(_) => Report::Delivered { epoch: self.epoch, event_id },
-            Err((e, _)) => Report::Failed {
+        self.delivered(event_id as i64, result.as_ref().err().map(|(e, _)| e));
+    }
+}
+
+impl Context {
+    /// Kafka has this event, or refused it with `error`.
+    pub(crate) fn delivered(&self, event_id: i64, error: Option<&KafkaError>) {
+        let report = match error {
+            None => Report::Delivered { epoch: self.epoch, event_id },
+            Some(e) => Report::Failed {
                 epoch: self.epoch,
                 event_id,
                 error: e.to_string(),
                 poison: is_poison(e),
                 stale: is_stale_producer(e),
+                refused: false,
             },
         };
+        let _ = self.tx.send(report);
+    }
+
+    /// librdkafka would not take this event (`error` as the worker words it).
+    pub(crate) fn refused(&self, event_id: i64, error: String, poison: bool) {
+        let report = Report::Failed { epoch: self.epoch, event_id, error, poison, stale: false, refused: true };
         let _ = self.tx.send(report);
     }
 }
@@ -91,9 +107,14 @@ impl ProducerContext for Context {
 /// worker went to sleep on a single-row drain, it waited for that lock.
 pub struct KafkaProducer {
     /// Null if librdkafka refused the topic name: messages then name it.
-    topic: *mut rdkafka::bindings::rd_kafka_topic_t,
+    topic: TopicHandle,
     inner: BaseProducer<Context>,
 }
+
+struct TopicHandle(*mut rdkafka::bindings::rd_kafka_topic_t);
+// A topic handle may be used from any thread, as its producer may.
+unsafe impl Send for TopicHandle {}
+unsafe impl Sync for TopicHandle {}
 
 impl std::ops::Deref for KafkaProducer {
     type Target = BaseProducer<Context>;
@@ -105,8 +126,8 @@ impl std::ops::Deref for KafkaProducer {
 impl Drop for KafkaProducer {
     // The handle goes before the producer it belongs to.
     fn drop(&mut self) {
-        if !self.topic.is_null() {
-            unsafe { rdkafka::bindings::rd_kafka_topic_destroy(self.topic) };
+        if !self.topic.0.is_null() {
+            unsafe { rdkafka::bindings::rd_kafka_topic_destroy(self.topic.0) };
         }
     }
 }
@@ -156,30 +177,29 @@ pub fn is_poison(e: &KafkaError) -> bool {
     matches!(e.rdkafka_error_code(), Some(InvalidMessageSize | MessageSizeTooLarge | InvalidRecord))
 }
 
-/// Create a producer whose main queue writes a byte to `wake_fd` whenever it
-/// goes from empty to non-empty, so the worker can sleep on its latch and that
-/// descriptor together.
-pub fn create_producer(
-    params: &Params,
-    epoch: u64,
-    tx: Sender<Report>,
-    wake_fd: RawFd,
-) -> Result<KafkaProducer, KafkaError> {
+/// Create a producer (its reports go to `tx`).
+pub fn create_producer(params: &Params, epoch: u64, tx: Sender<Report>) -> Result<KafkaProducer, KafkaError> {
     let context = Context { epoch, tx, token: params.token.clone() };
     let inner: BaseProducer<Context> = params.client_config().create_with_context(context)?;
     let rk = inner.client().native_ptr();
-    unsafe {
-        let q = rdkafka::bindings::rd_kafka_queue_get_main(rk);
-        rdkafka::bindings::rd_kafka_queue_io_event_enable(q, wake_fd, c"!".as_ptr().cast(), 1);
-        rdkafka::bindings::rd_kafka_queue_destroy(q);
-    }
     // With no configuration of its own the topic takes the producer's, as a
     // topic named in a message does.
     let topic = match std::ffi::CString::new(params.kafka_topic.as_str()) {
         Ok(name) => unsafe { rdkafka::bindings::rd_kafka_topic_new(rk, name.as_ptr(), std::ptr::null_mut()) },
         Err(_) => std::ptr::null_mut(),
     };
-    Ok(KafkaProducer { topic, inner })
+    Ok(KafkaProducer { topic: TopicHandle(topic), inner })
+}
+
+/// Have the producer's main queue write a byte to `wake_fd` whenever it goes
+/// from empty to non-empty, so the worker can sleep on its latch and that
+/// descriptor together (a producer whose queue the worker's main thread serves).
+pub fn wake_on_reports(producer: &KafkaProducer, wake_fd: RawFd) {
+    unsafe {
+        let q = rdkafka::bindings::rd_kafka_queue_get_main(producer.client().native_ptr());
+        rdkafka::bindings::rd_kafka_queue_io_event_enable(q, wake_fd, c"!".as_ptr().cast(), 1);
+        rdkafka::bindings::rd_kafka_queue_destroy(q);
+    }
 }
 
 /// Serve every event ready on the producer's queue (delivery reports, errors).
@@ -316,8 +336,8 @@ fn decimal(n: i64, buf: &mut [u8; 20]) -> &[u8] {
 }
 
 /// The Kafka message value: Aidbox's notification Bundle (UTF-8 JSON),
-/// written into `out` (emptied first; the worker reuses one buffer, as
-/// librdkafka copies the value), its strings escaped in place.
+/// appended to `out` (the worker reuses its buffers, as librdkafka copies
+/// the value), its strings escaped in place.
 pub fn bundle(out: &mut Vec<u8>, target: &Target<'_>, ev: &Event) {
     // A FHIR table: `Type/id` references, Aidbox's absolute fullUrl and
     // request urls under the base URL's path. Otherwise `table/key`.
@@ -341,7 +361,6 @@ pub fn bundle(out: &mut Vec<u8>, target: &Target<'_>, ev: &Event) {
         "update" => ("PUT", [prefix, "/", reference[0], reference[1], reference[2]]),
         _ => ("DELETE", [prefix, "/", reference[0], reference[1], reference[2]]),
     };
-    out.clear();
     out.extend_from_slice(br#"{"resourceType":"Bundle","type":"history","timestamp":"#);
     push_json_str(out, &[&*ev.timestamp]);
     out.extend_from_slice(br#","entry":[{"resource":{"resourceType":"AidboxSubscriptionStatus","status":"active","type":"event-notification","notificationEvent":[{"eventNumber":"#);
@@ -389,10 +408,8 @@ pub fn bundle(out: &mut Vec<u8>, target: &Target<'_>, ev: &Event) {
 }
 
 /// Produce one event (its id the delivery opaque, as rust-rdkafka reads it
-/// back); the delivery report comes back through the context. Kafka headers:
-/// enough to deduplicate and route without parsing the value. `kafka_topic`
-/// (the producer's) is named only if librdkafka refused it a handle.
-/// `payload` is the buffer the value is written into.
+/// back); the delivery report comes back through the context. `payload` is
+/// the buffer the value is written into.
 pub fn send(
     producer: &KafkaProducer,
     kafka_topic: &str,
@@ -400,12 +417,41 @@ pub fn send(
     ev: &Event,
     payload: &mut Vec<u8>,
 ) -> Result<(), KafkaError> {
-    use rdkafka::bindings::{rd_kafka_vtype_t as V, rd_kafka_vu_s__bindgen_ty_1 as U, rd_kafka_vu_t};
+    payload.clear();
     bundle(payload, target, ev);
-    let payload = &*payload;
+    let message = Message {
+        id: ev.id,
+        value: payload,
+        key: ev.key.as_deref().map(str::as_bytes),
+        interaction: ev.interaction.as_bytes(),
+        table: ev.table.as_bytes(),
+    };
+    produce(producer, kafka_topic, target.topic_url, target.destination_id, &message)
+}
+
+/// A Kafka message as produced: its value and what its key and headers hold.
+pub(crate) struct Message<'a> {
+    pub id: i64,
+    pub value: &'a [u8],
+    pub key: Option<&'a [u8]>,
+    pub interaction: &'a [u8],
+    pub table: &'a [u8],
+}
+
+/// Produce one message. Kafka headers: enough to deduplicate and route
+/// without parsing the value. `kafka_topic` (the producer's) is named only
+/// if librdkafka refused it a handle.
+pub(crate) fn produce(
+    producer: &KafkaProducer,
+    kafka_topic: &str,
+    topic_url: &str,
+    destination_id: &str,
+    m: &Message<'_>,
+) -> Result<(), KafkaError> {
+    use rdkafka::bindings::{rd_kafka_vtype_t as V, rd_kafka_vu_s__bindgen_ty_1 as U, rd_kafka_vu_t};
     let mut digits = [0u8; 20];
-    let number = decimal(ev.id, &mut digits);
-    let topic_name = if producer.topic.is_null() {
+    let number = decimal(m.id, &mut digits);
+    let topic_name = if producer.topic.0.is_null() {
         Some(std::ffi::CString::new(kafka_topic).map_err(KafkaError::from)?)
     } else {
         None
@@ -428,23 +474,23 @@ pub fn send(
     };
     let mut vus = [
         match &topic_name {
-            None => rd_kafka_vu_t { vtype: V::RD_KAFKA_VTYPE_RKT, u: U { rkt: producer.topic } },
+            None => rd_kafka_vu_t { vtype: V::RD_KAFKA_VTYPE_RKT, u: U { rkt: producer.topic.0 } },
             Some(name) => rd_kafka_vu_t { vtype: V::RD_KAFKA_VTYPE_TOPIC, u: U { cstr: name.as_ptr() } },
         },
         rd_kafka_vu_t { vtype: V::RD_KAFKA_VTYPE_MSGFLAGS, u: U { i: rdkafka::bindings::RD_KAFKA_MSG_F_COPY } },
-        rd_kafka_vu_t { vtype: V::RD_KAFKA_VTYPE_VALUE, u: mem(payload) },
-        rd_kafka_vu_t { vtype: V::RD_KAFKA_VTYPE_OPAQUE, u: U { ptr: ev.id as usize as *mut _ } },
+        rd_kafka_vu_t { vtype: V::RD_KAFKA_VTYPE_VALUE, u: mem(m.value) },
+        rd_kafka_vu_t { vtype: V::RD_KAFKA_VTYPE_OPAQUE, u: U { ptr: m.id as usize as *mut _ } },
         header(c"event-number", number),
-        header(c"topic-url", target.topic_url.as_bytes()),
-        header(c"destination-id", target.destination_id.as_bytes()),
-        header(c"interaction", ev.interaction.as_bytes()),
-        header(c"source-table", ev.table.as_bytes()),
+        header(c"topic-url", topic_url.as_bytes()),
+        header(c"destination-id", destination_id.as_bytes()),
+        header(c"interaction", m.interaction),
+        header(c"source-table", m.table),
         // The key, if there is one, or nothing (END ends the list).
         rd_kafka_vu_t { vtype: V::RD_KAFKA_VTYPE_END, u: U { i: 0 } },
     ];
-    let count = match &ev.key {
+    let count = match m.key {
         Some(k) => {
-            vus[9] = rd_kafka_vu_t { vtype: V::RD_KAFKA_VTYPE_KEY, u: mem(k.as_bytes()) };
+            vus[9] = rd_kafka_vu_t { vtype: V::RD_KAFKA_VTYPE_KEY, u: mem(k) };
             10
         }
         None => 9,

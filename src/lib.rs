@@ -24,6 +24,7 @@ mod jaas;
 mod kafka;
 mod oauth;
 mod params;
+mod pipe;
 mod ring;
 mod rowjson;
 mod status;

@@ -5,6 +5,7 @@
 use crate::config;
 use crate::kafka::{self, Content, KafkaProducer, Report, Target};
 use crate::params::Params;
+use crate::pipe::{Batch, Pipe};
 use crate::ring;
 use crate::status::{self, SlotRef, State};
 use crate::store;
@@ -16,6 +17,7 @@ use rdkafka::producer::Producer;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::os::fd::RawFd;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How often the configuration is re-read even without a change signal.
@@ -44,6 +46,9 @@ const BLOCKED_MAX_BYTES: usize = 64 << 20;
 const FULL_SCAN_MAX: Duration = Duration::from_secs(30);
 /// At-least-once batches a destination may have in flight at once.
 const PIPELINE: usize = 3;
+/// A destination with a producing thread claims its next batch only while
+/// the thread holds fewer bytes of messages than this not yet produced.
+const PIPE_PENDING_MAX: usize = 16 << 20;
 /// The status reports latency over this many events delivered last,
 /// published this long after the first delivery not yet in it (the worker
 /// wakes for it): at most five sorts of the window a second.
@@ -110,7 +115,12 @@ struct Destination {
     /// FHIR resource type by table, for the topic's tables in Aidbox's layout.
     resource_types: std::collections::HashMap<String, String>,
     slot: SlotRef,
-    producer: Option<KafkaProducer>,
+    /// The producing thread of a non-transactional at-least-once
+    /// destination (see `pipe`; declared before the producer: it is
+    /// stopped first), and the batch being written for it.
+    pipe: Option<Pipe>,
+    batch: Option<Batch>,
+    producer: Option<Arc<KafkaProducer>>,
     /// The message value being produced (librdkafka copies it): one buffer
     /// for all, not an allocation per event (given back after a large one).
     payload: Vec<u8>,
@@ -234,6 +244,8 @@ impl Destination {
             resource_types: row.resource_types,
             params,
             slot,
+            pipe: None,
+            batch: None,
             producer: None,
             payload: Vec::new(),
             epoch: 0,
@@ -311,6 +323,9 @@ impl Destination {
         !self.best_effort
             && self.retiring_until.is_none()
             && room
+            // Messages the producing thread has yet to produce (behind a full
+            // librdkafka buffer) are not followed by more.
+            && self.pipe.as_ref().is_none_or(|p| p.pending() < PIPE_PENDING_MAX)
             && !self.txn_open
             && self.held.is_empty()
             && !self.outcomes_waiting()
@@ -434,6 +449,7 @@ impl Destination {
     /// Drop the producer (what it has in flight is purged); the next batch
     /// gets a new one.
     fn drop_producer(&mut self) {
+        self.pipe = None;
         self.producer = None;
         self.txn_ready = false;
         self.txn_open = false;
@@ -465,8 +481,19 @@ impl Destination {
         if self.producer.is_some() {
             return true;
         }
-        match kafka::create_producer(&self.params, *next_epoch, tx.clone(), wake_write) {
+        match kafka::create_producer(&self.params, *next_epoch, tx.clone()) {
             Ok(p) => {
+                let p = Arc::new(p);
+                // A thread of its own produces and reads the reports, except
+                // for transactions (each call in order with the produces) and
+                // OAUTHBEARER tokens (rust-rdkafka's poll makes them).
+                let threaded = !self.best_effort && !self.params.transactional && self.params.token.is_none();
+                self.pipe = threaded
+                    .then(|| Pipe::start(p.clone(), &self.params.kafka_topic, &self.topic_url, &self.id, wake_write))
+                    .flatten();
+                if self.pipe.is_none() {
+                    kafka::wake_on_reports(&p, wake_write);
+                }
                 self.producer = Some(p);
                 self.epoch = *next_epoch;
                 *next_epoch += 1;
@@ -585,24 +612,34 @@ impl Destination {
             fhir_base: &fhir_base,
         };
         let producer = self.producer.as_ref().ok_or(Refused::Other("no producer".to_string()))?;
-        if self.payload.capacity() > 1 << 20 {
-            self.payload = Vec::new();
-        }
-        kafka::send(producer, &self.params.kafka_topic, &target, ev, &mut self.payload).map_err(|e| {
-            if kafka::is_queue_full(&e) {
-                Refused::Full
-            } else if kafka::is_poison(&e) {
-                Refused::Poison(e.to_string())
-            } else {
-                Refused::Other(e.to_string())
+        if let Some(pipe) = &self.pipe {
+            // Produced by the thread (`hand_over`); refusals come as reports.
+            self.batch.get_or_insert_with(|| pipe.batch()).push(&target, ev);
+        } else {
+            if self.payload.capacity() > 1 << 20 {
+                self.payload = Vec::new();
             }
-        })?;
+            send_now(producer, &self.params.kafka_topic, &target, ev, &mut self.payload)?;
+        }
         self.in_flight.insert(ev.id, Flight { group: ev.group, born_us: ev.born_us });
         if let Some(g) = self.groups.get_mut(&ev.group) {
             g.outstanding += 1;
         }
         self.produced.push_back((Instant::now(), ev.id));
         Ok(())
+    }
+
+    /// The producer whose reports the main thread serves (it has no
+    /// producing thread).
+    fn served_here(&self) -> Option<&KafkaProducer> {
+        self.producer.as_deref().filter(|_| self.pipe.is_none())
+    }
+
+    /// The events written since the last call go to the producing thread.
+    fn hand_over(&mut self) {
+        if let (Some(pipe), Some(batch)) = (&self.pipe, self.batch.take()) {
+            pipe.send(batch);
+        }
     }
 
     /// Best-effort: send what waited for buffer space, in order; what waited
@@ -668,6 +705,25 @@ impl Destination {
         self.lost_best_effort += 1;
         self.lost_reason = Some(reason);
     }
+}
+
+/// Produce one event on the calling thread.
+fn send_now(
+    producer: &KafkaProducer,
+    kafka_topic: &str,
+    target: &Target<'_>,
+    ev: &kafka::Event,
+    payload: &mut Vec<u8>,
+) -> Result<(), Refused> {
+    kafka::send(producer, kafka_topic, target, ev, payload).map_err(|e| {
+        if kafka::is_queue_full(&e) {
+            Refused::Full
+        } else if kafka::is_poison(&e) {
+            Refused::Poison(e.to_string())
+        } else {
+            Refused::Other(e.to_string())
+        }
+    })
 }
 
 /// Memory an event waiting in the worker takes, roughly.
@@ -1023,10 +1079,8 @@ impl Worker {
 
     /// Serve the producers and sort their reports onto destinations.
     fn take_reports(&mut self) {
-        for d in self.destinations.values() {
-            if let Some(p) = &d.producer {
-                kafka::serve(p);
-            }
+        for p in self.destinations.values().filter_map(Destination::served_here) {
+            kafka::serve(p);
         }
         let reports: Vec<Report> = self.rx.try_iter().collect();
         for report in reports {
@@ -1054,7 +1108,7 @@ impl Worker {
                         }
                     }
                 }
-                Report::Failed { event_id, error, poison, stale, .. } => {
+                Report::Failed { event_id, error, poison, stale, refused, .. } => {
                     if stale {
                         d.replace_producer = true;
                     }
@@ -1063,8 +1117,8 @@ impl Worker {
                         if d.best_effort {
                             d.lost_best_effort += 1;
                             d.lost_reason = Some(error);
-                        } else if poison && d.batch_len == 1 {
-                            // Sent alone: it is the culprit.
+                        } else if poison && (refused || d.batch_len == 1) {
+                            // Refused by librdkafka, or sent alone: it is the culprit.
                             d.poison(event_id, group, error);
                         } else if poison {
                             // Somewhere in this batch: retry one at a time.
@@ -1085,11 +1139,16 @@ impl Worker {
         }
         for d in self.destinations.values_mut() {
             let fatal = d.producer.as_ref().and_then(|p| p.client().fatal_error());
-            if std::mem::take(&mut d.replace_producer) || fatal.is_some() {
-                // This producer is done (fatal or fenced): what it has in flight
-                // failed, a new producer takes over.
-                let reason =
-                    fatal.map_or("the producer was fenced or lost its idempotence state".to_string(), |(_, m)| m);
+            let ended = d.pipe.as_ref().is_some_and(Pipe::ended);
+            if std::mem::take(&mut d.replace_producer) || fatal.is_some() || ended {
+                // This producer is done (fatal or fenced, or its producing
+                // thread ended): what it has in flight failed, a new
+                // producer takes over.
+                let reason = match fatal {
+                    Some((_, m)) => m,
+                    None if ended => "the destination's producing thread ended".to_string(),
+                    None => "the producer was fenced or lost its idempotence state".to_string(),
+                };
                 d.fail_in_flight(&reason);
                 d.drop_producer();
             }
@@ -1341,6 +1400,7 @@ impl Worker {
                     }
                 }
             }
+            d.hand_over();
             // Groups not reached stay in the outbox whole.
             d.groups.retain(|_, g| g.broken || g.outstanding > 0 || !g.acked.is_empty());
             // The claim took the lowest events its snapshot saw: all of them up
@@ -1352,7 +1412,7 @@ impl Worker {
                 // A full claim: more may be waiting behind it.
                 self.more |= events.len() as i64 >= limit || claimed.rows as i64 >= rows;
             }
-            if let Some(p) = &d.producer {
+            if let Some(p) = d.served_here() {
                 p.poll(Duration::ZERO);
             }
         }
@@ -1417,14 +1477,11 @@ impl Worker {
     /// SIGTERM: give in-flight deliveries a moment, record them, exit.
     fn shut_down(&mut self) {
         let deadline = Instant::now() + SHUTDOWN_FLUSH;
-        for d in self.destinations.values() {
-            if let Some(p) = &d.producer {
-                if !d.in_flight.is_empty() {
-                    let _ = p.flush(deadline.saturating_duration_since(Instant::now()));
-                }
-            }
-        }
         self.take_reports();
+        while Instant::now() < deadline && self.destinations.values().any(|d| !d.in_flight.is_empty()) {
+            unsafe { pg_sys::pg_usleep(5_000) };
+            self.take_reports();
+        }
         self.destinations.values_mut().for_each(Destination::break_all_groups);
         self.record_outcomes();
         for d in std::mem::take(&mut self.destinations).into_values() {

@@ -347,10 +347,13 @@ fn poison_event_goes_to_dead_letters_and_does_not_block_the_rest() {
 }
 
 /// A statement's events share one outbox row (a group). librdkafka's queue
-/// takes only part of it (the rest is refused as "queue full"), and one
-/// event in the middle can never be sent: the group is split, what Kafka has
-/// leaves the outbox, the rest follows as single events; each arrives once,
-/// in order, the poison one goes to the dead letters.
+/// holds only part of it at a time (the destination's producing thread
+/// waits for room), and one event in the middle can never be sent: the
+/// group is split, what Kafka has leaves the outbox, the rest follows as
+/// single events; each arrives once, in order, the poison one goes to the
+/// dead letters. (A transactional destination, produced from the worker's
+/// main thread, cuts a batch short at a full queue instead: see
+/// producer.rs.)
 #[test]
 fn a_statement_s_events_are_one_outbox_row_delivered_once_in_order_when_cut_short() {
     let (broker, pg) = setup("g_group", &[]);
@@ -375,9 +378,10 @@ fn a_statement_s_events_are_one_outbox_row_delivered_once_in_order_when_cut_shor
         pg.count("SELECT count(*) FROM (SELECT key::int - row_number() OVER (ORDER BY id) AS d FROM outbox.pending) p WHERE d = 0"),
         1000
     );
-    let worker = wait_for("the first events in flight", WAIT, || {
+    // The whole group is on its way: in the thread or librdkafka's queue.
+    let worker = wait_for("the group in flight", WAIT, || {
         let row = pg.status_row("alo");
-        (row["messages_in_process"] == 64).then_some(row)
+        (row["messages_in_process"] == 1000).then_some(row)
     });
     assert_eq!(worker["messages_queued"], 1000, "{worker}");
     broker.thaw();
