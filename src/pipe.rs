@@ -3,7 +3,7 @@
 //! thread produces them and reads their delivery reports, which reach the
 //! main thread as `Report`s through the worker's channel, as before. On a
 //! single-row drain, producing and reading reports (librdkafka allocating
-//! and freeing each message and its five headers) were two fifths of the
+//! and freeing each message and its five headers) were a third of the
 //! main thread's time, and the main thread was the one busy part: the
 //! machine had a third of its CPU idle. The thread allocates and frees those
 //! messages itself (no other thread contends for its malloc arena). No
