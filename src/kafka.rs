@@ -177,6 +177,27 @@ pub fn is_poison(e: &KafkaError) -> bool {
     matches!(e.rdkafka_error_code(), Some(InvalidMessageSize | MessageSizeTooLarge | InvalidRecord))
 }
 
+/// Why librdkafka did not take an event.
+pub enum Refused {
+    /// Its buffer is full (queue.buffering.max.*): wait, as Java's send() blocks.
+    Full,
+    /// Kafka will never take this event as it is.
+    Poison(String),
+    Other(String),
+}
+
+impl Refused {
+    pub fn of(e: &KafkaError) -> Refused {
+        if is_queue_full(e) {
+            Refused::Full
+        } else if is_poison(e) {
+            Refused::Poison(e.to_string())
+        } else {
+            Refused::Other(e.to_string())
+        }
+    }
+}
+
 /// Create a producer (its reports go to `tx`).
 pub fn create_producer(params: &Params, epoch: u64, tx: Sender<Report>) -> Result<KafkaProducer, KafkaError> {
     let context = Context { epoch, tx, token: params.token.clone() };

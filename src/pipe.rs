@@ -9,7 +9,7 @@
 //! messages itself (no other thread contends for its malloc arena). No
 //! Postgres call here.
 
-use crate::kafka::{bundle, is_poison, is_queue_full, produce, Event, KafkaProducer, Message, Target};
+use crate::kafka::{bundle, produce, Event, KafkaProducer, Message, Refused, Target};
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use rdkafka::bindings as rd;
 use rdkafka::error::KafkaError;
@@ -222,36 +222,32 @@ impl Thread {
     /// reported failed; if it is not poison, so is every message after it
     /// (none may overtake it). While librdkafka's buffer is full, delivery
     /// reports are served until there is room (or the thread is stopped).
+    /// The caller serves the queue next, which wakes the main thread for
+    /// the refusals too.
     fn produce_batch(&self, batch: &Batch) {
         let context = self.producer.context();
         for (i, entry) in batch.messages.iter().enumerate() {
             let message = batch.message(entry);
             loop {
-                let error =
-                    match produce(&self.producer, &self.kafka_topic, &self.topic_url, &self.destination_id, &message) {
-                        Ok(()) => break,
-                        Err(e) => e,
-                    };
-                if is_queue_full(&error) {
-                    if self.stopped() {
+                let produced =
+                    produce(&self.producer, &self.kafka_topic, &self.topic_url, &self.destination_id, &message);
+                match produced.map_err(|e| Refused::of(&e)) {
+                    Ok(()) => break,
+                    Err(Refused::Full) if self.stopped() => return,
+                    Err(Refused::Full) => self.serve(FULL_POLL_MS),
+                    Err(Refused::Poison(e)) => {
+                        context.refused(entry.id, format!("produce refused: {e}"), true);
+                        break;
+                    }
+                    Err(Refused::Other(e)) => {
+                        for rest in &batch.messages[i..] {
+                            context.refused(rest.id, format!("produce refused: {e}"), false);
+                        }
                         return;
                     }
-                    self.serve(FULL_POLL_MS);
-                    continue;
                 }
-                let text = format!("produce refused: {error}");
-                if is_poison(&error) {
-                    context.refused(entry.id, text, true);
-                    break;
-                }
-                for rest in &batch.messages[i..] {
-                    context.refused(rest.id, text.clone(), false);
-                }
-                self.wake_up();
-                return;
             }
         }
-        self.wake_up();
     }
 
     /// Serve the producer's events (delivery reports, errors), waiting up to

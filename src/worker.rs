@@ -3,7 +3,7 @@
 //! librdkafka's threads only write to a channel and a pipe.
 
 use crate::config;
-use crate::kafka::{self, Content, KafkaProducer, Report, Target};
+use crate::kafka::{self, Content, KafkaProducer, Refused, Report, Target};
 use crate::params::Params;
 use crate::pipe::{Batch, Pipe};
 use crate::ring;
@@ -619,7 +619,8 @@ impl Destination {
             if self.payload.capacity() > 1 << 20 {
                 self.payload = Vec::new();
             }
-            send_now(producer, &self.params.kafka_topic, &target, ev, &mut self.payload)?;
+            kafka::send(producer, &self.params.kafka_topic, &target, ev, &mut self.payload)
+                .map_err(|e| Refused::of(&e))?;
         }
         self.in_flight.insert(ev.id, Flight { group: ev.group, born_us: ev.born_us });
         if let Some(g) = self.groups.get_mut(&ev.group) {
@@ -707,37 +708,9 @@ impl Destination {
     }
 }
 
-/// Produce one event on the calling thread.
-fn send_now(
-    producer: &KafkaProducer,
-    kafka_topic: &str,
-    target: &Target<'_>,
-    ev: &kafka::Event,
-    payload: &mut Vec<u8>,
-) -> Result<(), Refused> {
-    kafka::send(producer, kafka_topic, target, ev, payload).map_err(|e| {
-        if kafka::is_queue_full(&e) {
-            Refused::Full
-        } else if kafka::is_poison(&e) {
-            Refused::Poison(e.to_string())
-        } else {
-            Refused::Other(e.to_string())
-        }
-    })
-}
-
 /// Memory an event waiting in the worker takes, roughly.
 fn event_bytes(ev: &kafka::Event) -> usize {
     128 + ev.table.len() + ev.key.as_ref().map_or(0, String::len) + ev.row.as_ref().map_or(0, String::len)
-}
-
-/// Why librdkafka did not take an event.
-enum Refused {
-    /// Its buffer is full (queue.buffering.max.*): wait, as Java's send() blocks.
-    Full,
-    /// Kafka will never take this event as it is.
-    Poison(String),
-    Other(String),
 }
 
 struct Worker {
