@@ -65,6 +65,14 @@ BEGIN
 END
 $$;
 
+-- Keeps the topics true after DDL on their tables (outbox._after_ddl() in
+-- sql/topics.sql); only for the commands that can rename or drop a watched
+-- table, its triggers or its primary key: CREATE TABLE and the like pay nothing.
+CREATE EVENT TRIGGER outbox_after_ddl ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA', 'DROP TABLE', 'DROP SCHEMA', 'DROP TRIGGER', 'DROP OWNED',
+                 'DROP EXTENSION')
+    EXECUTE FUNCTION outbox._after_ddl();
+
 -- Only superusers configure (the configuration tables hold secrets); writers
 -- reach the outbox through the trigger, which writes it as the extension
 -- owner. Monitoring can be granted without exposing secrets:

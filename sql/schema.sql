@@ -4,31 +4,49 @@
 -- Rust helpers (outbox._check_parameters, outbox._changed_on_commit, ...).
 
 -- A topic: which tables and interactions matter (Aidbox: AidboxSubscriptionTopic).
+-- Its functions and the DDL event trigger that keeps it true are in sql/topics.sql.
 CREATE TABLE outbox.topic (
     id          integer GENERATED ALWAYS AS IDENTITY UNIQUE,
     url         text PRIMARY KEY,
     description text,
+    -- The entries as given (outbox.topic_entry.spec, in order): a renamed
+    -- table shows its new name, a dropped one is gone.
     triggers    jsonb NOT NULL,
     -- The AidboxSubscriptionTopic it was created from, if any.
     resource    jsonb,
     created_at  timestamptz NOT NULL DEFAULT now()
 );
 
--- One row per (topic, table): the triggers the API attached to that table.
+-- One row per (topic, watched table). The capture triggers on the table are
+-- found in pg_trigger (function outbox._capture, first argument the topic id).
 CREATE TABLE outbox.topic_table (
     topic_id      integer NOT NULL REFERENCES outbox.topic (id) ON DELETE CASCADE,
     table_oid     oid NOT NULL,
+    -- Schema-qualified, kept current by outbox._after_ddl(); the names it had
+    -- before, which events captured earlier still carry.
     table_name    text NOT NULL,
-    interactions  text[] NOT NULL,
-    criteria      text,
-    -- FHIRPath criteria (Aidbox's fhirPathCriteria), evaluated by the trigger.
-    fhirpath      text,
+    former_names  text[] NOT NULL DEFAULT '{}',
     -- The FHIR resource type when the table has Aidbox's layout (id, resource
     -- jsonb): events then carry the resource and FHIR references.
     resource_type text,
-    key_columns   text[] NOT NULL,
-    trigger_names text[] NOT NULL,
     PRIMARY KEY (topic_id, table_oid)
+);
+
+-- One row per trigger entry of a topic, in the order given. A table may have
+-- several; a change is one event when any entry for its table and
+-- interaction matches.
+CREATE TABLE outbox.topic_entry (
+    topic_id     integer NOT NULL,
+    position     integer NOT NULL,
+    table_oid    oid NOT NULL,
+    interactions text[] NOT NULL,
+    criteria     text,
+    -- FHIRPath criteria (Aidbox's fhirPathCriteria), evaluated by the trigger.
+    fhirpath     text,
+    -- The entry as given (its "table" renamed with the table).
+    spec         jsonb NOT NULL,
+    PRIMARY KEY (topic_id, position),
+    FOREIGN KEY (topic_id, table_oid) REFERENCES outbox.topic_table ON DELETE CASCADE
 );
 
 -- FHIR resource types mapped to tables by the admin (outbox.map_resource);
@@ -160,273 +178,6 @@ BEGIN
 END
 $$;
 
--- Validate one topic entry, attach its row triggers (one per interaction, the
--- criteria in the WHEN clause) and record them in outbox.topic_table.
-CREATE FUNCTION outbox._attach(p_topic_id integer, p_url text, p_entry jsonb)
-RETURNS void LANGUAGE plpgsql AS $$
-DECLARE
-    v_table     text;
-    v_oid       oid;
-    v_kind      "char";
-    v_inter     text[];
-    v_criteria  text;
-    v_keys      text[];
-    v_names     text[] := '{}';
-    v_i         text;
-    v_event     text;
-    v_suffix    text;
-    v_name      text;
-    v_args      text;
-    v_tgoid     oid;
-    v_qualified text;
-    v_tgargs    text[];
-    v_resource  text;
-    v_rtype     text;
-    v_fhirpath  text;
-BEGIN
-    IF jsonb_typeof(p_entry) IS DISTINCT FROM 'object' THEN
-        PERFORM outbox._fail('22023', format('invalid trigger entry for topic "%s": %s', p_url, p_entry),
-            'Each entry is an object such as {"table": "public.t", "interactions": ["create"], "criteria": "NEW.x > 0"}.');
-    END IF;
-    PERFORM outbox._only_keys(p_entry, ARRAY['table', 'resource', 'interactions', 'criteria', 'fhirpath'], '22023',
-        'unknown key ', format(' in trigger entry for topic "%s"', p_url),
-        'Allowed keys are "table", "resource", "interactions", "criteria" and "fhirpath".');
-    IF p_entry ? 'resource' THEN
-        v_resource := p_entry ->> 'resource';
-        IF jsonb_typeof(p_entry -> 'resource') IS DISTINCT FROM 'string' OR v_resource !~ '^[A-Z][A-Za-z0-9]{0,63}$' THEN
-            PERFORM outbox._fail('22023', format('invalid resource type %s in topic "%s"', p_entry -> 'resource', p_url),
-                'A FHIR resource type such as "QuestionnaireResponse".');
-        END IF;
-    END IF;
-    IF p_entry ? 'table' THEN
-        IF jsonb_typeof(p_entry -> 'table') IS DISTINCT FROM 'string' THEN
-            PERFORM outbox._fail('22023', format('"table" in a trigger entry of topic "%s" must be a string', p_url),
-                'Name the table as a string, e.g. {"table": "public.orders"}.');
-        END IF;
-        v_table := p_entry ->> 'table';
-    ELSIF v_resource IS NOT NULL THEN
-        -- The admin's mapping, else Aidbox's rule: the lower-cased type.
-        SELECT r.table_oid::regclass::text INTO v_table
-          FROM outbox.resource_table r JOIN pg_class c ON c.oid = r.table_oid
-         WHERE r.resource_type = v_resource;
-        IF v_table IS NULL AND to_regclass(quote_ident(lower(v_resource))) IS NULL THEN
-            PERFORM outbox._fail('42P01', format('no table for resource type "%s" in topic "%s"', v_resource, p_url),
-                format('Looked for a mapping in outbox.resource_table and for a table named "%s" on the search_path; map one with outbox.map_resource(''%s'', ''schema.table'').',
-                       lower(v_resource), v_resource));
-        END IF;
-        v_table := coalesce(v_table, quote_ident(lower(v_resource)));
-    ELSE
-        PERFORM outbox._fail('22023', format('trigger entry for topic "%s" has no "table"', p_url),
-            'Name the table as a string, e.g. {"table": "public.orders"}, or a FHIR resource type, e.g. {"resource": "Patient"}.');
-    END IF;
-    BEGIN
-        v_oid := to_regclass(v_table);
-    EXCEPTION WHEN OTHERS THEN
-        v_oid := NULL;
-    END;
-    IF v_oid IS NULL THEN
-        PERFORM outbox._fail('42P01', format('table "%s" does not exist', v_table),
-            'Create the table first, or schema-qualify its name (e.g. "public.orders").');
-    END IF;
-    -- Aidbox's layout (id, resource jsonb): events carry the FHIR resource.
-    IF v_resource IS NOT NULL AND EXISTS (
-           SELECT 1 FROM pg_attribute a
-            WHERE a.attrelid = v_oid AND a.attname = 'resource' AND a.atttypid = 'jsonb'::regtype AND NOT a.attisdropped)
-       AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = v_oid AND a.attname = 'id' AND NOT a.attisdropped) THEN
-        v_rtype := v_resource;
-    END IF;
-    v_fhirpath := outbox._entry_text(p_entry, 'fhirpath', v_table,
-        'Write a FHIRPath boolean expression, e.g. "status = ''completed''" or "%current.status != %previous.status".');
-    IF v_fhirpath IS NOT NULL THEN
-        PERFORM outbox._check_fhirpath(v_fhirpath, format('table "%s" in topic "%s"', v_table, p_url));
-    END IF;
-    SELECT c.relkind INTO v_kind FROM pg_class c WHERE c.oid = v_oid;
-    IF v_kind IS NULL OR v_kind NOT IN ('r', 'p') THEN
-        PERFORM outbox._fail('42809', format('"%s" is not a table', v_table),
-            'Topics can watch ordinary and partitioned tables only.');
-    END IF;
-    IF EXISTS (SELECT 1 FROM outbox.topic_table WHERE topic_id = p_topic_id AND table_oid = v_oid) THEN
-        PERFORM outbox._fail('22023', format('table "%s" appears twice in topic "%s"', v_table, p_url),
-            'Merge the entries: one entry per table, listing all its interactions.');
-    END IF;
-
-    IF p_entry ? 'interactions' THEN
-        IF jsonb_typeof(p_entry -> 'interactions') IS DISTINCT FROM 'array'
-           OR jsonb_array_length(p_entry -> 'interactions') = 0 THEN
-            PERFORM outbox._fail('22023', format('"interactions" for table "%s" must be a non-empty array', v_table),
-                'Use any of "create", "update", "delete", e.g. ["create", "update"].');
-        END IF;
-        SELECT array_agg(DISTINCT x ORDER BY x) INTO v_inter
-          FROM jsonb_array_elements_text(p_entry -> 'interactions') AS x;
-        FOREACH v_i IN ARRAY v_inter LOOP
-            IF v_i IS NULL OR v_i NOT IN ('create', 'update', 'delete') THEN
-                PERFORM outbox._fail('22023', format('unknown interaction "%s" for table "%s"', coalesce(v_i, 'null'), v_table),
-                    'Interactions are "create" (INSERT), "update" (UPDATE) and "delete" (DELETE).');
-            END IF;
-        END LOOP;
-    ELSE
-        v_inter := ARRAY['create', 'delete', 'update'];
-    END IF;
-
-    v_criteria := outbox._entry_text(p_entry, 'criteria', v_table,
-        'Write a boolean SQL expression over NEW and OLD, e.g. "NEW.status = ''done''".');
-
-    SELECT coalesce(array_agg(a.attname::text ORDER BY k.ord), '{}') INTO v_keys
-      FROM pg_index i
-      CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
-      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-     WHERE i.indrelid = v_oid AND i.indisprimary;
-    IF cardinality(v_keys) = 0 THEN
-        RAISE NOTICE 'table "%" has no primary key: its events get a NULL Kafka key', v_table
-            USING HINT = 'Add a primary key to keep each row''s changes in one partition, in order.';
-    END IF;
-    SELECT n.nspname || '.' || c.relname INTO v_qualified
-      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = v_oid;
-    -- Trigger arguments: topic id, the watched table (partitions inherit the
-    -- trigger and report their parent), then the primary-key columns.
-    v_tgargs := ARRAY[p_topic_id::text, v_qualified] || v_keys;
-    v_args := (SELECT string_agg(quote_literal(x), ', ') FROM unnest(v_tgargs) AS x);
-
-    FOREACH v_i IN ARRAY v_inter LOOP
-        v_event := CASE v_i WHEN 'create' THEN 'INSERT' WHEN 'update' THEN 'UPDATE' ELSE 'DELETE' END;
-        v_suffix := CASE v_i WHEN 'create' THEN 'ins' WHEN 'update' THEN 'upd' ELSE 'del' END;
-        v_name := format('outbox_%s_%s', p_topic_id, v_suffix);
-        BEGIN
-            EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s FOR EACH ROW %s EXECUTE FUNCTION outbox._capture(%s)',
-                v_name, v_event, v_oid::regclass,
-                CASE WHEN v_criteria IS NULL THEN '' ELSE 'WHEN (' || v_criteria || ')' END,
-                v_args);
-        EXCEPTION WHEN OTHERS THEN
-            PERFORM outbox._fail('42P17',
-                format('invalid criteria for table "%s" in topic "%s": %s', v_table, p_url, SQLERRM),
-                CASE
-                  WHEN v_i = 'create' AND SQLERRM LIKE '%OLD%' THEN
-                    'A create (INSERT) has no OLD row: drop "create" from "interactions" or do not use OLD.'
-                  WHEN v_i = 'delete' AND SQLERRM LIKE '%NEW%' THEN
-                    'A delete has no NEW row: drop "delete" from "interactions" or do not use NEW.'
-                  ELSE 'The criteria must be a boolean SQL expression over NEW and OLD without subqueries.'
-                END,
-                format('Interaction "%s" (%s trigger).', v_i, v_event));
-        END;
-        SELECT t.oid INTO v_tgoid FROM pg_trigger t WHERE t.tgrelid = v_oid AND t.tgname = v_name;
-        -- The criteria went into DDL text: make sure it did not smuggle in
-        -- another function or other arguments.
-        IF NOT FOUND OR (SELECT tgfoid FROM pg_trigger WHERE oid = v_tgoid) <> 'outbox._capture()'::regprocedure
-           OR (SELECT tgnargs FROM pg_trigger WHERE oid = v_tgoid) <> cardinality(v_tgargs)
-           OR (SELECT encode(tgargs, 'escape') FROM pg_trigger WHERE oid = v_tgoid)
-              <> array_to_string(v_tgargs, E'\\000') || E'\\000' THEN
-            PERFORM outbox._fail('42P17', format('invalid criteria for table "%s" in topic "%s"', v_table, p_url),
-                'The criteria must be a single boolean SQL expression.');
-        END IF;
-        PERFORM outbox._trigger_depends_on_extension(v_tgoid);
-        v_names := v_names || v_name;
-    END LOOP;
-
-    INSERT INTO outbox.topic_table (topic_id, table_oid, table_name, interactions, criteria, fhirpath, resource_type,
-                                    key_columns, trigger_names)
-    VALUES (p_topic_id, v_oid, v_qualified, v_inter, v_criteria, v_fhirpath, v_rtype, v_keys, v_names);
-END
-$$;
-
-CREATE FUNCTION outbox.create_topic(url text, triggers jsonb, description text DEFAULT NULL)
-RETURNS text LANGUAGE plpgsql AS $$
-DECLARE
-    v_id    integer;
-    v_entry jsonb;
-BEGIN
-    IF url IS NULL OR btrim(url) = '' THEN
-        PERFORM outbox._fail('22023', 'topic url must not be empty', 'Give the topic a url, e.g. ''http://example.org/topics/orders''.');
-    END IF;
-    IF EXISTS (SELECT 1 FROM outbox.topic t WHERE t.url = create_topic.url) THEN
-        PERFORM outbox._fail('42710', format('topic "%s" already exists', url),
-            'Drop it first with outbox.drop_topic(), or choose another url.');
-    END IF;
-    IF triggers IS NULL OR jsonb_typeof(triggers) <> 'array' OR jsonb_array_length(triggers) = 0 THEN
-        PERFORM outbox._fail('22023', format('triggers of topic "%s" must be a non-empty JSON array', url),
-            'E.g. ''[{"table": "public.orders", "interactions": ["create"]}]''::jsonb.');
-    END IF;
-    INSERT INTO outbox.topic (url, description, triggers)
-    VALUES (create_topic.url, create_topic.description, create_topic.triggers)
-    RETURNING id INTO v_id;
-    FOR v_entry IN SELECT jsonb_array_elements(triggers) LOOP
-        PERFORM outbox._attach(v_id, url, v_entry);
-    END LOOP;
-    PERFORM outbox._changed_on_commit();
-    RETURN url;
-END
-$$;
-
--- 22023 unless `resource` is a JSON object of `resource_type` (or without
--- a resourceType); `example` shows one.
-CREATE FUNCTION outbox._require_resource(resource jsonb, resource_type text, example text)
-RETURNS void LANGUAGE plpgsql AS $$
-BEGIN
-    IF jsonb_typeof(resource) IS DISTINCT FROM 'object' THEN
-        PERFORM outbox._fail('22023', format('an %s must be a JSON object', resource_type),
-            format('Paste the resource, e.g. ''%s''.', example));
-    END IF;
-    IF resource ? 'resourceType' AND resource ->> 'resourceType' IS DISTINCT FROM resource_type THEN
-        PERFORM outbox._fail('22023', format('resourceType %s is not %s', resource -> 'resourceType', resource_type),
-            'outbox.create_topic(resource) takes an AidboxSubscriptionTopic, outbox.create_destination(resource) an AidboxTopicDestination.');
-    END IF;
-END
-$$;
-
--- An AidboxSubscriptionTopic, as Aidbox takes it: each trigger's resource
--- type names a table (outbox.resource_table, else the lower-cased type),
--- supportedInteraction its interactions, fhirPathCriteria its criteria.
-CREATE FUNCTION outbox.create_topic(resource jsonb)
-RETURNS text LANGUAGE plpgsql AS $$
-DECLARE
-    v_url      text := resource ->> 'url';
-    v_triggers jsonb := '[]';
-    v_t        jsonb;
-    v_entry    jsonb;
-BEGIN
-    PERFORM outbox._require_resource(resource, 'AidboxSubscriptionTopic',
-        '{"resourceType": "AidboxSubscriptionTopic", "url": "...", "status": "active", "trigger": [...]}');
-    IF jsonb_typeof(resource -> 'url') IS DISTINCT FROM 'string' THEN
-        PERFORM outbox._fail('22023', 'the AidboxSubscriptionTopic has no url', 'Give it a "url", e.g. "http://example.org/topics/forms".');
-    END IF;
-    IF resource ? 'status' AND resource ->> 'status' IS DISTINCT FROM 'active' THEN
-        PERFORM outbox._fail('22023', format('topic "%s" has status %s: only active topics are served', v_url, resource -> 'status'),
-            'Set "status": "active".');
-    END IF;
-    IF jsonb_typeof(resource -> 'trigger') IS DISTINCT FROM 'array' OR jsonb_array_length(resource -> 'trigger') = 0 THEN
-        PERFORM outbox._fail('22023', format('topic "%s" has no trigger', v_url),
-            'Add "trigger": [{"resource": "QuestionnaireResponse", "supportedInteraction": ["create", "update"]}].');
-    END IF;
-    FOR v_t IN SELECT jsonb_array_elements(resource -> 'trigger') LOOP
-        IF jsonb_typeof(v_t) IS DISTINCT FROM 'object' THEN
-            PERFORM outbox._fail('22023', format('invalid trigger %s in topic "%s"', v_t, v_url), 'Each trigger is an object with a "resource".');
-        END IF;
-        -- canFilterBy declares what subscribers may filter on: nothing to do here.
-        PERFORM outbox._only_keys(v_t, ARRAY['resource', 'supportedInteraction', 'fhirPathCriteria', 'description', 'canFilterBy'],
-            '0A000', 'trigger element ', format(' in topic "%s" is not supported', v_url),
-            'Triggers take resource, supportedInteraction, fhirPathCriteria, description (and canFilterBy, which needs nothing here).');
-        IF jsonb_typeof(v_t -> 'resource') IS DISTINCT FROM 'string' THEN
-            PERFORM outbox._fail('22023', format('a trigger of topic "%s" has no resource', v_url),
-                'Name the resource type, e.g. "resource": "QuestionnaireResponse".');
-        END IF;
-        -- A full URL names the type by its last segment (http://hl7.org/fhir/StructureDefinition/Patient).
-        v_entry := jsonb_build_object('resource', regexp_replace(v_t ->> 'resource', '^.*/', ''));
-        IF v_t ? 'supportedInteraction' THEN
-            v_entry := v_entry || jsonb_build_object('interactions',
-                CASE jsonb_typeof(v_t -> 'supportedInteraction') WHEN 'array' THEN v_t -> 'supportedInteraction'
-                     ELSE jsonb_build_array(v_t -> 'supportedInteraction') END);
-        END IF;
-        -- An empty criteria fires on every change of the resource, as in Aidbox.
-        IF coalesce(btrim(v_t ->> 'fhirPathCriteria'), '') <> '' THEN
-            v_entry := v_entry || jsonb_build_object('fhirpath', v_t -> 'fhirPathCriteria');
-        END IF;
-        v_triggers := v_triggers || jsonb_build_array(v_entry);
-    END LOOP;
-    PERFORM outbox.create_topic(v_url, v_triggers, coalesce(resource ->> 'description', resource ->> 'title'));
-    UPDATE outbox.topic t SET resource = create_topic.resource WHERE t.url = v_url;
-    RETURN v_url;
-END
-$$;
-
 -- Map a FHIR resource type to the table that stores it (for topics created
 -- afterwards); without a mapping the type's table is its lower-cased name.
 CREATE FUNCTION outbox.map_resource(resource_type text, table_name regclass)
@@ -447,43 +198,6 @@ CREATE FUNCTION outbox.unmap_resource(resource_type text)
 RETURNS boolean LANGUAGE sql AS $$
     WITH d AS (DELETE FROM outbox.resource_table r WHERE r.resource_type = unmap_resource.resource_type RETURNING 1)
     SELECT EXISTS (SELECT 1 FROM d)
-$$;
-
-CREATE FUNCTION outbox.drop_topic(url text, "cascade" boolean DEFAULT false)
-RETURNS bigint LANGUAGE plpgsql AS $$
-DECLARE
-    v_id        integer;
-    v_dests     text[];
-    v_discarded bigint := 0;
-    v_tt        record;
-    v_name      text;
-BEGIN
-    SELECT t.id INTO v_id FROM outbox.topic t WHERE t.url = drop_topic.url FOR UPDATE;
-    IF NOT FOUND THEN
-        PERFORM outbox._fail('42704', format('topic "%s" does not exist', url),
-            'SELECT url FROM outbox.topic lists the topics.');
-    END IF;
-    SELECT array_agg(d.id ORDER BY d.id) INTO v_dests FROM outbox.destination d WHERE d.topic_url = drop_topic.url;
-    IF v_dests IS NOT NULL THEN
-        IF NOT "cascade" THEN
-            PERFORM outbox._fail('2BP01', format('topic "%s" still has destinations', url),
-                'Drop them first with outbox.drop_destination(), or call outbox.drop_topic(url, cascade => true).',
-                format('Destinations: %s.', array_to_string(v_dests, ', ')));
-        END IF;
-        SELECT coalesce(sum(outbox.drop_destination(x)), 0) INTO v_discarded FROM unnest(v_dests) AS x;
-    END IF;
-    FOR v_tt IN SELECT * FROM outbox.topic_table WHERE topic_id = v_id LOOP
-        -- The table may have been dropped (and its triggers with it).
-        IF EXISTS (SELECT 1 FROM pg_class WHERE oid = v_tt.table_oid) THEN
-            FOREACH v_name IN ARRAY v_tt.trigger_names LOOP
-                EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', v_name, v_tt.table_oid::regclass);
-            END LOOP;
-        END IF;
-    END LOOP;
-    DELETE FROM outbox.topic t WHERE t.id = v_id;
-    PERFORM outbox._changed_on_commit();
-    RETURN v_discarded;
-END
 $$;
 
 -- log_min_error_statement = panic: a failing call's statement text (which may

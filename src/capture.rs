@@ -3,8 +3,11 @@
 //!   writer's rights, so a type's cast to json never runs as the extension owner.
 //! - Only the outbox INSERT runs as the extension owner (writers have no rights
 //!   on the outbox tables).
-//! - A per-backend cache of each topic's destinations is invalidated by the
-//!   configuration generation in shared memory.
+//! - A per-backend cache of each topic's destinations and tables is
+//!   invalidated by the configuration generation in shared memory.
+//! - The watched table's name and the primary key are read from the catalog
+//!   (cached until a relcache or namespace invalidation), not from the
+//!   trigger's arguments: they follow renames, and a key added later is used.
 //! - At-least-once events are kept in backend memory and written to the outbox
 //!   with one INSERT when the statement finishes (ExecutorFinish), every 1,000
 //!   events, and at COMMIT/PREPARE for what is left (COPY, events of a
@@ -14,6 +17,7 @@
 //!   either kind).
 //! - One worker wake-up per committing transaction that captured anything.
 
+use crate::error::UserError;
 use crate::kafka::Content;
 use crate::ring::{self, BestEffortEvent};
 use crate::status;
@@ -32,16 +36,53 @@ struct Route {
     /// Some destination carries the row (full-resource): only then is it turned into JSON.
     needs_row: bool,
     best_effort: Vec<(String, Content)>,
-    /// Per watched table (schema-qualified), when it is a FHIR table or has
-    /// FHIRPath criteria.
-    shapes: HashMap<String, Shape>,
+    /// The topic's tables, by oid.
+    tables: HashMap<pg_sys::Oid, Watched>,
 }
 
-/// How a watched table's rows become resources, and its FHIRPath criteria.
-struct Shape {
+/// A watched table: how its rows become resources, and the FHIRPath test
+/// of each row interaction.
+#[derive(Default)]
+struct Watched {
     /// Aidbox's layout (id, resource jsonb, ...): the resource type.
     resource_type: Option<String>,
-    criteria: Option<crate::fhirpath::Criteria>,
+    /// Create, update, delete (ROW_INTERACTIONS): the FHIRPath test of the
+    /// entries that cover it.
+    fhirpath: [FhirpathTest; 3],
+}
+
+const ROW_INTERACTIONS: [&str; 3] = ["create", "update", "delete"];
+
+/// A compiled FHIRPath criteria, or why it did not compile (checked when
+/// the topic was created, so only after an evaluator change): such a
+/// criteria lets every change through with a WARNING, as one that fails at
+/// run time does.
+type Fhirpath = Result<crate::fhirpath::Criteria, String>;
+
+/// The FHIRPath test of one table and interaction: a change passes when an
+/// entry for it has no FHIRPath criteria, or when one of theirs holds.
+#[derive(Default)]
+struct FhirpathTest {
+    unconditional: bool,
+    any: Vec<Rc<Fhirpath>>,
+}
+
+impl FhirpathTest {
+    /// The criteria to evaluate, if any.
+    fn needed(&self) -> Option<&[Rc<Fhirpath>]> {
+        (!self.unconditional && !self.any.is_empty()).then_some(&self.any)
+    }
+}
+
+/// Where a changed relation's events come from: the watched table (for a
+/// partition, its partitioned table) by its current name, and the
+/// relation's current primary key. Cached per (topic, relation) until a
+/// relcache or namespace invalidation.
+struct Target {
+    watched: pg_sys::Oid,
+    name: Rc<str>,
+    /// The primary key's columns, in index order (empty: no primary key).
+    key: Vec<i32>,
 }
 
 #[derive(Default)]
@@ -49,6 +90,10 @@ struct State {
     callbacks_registered: bool,
     /// Routes by topic id, valid for `generation` unless `dirty`.
     routes: Option<HashMap<i32, Rc<Route>>>,
+    /// Targets by (topic id, relation), valid while `targets_epoch` is
+    /// `INVALIDATIONS`.
+    targets: HashMap<(i32, pg_sys::Oid), Rc<Target>>,
+    targets_epoch: u64,
     generation: u64,
     dirty: bool,
     /// This transaction changed the configuration.
@@ -108,6 +153,12 @@ fn ensure_callbacks(s: &mut State) {
         unsafe {
             pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
             pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
+            pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache), pg_sys::Datum::from(0));
+            pg_sys::CacheRegisterSyscacheCallback(
+                pg_sys::SysCacheIdentifier::NAMESPACEOID as i32,
+                Some(on_namespace),
+                pg_sys::Datum::from(0),
+            );
         }
         s.callbacks_registered = true;
     }
@@ -139,26 +190,37 @@ fn load_routes() -> HashMap<i32, Rc<Route>> {
                 route.at_least_once_rows.push(content == Content::FullResource);
             }
         }
-        let shapes = client.select(
-            "SELECT topic_id, table_name, resource_type, fhirpath FROM outbox.topic_table \
-              WHERE resource_type IS NOT NULL OR fhirpath IS NOT NULL",
+        // Every entry of a topic with destinations, with its table.
+        let entries = client.select(
+            "SELECT e.topic_id, e.table_oid, tt.resource_type, e.interactions, e.fhirpath \
+               FROM outbox.topic_entry e JOIN outbox.topic_table tt \
+                 ON tt.topic_id OPERATOR(pg_catalog.=) e.topic_id AND tt.table_oid OPERATOR(pg_catalog.=) e.table_oid",
             None,
             &[],
         )?;
-        for row in shapes {
+        for row in entries {
             let topic: i32 = row.get(1)?.unwrap_or_default();
             let Some(route) = routes.get_mut(&topic) else { continue };
-            let table: String = row.get(2)?.unwrap_or_default();
-            let resource_type: Option<String> = row.get(3)?;
-            let criteria = row.get::<String>(4)?.map(|src| {
-                crate::fhirpath::compile(&src)
-                    .unwrap_or_else(|e| pgrx::error!("pg_outbox: fhirPathCriteria of topic {topic} on {table}: {e}"))
-            });
-            route.shapes.insert(table, Shape { resource_type, criteria });
+            let table: pg_sys::Oid = row.get(2)?.unwrap_or(pg_sys::Oid::INVALID);
+            let watched = route.tables.entry(table).or_default();
+            watched.resource_type = row.get(3)?;
+            let interactions: Vec<String> = row.get(4)?.unwrap_or_default();
+            let criteria = row.get::<String>(5)?.map(|src| Rc::new(crate::fhirpath::compile(&src)));
+            for i in interactions.iter().filter_map(|i| ROW_INTERACTIONS.iter().position(|r| r == i)) {
+                let test = &mut watched.fhirpath[i];
+                match &criteria {
+                    Some(c) => test.any.push(c.clone()),
+                    None => test.unconditional = true,
+                }
+            }
         }
         Ok::<_, pgrx::spi::SpiError>(())
     })
-    .unwrap_or_else(|e| pgrx::error!("pg_outbox: reading destinations failed: {e}"));
+    .unwrap_or_else(|e| {
+        UserError::new(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "pg_outbox could not read its topics")
+            .detail(e.to_string())
+            .raise()
+    });
     routes.into_iter().map(|(topic, route)| (topic, Rc::new(route))).collect()
 }
 
@@ -168,7 +230,13 @@ fn extension_owner() -> pg_sys::Oid {
     )
     .ok()
     .flatten()
-    .unwrap_or_else(|| pgrx::error!("pg_outbox: the extension is not installed in this database"))
+    .unwrap_or_else(|| {
+        UserError::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "pg_outbox is not installed in this database",
+        )
+        .raise()
+    })
 }
 
 /// Run `f` as the extension owner. On an ERROR, (sub)transaction abort
@@ -213,6 +281,7 @@ fn refresh() {
         s.reload_after_transaction = this_transaction_only;
         s.owner = owner;
         s.insert_plans = Default::default();
+        s.targets.clear();
     });
 }
 
@@ -414,7 +483,14 @@ fn flush(at_commit: bool) {
             client.update(&plan, None, &args)?;
             Ok::<_, pgrx::spi::SpiError>((unsafe { pg_sys::SPI_processed }, plan))
         })
-        .unwrap_or_else(|e| pgrx::error!("pg_outbox: writing the outbox failed: {e}"))
+        .unwrap_or_else(|e| {
+            UserError::new(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "pg_outbox could not write the outbox",
+            )
+            .detail(e.to_string())
+            .raise()
+        })
     });
     plans[which] = Some(plan);
     if read_only {
@@ -492,22 +568,17 @@ fn json_bare(type_oid: pg_sys::Oid) -> bool {
     .contains(&type_oid)
 }
 
-/// The Kafka key: the primary key's text form; a JSON array for several columns.
-unsafe fn row_key(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc, columns: &[&std::ffi::CStr]) -> Option<String> {
-    let value = |name: &std::ffi::CStr| -> (Option<String>, pg_sys::Oid) {
-        let attnum = unsafe { pg_sys::SPI_fnumber(desc, name.as_ptr()) };
-        if attnum <= 0 {
-            pgrx::error!("pg_outbox: key column \"{}\" is missing", name.to_string_lossy());
-        }
-        unsafe { crate::rowjson::column_text(tuple, desc, attnum) }
-    };
-    match columns {
+/// The Kafka key: the primary key's text form; a JSON array for several
+/// columns (`key`: their attribute numbers).
+unsafe fn row_key(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc, key: &[i32]) -> Option<String> {
+    let value = |attnum: i32| unsafe { crate::rowjson::column_text(tuple, desc, attnum) };
+    match key {
         [] => None,
-        [one] => value(one).0,
+        [one] => value(*one).0,
         many => {
             let parts: Vec<String> = many
                 .iter()
-                .map(|c| match value(c) {
+                .map(|c| match value(*c) {
                     (None, _) => "null".to_string(),
                     (Some(t), oid) if json_bare(oid) => t,
                     (Some(t), oid) if oid == pg_sys::BOOLOID => (t == "t").to_string(),
@@ -588,38 +659,193 @@ unsafe fn fhir_resource(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc, resou
     serde_json::to_string(&resource).expect("raw values serialize")
 }
 
-/// The row trigger the API attaches: `outbox._capture(topic_id, table, key columns...)`.
+thread_local! {
+    /// Relcache and namespace invalidations this backend has seen: targets
+    /// cached before the last one may name a table or key that changed.
+    static INVALIDATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_relcache(_arg: pg_sys::Datum, _relid: pg_sys::Oid) {
+    INVALIDATIONS.with(|n| n.set(n.get() + 1));
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_namespace(_arg: pg_sys::Datum, _cache: i32, _hash: u32) {
+    INVALIDATIONS.with(|n| n.set(n.get() + 1));
+}
+
+/// The target of a change of `rel` for `topic`, cached until an invalidation.
+fn target(topic: i32, route: &Route, rel: pg_sys::Relation) -> Rc<Target> {
+    let relid = unsafe { (*rel).rd_id };
+    let epoch = INVALIDATIONS.with(std::cell::Cell::get);
+    let cached = STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.targets_epoch != epoch {
+            s.targets.clear();
+            s.targets_epoch = epoch;
+        }
+        s.targets.get(&(topic, relid)).cloned()
+    });
+    if let Some(t) = cached {
+        return t;
+    }
+    // A partition reports the partitioned table the topic watches.
+    let watched = if route.tables.contains_key(&relid) {
+        relid
+    } else {
+        unsafe { partition_ancestors(relid) }.into_iter().find(|a| route.tables.contains_key(a)).unwrap_or(relid)
+    };
+    let t =
+        Rc::new(Target { watched, name: unsafe { qualified_name(watched) }.into(), key: unsafe { primary_key(rel) } });
+    // Not if the lookups above took in an invalidation: it may be about them.
+    if INVALIDATIONS.with(std::cell::Cell::get) == epoch {
+        STATE.with(|s| s.borrow_mut().targets.insert((topic, relid), t.clone()));
+    }
+    t
+}
+
+unsafe extern "C-unwind" {
+    // catalog/partition.h, which pgrx does not bind.
+    fn get_partition_ancestors(relid: pg_sys::Oid) -> *mut pg_sys::List;
+}
+
+/// The partitioned tables above `relid`, nearest first.
+unsafe fn partition_ancestors(relid: pg_sys::Oid) -> Vec<pg_sys::Oid> {
+    unsafe {
+        let list = pg_sys::ffi::pg_guard_ffi_boundary(|| get_partition_ancestors(relid));
+        let oids = oid_list(list);
+        pg_sys::list_free(list);
+        oids
+    }
+}
+
+unsafe fn oid_list(list: *mut pg_sys::List) -> Vec<pg_sys::Oid> {
+    if list.is_null() {
+        return Vec::new();
+    }
+    unsafe { (0..(*list).length as usize).map(|i| (*(*list).elements.add(i)).oid_value).collect() }
+}
+
+/// `schema.table`, unquoted, as the catalog has it now.
+unsafe fn qualified_name(relid: pg_sys::Oid) -> String {
+    let text = |p: *const std::ffi::c_char| {
+        if p.is_null() {
+            "?".into()
+        } else {
+            unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        }
+    };
+    unsafe {
+        let schema = text(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid)));
+        format!("{schema}.{}", text(pg_sys::get_rel_name(relid)))
+    }
+}
+
+/// The relation's primary-key columns, in index order (empty without one).
+unsafe fn primary_key(rel: pg_sys::Relation) -> Vec<i32> {
+    unsafe {
+        let indexes = pg_sys::RelationGetIndexList(rel);
+        let mut key = Vec::new();
+        for index in oid_list(indexes) {
+            let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::INDEXRELID as i32, index.into());
+            if tuple.is_null() {
+                continue;
+            }
+            let form = &*(pg_sys::GETSTRUCT(tuple) as *const pg_sys::FormData_pg_index);
+            if form.indisprimary {
+                key = form.indkey.values.as_slice(form.indnkeyatts as usize).iter().map(|&a| i32::from(a)).collect();
+            }
+            pg_sys::ReleaseSysCache(tuple);
+            if !key.is_empty() {
+                break;
+            }
+        }
+        pg_sys::list_free(indexes);
+        key
+    }
+}
+
+/// Whether a change passes the FHIRPath test; one that cannot be evaluated
+/// passes, with a WARNING (an event too many rather than a lost one or a
+/// failed write).
+fn fhirpath_holds(
+    criteria: &[Rc<Fhirpath>],
+    op: u32,
+    this: &str,
+    other: Option<&str>,
+    topic: i32,
+    table: &str,
+) -> bool {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<bool, String> {
+        let this: serde_json::Value =
+            serde_json::from_str(this).map_err(|e| format!("the resource is not readable JSON: {e}"))?;
+        let other: Option<serde_json::Value> = match other {
+            Some(o) => {
+                Some(serde_json::from_str(o).map_err(|e| format!("the previous resource is not readable JSON: {e}"))?)
+            }
+            None => None,
+        };
+        // %current: the row after the change (none on delete); %previous: before it (none on create).
+        let (current, previous) = match op {
+            pg_sys::TRIGGER_EVENT_INSERT => (Some(&this), None),
+            pg_sys::TRIGGER_EVENT_DELETE => (None, Some(&this)),
+            _ => (Some(&this), other.as_ref()),
+        };
+        for c in criteria {
+            if c.as_ref().as_ref().map_err(String::clone)?.matches(current, previous)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }))
+    .unwrap_or_else(|_| Err("the FHIRPath evaluator panicked".to_string()));
+    outcome.unwrap_or_else(|e| {
+        pgrx::warning!(
+            "pg_outbox: the fhirPathCriteria of topic {topic} on {table} could not be evaluated ({e}); the change is sent as if it matched"
+        );
+        true
+    })
+}
+
+/// The trigger the API attaches: `outbox._capture(topic id)`, for each row
+/// (create, update, delete) or each TRUNCATE statement.
 #[pg_trigger]
 fn _capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
     let td = trigger.trigger_data();
-    // The arguments as they are (PgTrigger::extra_args copies them per row).
-    let args: Vec<&std::ffi::CStr> = unsafe {
+    // The first argument, as it is (PgTrigger::extra_args copies them all per row).
+    let topic_id = unsafe {
         let t = &*td.tg_trigger;
-        match usize::try_from(t.tgnargs) {
-            Ok(n) if n > 0 => {
-                std::slice::from_raw_parts(t.tgargs, n).iter().map(|a| std::ffi::CStr::from_ptr(*a)).collect()
-            }
-            _ => Vec::new(),
-        }
+        (t.tgnargs > 0).then(|| std::ffi::CStr::from_ptr(*t.tgargs)).and_then(|a| a.to_str().ok()?.parse::<i32>().ok())
     };
-    let arg = |i: usize| args.get(i).and_then(|a| a.to_str().ok());
-    let (Some(topic_id), Some(table)) = (arg(0).and_then(|a| a.parse::<i32>().ok()), arg(1)) else {
-        pgrx::error!("pg_outbox: outbox._capture() needs a topic id and a table name as trigger arguments");
+    let op = td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
+    let row_level = td.tg_event & pg_sys::TRIGGER_EVENT_ROW != 0;
+    let Some(topic_id) = topic_id.filter(|_| row_level || op == pg_sys::TRIGGER_EVENT_TRUNCATE) else {
+        UserError::new(
+            PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+            "outbox._capture() runs only as a topic's trigger",
+        )
+        .hint("Topics attach their triggers themselves: use outbox.create_topic() or outbox.alter_topic().")
+        .raise()
     };
     refresh();
     let Some(route) = STATE.with(|s| s.borrow().routes.as_ref().and_then(|r| r.get(&topic_id).cloned())) else {
         return Ok(None); // no destination (yet)
     };
-    let op = td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
-    let (tuple, interaction) = if op == pg_sys::TRIGGER_EVENT_INSERT {
-        (td.tg_trigtuple, "create")
-    } else if op == pg_sys::TRIGGER_EVENT_UPDATE {
-        (td.tg_newtuple, "update")
-    } else {
-        (td.tg_trigtuple, "delete")
+    let target = target(topic_id, &route, td.tg_relation);
+    let table = &*target.name;
+    let (tuple, interaction) = match op {
+        pg_sys::TRIGGER_EVENT_INSERT => (td.tg_trigtuple, 0),
+        pg_sys::TRIGGER_EVENT_UPDATE => (td.tg_newtuple, 1),
+        pg_sys::TRIGGER_EVENT_DELETE => (td.tg_trigtuple, 2),
+        _ => {
+            // TRUNCATE: no row, no key.
+            enqueue(&route, topic_id, table, "truncate", None, None);
+            return Ok(None);
+        }
     };
-    let shape = route.shapes.get(table);
-    let fhir_type = shape.and_then(|s| s.resource_type.as_deref());
+    let watched = route.tables.get(&target.watched);
+    let fhir_type = watched.and_then(|w| w.resource_type.as_deref());
     let (relid, desc) = unsafe { ((*td.tg_relation).rd_id, (*td.tg_relation).rd_att) };
     // The changed row as a resource (JSON text): Aidbox's for FHIR tables, else the row.
     let text_of = |t: pg_sys::HeapTuple| -> String {
@@ -629,47 +855,36 @@ fn _capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, All
             None => unsafe { crate::rowjson::row_json(relid, t, desc) },
         }
     };
-    let criteria = shape.and_then(|s| s.criteria.as_ref());
+    let criteria = watched.and_then(|w| w.fhirpath[interaction].needed());
     let mut text = (route.needs_row || criteria.is_some()).then(|| text_of(tuple));
     if let Some(criteria) = criteria {
-        // %current: the row after the change (none on delete); %previous: before it (none on create).
-        let (this, other) =
-            (text.as_deref().unwrap_or("{}"), (op == pg_sys::TRIGGER_EVENT_UPDATE).then(|| text_of(td.tg_trigtuple)));
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<bool, String> {
-            let this: serde_json::Value =
-                serde_json::from_str(this).map_err(|e| format!("the resource is not readable JSON: {e}"))?;
-            let other: Option<serde_json::Value> = match &other {
-                Some(o) => Some(
-                    serde_json::from_str(o).map_err(|e| format!("the previous resource is not readable JSON: {e}"))?,
-                ),
-                None => None,
-            };
-            let (current, previous) = match op {
-                pg_sys::TRIGGER_EVENT_INSERT => (Some(&this), None),
-                pg_sys::TRIGGER_EVENT_DELETE => (None, Some(&this)),
-                _ => (Some(&this), other.as_ref()),
-            };
-            criteria.matches(current, previous)
-        }))
-        .unwrap_or_else(|_| Err("the FHIRPath evaluator panicked".to_string()));
-        match outcome {
-            Ok(true) => {}
-            Ok(false) => return Ok(None),
-            // Fail open: an event too many rather than a lost one or a failed write.
-            Err(e) => pgrx::warning!(
-                "pg_outbox: the fhirPathCriteria of topic {topic_id} on {table} could not be evaluated ({e}); the change is sent as if it matched"
-            ),
+        let other = (op == pg_sys::TRIGGER_EVENT_UPDATE).then(|| text_of(td.tg_trigtuple));
+        if !fhirpath_holds(criteria, op, text.as_deref().unwrap_or("{}"), other.as_deref(), topic_id, table) {
+            return Ok(None);
         }
     }
     let row = if route.needs_row { text.take() } else { None };
-    let key = unsafe { row_key(tuple, desc, &args[2..]) };
+    let key = unsafe { row_key(tuple, desc, &target.key) };
+    enqueue(&route, topic_id, table, ROW_INTERACTIONS[interaction], key, row);
+    Ok(None)
+}
+
+/// Keep the change for the topic's destinations: best-effort ones until
+/// COMMIT, at-least-once ones until the statement ends.
+fn enqueue(
+    route: &Route,
+    topic_id: i32,
+    table: &str,
+    interaction: &'static str,
+    key: Option<String>,
+    row: Option<String>,
+) {
     if !route.best_effort.is_empty() {
         buffer_best_effort(&route.best_effort, table, interaction, key.as_deref(), row.as_deref());
     }
     if !route.at_least_once.is_empty() {
-        queue_at_least_once(&route, topic_id, table, interaction, key, row);
+        queue_at_least_once(route, topic_id, table, interaction, key, row);
     }
-    Ok(None)
 }
 
 /// Wake the worker when this transaction commits, to claim from the start of

@@ -11,7 +11,8 @@
 //! - `kafka`: producer configuration and message building (no Postgres calls);
 //! - `worker`: the background worker loop.
 //!
-//! The SQL half of the API lives in `sql/schema.sql` and `sql/finalize.sql`.
+//! The SQL half of the API lives in `sql/schema.sql` (tables, destinations),
+//! `sql/topics.sql` (topics and the DDL event trigger) and `sql/finalize.sql`.
 
 use pgrx::prelude::*;
 
@@ -34,6 +35,7 @@ mod worker;
 ::pgrx::pg_module_magic!(name, version);
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/topics.sql", name = "topics");
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 /// True when this library was loaded through `shared_preload_libraries`.

@@ -971,12 +971,19 @@ impl Worker {
                         || d.topic_url != row.topic_url
                         || d.content != Content::parse(&row.content)
                         || d.best_effort != (row.kind == "kafka-best-effort")
-                        // Its topic was dropped and created again with other tables.
-                        || d.resource_types != row.resource_types
                 })
             })
             .map(|row| row.id.clone())
             .collect();
+        // FHIR tables renamed, or a topic's tables changed: only how
+        // messages are built changes, the producer stays.
+        for row in &rows {
+            if let Some(d) = self.destinations.get_mut(&row.id) {
+                if d.resource_types != row.resource_types {
+                    d.resource_types = row.resource_types.clone();
+                }
+            }
+        }
         self.retire(&changed);
         for row in rows {
             if self.destinations.contains_key(&row.id) {

@@ -252,6 +252,15 @@ impl Cluster {
         self.try_sql(sql).unwrap_or_else(|e| panic!("SQL failed: {sql}\n{}", e.raw))
     }
 
+    /// Run SQL that must succeed; returns what it printed and the notices
+    /// and warnings the server sent (psql's stderr).
+    pub fn sql_with_notices(&self, sql: &str) -> (String, String) {
+        let out = run(self.psql_cmd("postgres").args(["-c", sql]));
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "SQL failed: {sql}\n{stderr}");
+        (String::from_utf8_lossy(&out.stdout).trim_end().to_string(), stderr)
+    }
+
     /// Run SQL that must fail; returns the error.
     pub fn sql_err(&self, sql: &str) -> SqlError {
         match self.try_sql(sql) {
