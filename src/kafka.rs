@@ -134,12 +134,16 @@ impl Drop for KafkaProducer {
 
 /// Errors after which this producer's idempotence state is refused (fenced by
 /// a newer one, sequence lost after a broker restart): only a new producer helps.
+/// A timed-out message counts too: a broker that forgot the producer answers
+/// UNKNOWN_PRODUCER_ID, which librdkafka retries until the message times out,
+/// again for every retry on the same producer.
 pub fn is_stale_producer(e: &KafkaError) -> bool {
     use rdkafka::types::RDKafkaErrorCode::*;
     matches!(
         e.rdkafka_error_code(),
         Some(
             Fatal
+                | MessageTimedOut
                 | ProducerFenced
                 | OutOfOrderSequenceNumber
                 | UnknownProducerId

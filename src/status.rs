@@ -18,6 +18,9 @@ pub enum State {
     Error = 2,
     /// No running worker serves the destination (yet).
     Stopped = 3,
+    /// The client reported an error and nothing was delivered since: an
+    /// error while events are in process, else active.
+    ClientError = 4,
 }
 
 #[derive(Copy, Clone)]
@@ -425,6 +428,7 @@ fn _destination_stats() -> TableIterator<
             let state = match s.state {
                 x if x == State::Error as u8 => "error",
                 x if x == State::Stopped as u8 => "stopped",
+                x if x == State::ClientError as u8 && s.in_process > 0 => "error",
                 _ => "active",
             };
             // Milliseconds to 0.1; a clock step can make one negative.

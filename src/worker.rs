@@ -285,10 +285,21 @@ impl Destination {
         }
     }
 
-    /// Note an error: in status always, in the server log when it is new.
+    /// Note an error of an attempt: in status always, in the server log
+    /// when it is new.
     fn error(&mut self, message: &str) {
+        self.note_error(message, State::Error);
+    }
+
+    /// Note an error the client reported on its own (a broker connection
+    /// lost, say): status says `error` only while events are in process.
+    fn client_error(&mut self, message: &str) {
+        self.note_error(message, State::ClientError);
+    }
+
+    fn note_error(&mut self, message: &str, state: State) {
         status::record_error(self.slot, message);
-        status::set_state(self.slot, State::Error);
+        status::set_state(self.slot, state);
         let now = Instant::now();
         match &mut self.last_logged {
             Some((suppressed, at)) if now.duration_since(*at) < LOG_EVERY => *suppressed += 1,
@@ -1110,7 +1121,7 @@ impl Worker {
                     }
                 }
                 Report::ClientError { error, fatal, .. } => {
-                    d.error(&error);
+                    d.client_error(&error);
                     if fatal {
                         d.replace_producer = true;
                     }

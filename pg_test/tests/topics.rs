@@ -454,3 +454,39 @@ fn a_table_and_its_partition_cannot_share_a_topic_and_partitions_follow_renames(
         arrived(&e.broker, &kafka_topic, 2).iter().map(|m| m.header("source-table").unwrap().to_string()).collect();
     assert_eq!(tables, [format!("public.{t}"), format!("public.{t}_r")]);
 }
+
+#[test]
+fn status_is_active_after_a_transient_client_error_once_nothing_waits() {
+    let e = env();
+    let pg = &e.pg;
+    let mut broker = Broker::start();
+    let t = unique("st");
+    let url = format!("urn:{t}");
+    pg.sql(&format!("CREATE TABLE {t} (id int PRIMARY KEY)"));
+    pg.sql(&format!(r#"SELECT outbox.create_topic('{url}', '[{{"table": "{t}"}}]')"#));
+    // The restarted broker has lost the producer's idempotence state: librdkafka
+    // retries until the delivery timeout, then the worker replaces the producer.
+    let (dest, kafka_topic) =
+        destination_with(&broker, &url, "kafka-at-least-once", "empty", r#", "deliveryTimeoutMs": 3000"#);
+    pg.sql(&format!("INSERT INTO {t} SELECT generate_series(1, 5)"));
+    arrived(&broker, &kafka_topic, 5);
+    wait_drained(&dest);
+    // The broker goes away while nothing is to be sent: the client reports it...
+    broker.stop();
+    let row = wait_for("a client error in status", WAIT, || {
+        let r = pg.status_row(&dest);
+        r["last_errors"].as_array().is_some_and(|a| !a.is_empty()).then_some(r)
+    });
+    // ...and the destination, which has nothing waiting, is not in error.
+    assert_eq!(row["status"], "active", "{row}");
+    assert_eq!(row["messages_in_process"], 0, "{row}");
+    broker.resume();
+    broker.create_topic(&kafka_topic, 1);
+    pg.sql(&format!("INSERT INTO {t} SELECT generate_series(6, 10)"));
+    let row = wait_for("10 delivered", WAIT, || {
+        let r = pg.status_row(&dest);
+        (r["messages_delivered"] == 10).then_some(r)
+    });
+    assert_eq!(row["status"], "active", "{row}");
+    assert_eq!(arrived(&broker, &kafka_topic, 5).len(), 5);
+}
