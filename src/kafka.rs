@@ -22,6 +22,8 @@ pub enum Report {
     },
     /// `poison`: Kafka will never take this event as it is (see `is_poison`).
     /// `stale`: the producer's idempotence state is refused (see `is_stale_producer`).
+    /// `timed_out`: librdkafka gave up on it (`deliveryTimeoutMs`) although a
+    /// broker may be reachable.
     /// `refused`: librdkafka refused to take it (a producing thread's `produce`
     /// call, not a delivery report): this very event is the culprit.
     Failed {
@@ -30,6 +32,7 @@ pub enum Report {
         error: String,
         poison: bool,
         stale: bool,
+        timed_out: bool,
         refused: bool,
     },
     ClientError {
@@ -87,6 +90,7 @@ impl Context {
                 error: e.to_string(),
                 poison: is_poison(e),
                 stale: is_stale_producer(e),
+                timed_out: e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::MessageTimedOut),
                 refused: false,
             },
         };
@@ -95,7 +99,15 @@ impl Context {
 
     /// librdkafka would not take this event (`error` as the worker words it).
     pub(crate) fn refused(&self, event_id: i64, error: String, poison: bool) {
-        let report = Report::Failed { epoch: self.epoch, event_id, error, poison, stale: false, refused: true };
+        let report = Report::Failed {
+            epoch: self.epoch,
+            event_id,
+            error,
+            poison,
+            stale: false,
+            timed_out: false,
+            refused: true,
+        };
         let _ = self.tx.send(report);
     }
 }
@@ -134,16 +146,12 @@ impl Drop for KafkaProducer {
 
 /// Errors after which this producer's idempotence state is refused (fenced by
 /// a newer one, sequence lost after a broker restart): only a new producer helps.
-/// A timed-out message counts too: a broker that forgot the producer answers
-/// UNKNOWN_PRODUCER_ID, which librdkafka retries until the message times out,
-/// again for every retry on the same producer.
 pub fn is_stale_producer(e: &KafkaError) -> bool {
     use rdkafka::types::RDKafkaErrorCode::*;
     matches!(
         e.rdkafka_error_code(),
         Some(
             Fatal
-                | MessageTimedOut
                 | ProducerFenced
                 | OutOfOrderSequenceNumber
                 | UnknownProducerId

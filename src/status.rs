@@ -41,6 +41,8 @@ pub struct Slot {
     failed_attempts: u64,
     in_process: u64,
     lost: u64,
+    /// When a writer last counted a loss here (`add_lost`), µs.
+    written_us: i64,
     /// Change to acknowledgement over the last events delivered, µs:
     /// p50, p99, max (-1: none yet).
     latency_us: [i64; 3],
@@ -65,6 +67,7 @@ const EMPTY_SLOT: Slot = Slot {
     failed_attempts: 0,
     in_process: 0,
     lost: 0,
+    written_us: 0,
     latency_us: [-1; 3],
     n_errors: 0,
     next_error: 0,
@@ -174,7 +177,7 @@ pub fn publish_worker_latch(latch: *mut pg_sys::Latch) {
     CONTROL.get().latch.store(latch as usize, Ordering::Release);
 }
 
-fn now_us() -> i64 {
+pub fn now_us() -> i64 {
     unsafe { pg_sys::GetCurrentTimestamp() }
 }
 
@@ -226,11 +229,6 @@ pub fn claim_slot(id: &str) -> Option<SlotRef> {
     Some(SlotRef(i))
 }
 
-/// The destination is gone: forget its counters.
-pub fn release_slot(r: SlotRef) {
-    SLOTS.exclusive().slots[r.0] = EMPTY_SLOT;
-}
-
 /// The worker stops serving a destination; its counters stay visible.
 pub fn mark_stopped(r: SlotRef) {
     let mut s = SLOTS.exclusive();
@@ -248,12 +246,18 @@ pub fn worker_started() {
     }
 }
 
-/// Forget the slots of destinations that no longer exist.
-pub fn retain_only(ids: &std::collections::HashSet<&str>) {
+/// Forget the slots of destinations that no longer exist, as a configuration
+/// read that began at `read_us` saw them. A slot a writer counted in since
+/// stays: the writer may have seen a destination created after that read
+/// began, or dropped and created again meanwhile (the next read decides).
+pub fn retain_only(ids: &std::collections::HashSet<&str>, read_us: i64) {
     let mut s = SLOTS.exclusive();
-    for slot in s.slots.iter_mut().filter(|x| x.used) {
-        if !ids.contains(slot.id()) {
+    for slot in s.slots.iter_mut().filter(|x| x.used && !ids.contains(x.id())) {
+        if slot.written_us < read_us {
             *slot = EMPTY_SLOT;
+        } else {
+            slot.state = State::Stopped as u8;
+            slot.in_process = 0;
         }
     }
 }
@@ -293,6 +297,7 @@ pub fn add_lost(id: &str, n: u64) {
     let mut s = SLOTS.exclusive();
     if let Some(i) = find_or_take(&mut s, id) {
         s.slots[i].lost += n;
+        s.slots[i].written_us = now_us();
     }
 }
 
@@ -305,8 +310,14 @@ pub fn set_latency(r: SlotRef, p50_us: i64, p99_us: i64, max_us: i64) {
     SLOTS.exclusive().slots[r.0].latency_us = [p50_us, p99_us, max_us];
 }
 
+/// A client error does not hide an error of an attempt: only a delivery
+/// clears that (`record_outcome`).
 pub fn set_state(r: SlotRef, state: State) {
-    SLOTS.exclusive().slots[r.0].state = state as u8;
+    let mut s = SLOTS.exclusive();
+    let slot = &mut s.slots[r.0];
+    if !(state == State::ClientError && slot.state == State::Error as u8) {
+        slot.state = state as u8;
+    }
 }
 
 pub fn record_error(r: SlotRef, message: &str) {

@@ -149,8 +149,9 @@ struct Destination {
     /// `acked`: the outbox deletes a group by its own id).
     whole: Vec<i64>,
     whole_events: usize,
-    /// The producer must be replaced (fatal or fenced).
-    replace_producer: bool,
+    /// The producer must be replaced (fatal, fenced, or its messages time
+    /// out), and why.
+    replace_producer: Option<&'static str>,
     /// A broker refused a batch as poison: send one event at a time up to this
     /// event id, so only the culprit goes to the dead letters.
     isolate_until: i64,
@@ -261,7 +262,7 @@ impl Destination {
             poisoned: Vec::new(),
             whole: Vec::new(),
             whole_events: 0,
-            replace_producer: false,
+            replace_producer: None,
             isolate_until: 0,
             batch_len: 0,
             batch_last: 0,
@@ -921,6 +922,7 @@ impl Worker {
         if generation == self.seen_generation && !due {
             return;
         }
+        let read_us = status::now_us();
         let loaded = in_transaction("reading the configuration", || {
             let Some(extension) = store::extension_oid()? else {
                 return Ok(None);
@@ -934,13 +936,13 @@ impl Worker {
                 if self.extension != Some(extension) {
                     // Created (again): nothing of a former incarnation carries over,
                     // event ids start anew.
-                    self.apply_configuration(Vec::new());
+                    self.apply_configuration(Vec::new(), read_us);
                     self.extension = Some(extension);
                     pgrx::log!("pg_outbox worker: serving {} destination(s)", rows.len());
                 }
                 self.extension_present = true;
                 let before = self.destinations.len();
-                self.apply_configuration(rows);
+                self.apply_configuration(rows, read_us);
                 if self.destinations.len() < before || !self.swept {
                     // A writer that read a destination just before it was dropped
                     // may have left events for it: remove them.
@@ -955,25 +957,23 @@ impl Worker {
                 }
                 self.extension_present = false;
                 self.extension = None;
-                self.apply_configuration(Vec::new());
+                self.apply_configuration(Vec::new(), read_us);
             }
             Some(Err(e)) => pgrx::warning!("pg_outbox worker: reading the configuration failed: {e}"),
             None => {}
         }
     }
 
-    fn apply_configuration(&mut self, rows: Vec<store::DestinationRow>) {
+    /// `read_us`: when the read of `rows` began (see `status::retain_only`).
+    fn apply_configuration(&mut self, rows: Vec<store::DestinationRow>, read_us: i64) {
         let wanted: HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
         let gone: Vec<String> =
             self.destinations.iter().filter(|(_, d)| !wanted.contains(d.id.as_str())).map(|(k, _)| k.clone()).collect();
         for key in gone {
-            if let Some(d) = self.destinations.remove(&key) {
-                if d.retiring_until.is_none() {
-                    status::release_slot(d.slot);
-                }
-            }
+            self.destinations.remove(&key);
         }
-        status::retain_only(&wanted);
+        // Their slots go too (see retain_only for the exception).
+        status::retain_only(&wanted, read_us);
         let changed: Vec<String> = rows
             .iter()
             .filter(|row| {
@@ -1099,9 +1099,15 @@ impl Worker {
                         }
                     }
                 }
-                Report::Failed { event_id, error, poison, stale, refused, .. } => {
+                Report::Failed { event_id, error, poison, stale, timed_out, refused, .. } => {
                     if stale {
-                        d.replace_producer = true;
+                        d.replace_producer = Some("the producer was fenced or lost its idempotence state");
+                    } else if timed_out && !d.best_effort {
+                        // A broker that forgot this idempotent producer (restarted
+                        // without its state) answers UNKNOWN_PRODUCER_ID, which
+                        // librdkafka retries until each message times out, again
+                        // and again: a new producer gets a new id.
+                        d.replace_producer = Some("its messages timed out");
                     }
                     if let Some(Flight { group, .. }) = d.in_flight.remove(&event_id) {
                         d.reported(group);
@@ -1123,7 +1129,7 @@ impl Worker {
                 Report::ClientError { error, fatal, .. } => {
                     d.client_error(&error);
                     if fatal {
-                        d.replace_producer = true;
+                        d.replace_producer = Some("the producer reported a fatal error");
                     }
                 }
             }
@@ -1131,14 +1137,15 @@ impl Worker {
         for d in self.destinations.values_mut() {
             let fatal = d.producer.as_ref().and_then(|p| p.client().fatal_error());
             let ended = d.pipe.as_ref().is_some_and(Pipe::ended);
-            if std::mem::take(&mut d.replace_producer) || fatal.is_some() || ended {
-                // This producer is done (fatal or fenced, or its producing
-                // thread ended): what it has in flight failed, a new
-                // producer takes over.
-                let reason = match fatal {
-                    Some((_, m)) => m,
-                    None if ended => "the destination's producing thread ended".to_string(),
-                    None => "the producer was fenced or lost its idempotence state".to_string(),
+            let replace = d.replace_producer.take();
+            if replace.is_some() || fatal.is_some() || ended {
+                // This producer is done (fatal or fenced, its messages time
+                // out, or its producing thread ended): what it has in flight
+                // failed, a new producer takes over.
+                let reason = match (fatal, replace) {
+                    (Some((_, m)), _) => m,
+                    _ if ended => "the destination's producing thread ended".to_string(),
+                    (None, r) => r.unwrap_or_default().to_string(),
                 };
                 d.fail_in_flight(&reason);
                 d.drop_producer();
