@@ -65,12 +65,14 @@ BEGIN
 END
 $$;
 
--- Keeps the topics true after DDL on their tables (outbox._after_ddl() in
--- sql/topics.sql); only for the commands that can rename or drop a watched
--- table, its triggers or its primary key: CREATE TABLE and the like pay nothing.
-CREATE EVENT TRIGGER outbox_after_ddl ON ddl_command_end
-    WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA', 'DROP TABLE', 'DROP SCHEMA', 'DROP TRIGGER', 'DROP OWNED',
-                 'DROP EXTENSION')
+-- Keep the topics true after DDL on their tables (outbox._after_ddl() in
+-- sql/topics.sql): after every command that drops something (a table, a
+-- trigger, a key, or what a trigger depends on, by CASCADE), and after the
+-- commands that can rename a table. CREATE TABLE and the like pay nothing.
+CREATE EVENT TRIGGER outbox_after_drop ON sql_drop
+    EXECUTE FUNCTION outbox._after_ddl();
+CREATE EVENT TRIGGER outbox_after_rename ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA', 'ALTER EXTENSION')
     EXECUTE FUNCTION outbox._after_ddl();
 
 -- Only superusers configure (the configuration tables hold secrets); writers

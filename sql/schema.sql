@@ -17,11 +17,15 @@ CREATE TABLE outbox.topic (
     created_at  timestamptz NOT NULL DEFAULT now()
 );
 
--- One row per (topic, watched table). The capture triggers on the table are
--- found in pg_trigger (function outbox._capture, first argument the topic id).
+-- One row per (topic, table it watches or watched). The capture triggers on
+-- the table are found in pg_trigger (function outbox._capture, first
+-- argument the topic id). A table the topic no longer watches (dropped, or
+-- left out by alter_topic) keeps its row, unwatched, so that events captured
+-- from it before still go out in its shape (FHIR resources).
 CREATE TABLE outbox.topic_table (
     topic_id      integer NOT NULL REFERENCES outbox.topic (id) ON DELETE CASCADE,
     table_oid     oid NOT NULL,
+    watched       boolean NOT NULL DEFAULT true,
     -- Schema-qualified, kept current by outbox._after_ddl(); the names it had
     -- before, which events captured earlier still carry.
     table_name    text NOT NULL,

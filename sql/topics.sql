@@ -14,7 +14,7 @@
 CREATE FUNCTION outbox._trigger_topic(tgargs bytea)
 RETURNS integer LANGUAGE sql IMMUTABLE STRICT AS $$
     SELECT CASE WHEN a OPERATOR(pg_catalog.~) '^[0-9]{1,9}$' THEN a::integer END
-      FROM pg_catalog.split_part(pg_catalog.encode(tgargs, 'escape'), '\000', 1) AS a
+      FROM pg_catalog.split_part(pg_catalog.encode(tgargs, 'escape'), E'\\000', 1) AS a
 $$;
 
 -- The capture triggers of a topic, on any table (partitions' clones left
@@ -25,6 +25,13 @@ LANGUAGE sql STABLE AS $$
     SELECT g.tgrelid, g.tgname FROM pg_catalog.pg_trigger g
      WHERE g.tgfoid = 'outbox._capture()'::pg_catalog.regprocedure AND g.tgparentid = 0
        AND outbox._trigger_topic(g.tgargs) = p_topic_id
+$$;
+
+-- The trigger event of an interaction.
+CREATE FUNCTION outbox._interaction_event(interaction text)
+RETURNS text LANGUAGE sql IMMUTABLE STRICT AS $$
+    SELECT CASE interaction WHEN 'create' THEN 'INSERT' WHEN 'update' THEN 'UPDATE' WHEN 'delete' THEN 'DELETE'
+                            WHEN 'truncate' THEN 'TRUNCATE' END
 $$;
 
 -- The bit of pg_trigger.tgtype for an interaction.
@@ -40,18 +47,19 @@ CREATE FUNCTION outbox._check_criteria(p_oid oid, p_table text, p_url text, p_to
                                         p_interaction text, p_criteria text)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
-    v_event   text := CASE p_interaction WHEN 'create' THEN 'INSERT' WHEN 'update' THEN 'UPDATE' ELSE 'DELETE' END;
+    v_event   text := outbox._interaction_event(p_interaction);
+    v_name    text := format('outbox_%s_check', p_topic_id);
     v_outcome text;
     v_error   text;
 BEGIN
     BEGIN
-        EXECUTE format('CREATE TRIGGER outbox_criteria_check AFTER %s ON %s FOR EACH ROW WHEN (%s) EXECUTE FUNCTION outbox._capture(%L)',
-            v_event, p_oid::regclass, p_criteria, p_topic_id::text);
+        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s FOR EACH ROW WHEN (%s) EXECUTE FUNCTION outbox._capture(%L)',
+            v_name, v_event, p_oid::regclass, p_criteria, p_topic_id::text);
         -- The criteria went into DDL text: it must not have smuggled in
         -- another function or other arguments.
         SELECT CASE WHEN count(*) = 1 THEN 'ok' ELSE 'smuggled' END INTO v_outcome
           FROM pg_trigger g
-         WHERE g.tgrelid = p_oid AND g.tgname = 'outbox_criteria_check'
+         WHERE g.tgrelid = p_oid AND g.tgname = v_name
            AND g.tgfoid = 'outbox._capture()'::regprocedure AND g.tgnargs = 1
            AND outbox._trigger_topic(g.tgargs) = p_topic_id;
         -- Undo the trigger: this block's subtransaction rolls back.
@@ -188,7 +196,7 @@ BEGIN
 
     SELECT n.nspname || '.' || c.relname INTO v_qualified
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = v_oid;
-    SELECT * INTO v_known FROM outbox.topic_table tt WHERE tt.topic_id = p_topic_id AND tt.table_oid = v_oid;
+    SELECT * INTO v_known FROM outbox.topic_table tt WHERE tt.topic_id = p_topic_id AND tt.table_oid = v_oid AND tt.watched;
     IF FOUND THEN
         IF v_known.resource_type IS DISTINCT FROM v_rtype THEN
             PERFORM outbox._fail('22023', format('table "%s" is named as a FHIR resource type in one entry of topic "%s" and not in another', v_table, p_url),
@@ -198,15 +206,20 @@ BEGIN
         -- A partitioned table covers its partitions: watching both would
         -- capture each change twice.
         SELECT tt.table_name INTO v_other FROM outbox.topic_table tt
-         WHERE tt.topic_id = p_topic_id
+         WHERE tt.topic_id = p_topic_id AND tt.watched
            AND (tt.table_oid IN (SELECT a.relid FROM pg_partition_ancestors(v_oid) a)
                 OR v_oid IN (SELECT a.relid FROM pg_partition_ancestors(tt.table_oid) a));
         IF v_other IS NOT NULL THEN
             PERFORM outbox._fail('22023', format('topic "%s" watches both "%s" and "%s", one a partition of the other', p_url, v_qualified, v_other),
                 'A partitioned table''s triggers cover its partitions: watch the partitioned table, or its partitions.');
         END IF;
-        INSERT INTO outbox.topic_table (topic_id, table_oid, table_name, resource_type)
-        VALUES (p_topic_id, v_oid, v_qualified, v_rtype);
+        -- A table it watched before (alter_topic) keeps the names it had.
+        INSERT INTO outbox.topic_table AS tt (topic_id, table_oid, table_name, resource_type)
+        VALUES (p_topic_id, v_oid, v_qualified, v_rtype)
+        ON CONFLICT (topic_id, table_oid) DO UPDATE
+           SET watched = true, table_name = excluded.table_name, resource_type = excluded.resource_type,
+               former_names = CASE WHEN tt.table_name = excluded.table_name THEN tt.former_names
+                                   ELSE array_remove(tt.former_names, excluded.table_name) || tt.table_name END;
         IF NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = v_oid AND i.indisprimary) THEN
             RAISE NOTICE 'table "%" has no primary key: its events get a NULL Kafka key', v_table
                 USING HINT = 'Add a primary key to keep each row''s changes in one partition, in order; it is used from then on.';
@@ -238,7 +251,7 @@ DECLARE
     v_name     text;
     v_tgoid    oid;
 BEGIN
-    FOR v_tt IN SELECT * FROM outbox.topic_table tt WHERE tt.topic_id = p_topic_id ORDER BY tt.table_oid LOOP
+    FOR v_tt IN SELECT * FROM outbox.topic_table tt WHERE tt.topic_id = p_topic_id AND tt.watched ORDER BY tt.table_oid LOOP
         FOREACH v_i IN ARRAY ARRAY['create', 'update', 'delete', 'truncate'] LOOP
             SELECT count(*), count(*) FILTER (WHERE e.criteria IS NULL AND e.fhirpath IS NULL),
                    count(*) FILTER (WHERE e.criteria IS NOT NULL), count(*) FILTER (WHERE e.fhirpath IS NOT NULL),
@@ -263,8 +276,7 @@ BEGIN
             v_name := format('outbox_%s_%s', p_topic_id,
                              CASE v_i WHEN 'create' THEN 'ins' WHEN 'update' THEN 'upd' WHEN 'delete' THEN 'del' ELSE 'trunc' END);
             EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s FOR EACH %s %s EXECUTE FUNCTION outbox._capture(%L)',
-                v_name, CASE v_i WHEN 'create' THEN 'INSERT' WHEN 'update' THEN 'UPDATE' ELSE upper(v_i) END,
-                v_tt.table_oid::regclass, CASE v_i WHEN 'truncate' THEN 'STATEMENT' ELSE 'ROW' END,
+                v_name, outbox._interaction_event(v_i), v_tt.table_oid::regclass, CASE v_i WHEN 'truncate' THEN 'STATEMENT' ELSE 'ROW' END,
                 CASE WHEN v_when IS NULL THEN '' ELSE 'WHEN (' || v_when || ')' END, p_topic_id::text);
             SELECT g.oid INTO v_tgoid FROM pg_trigger g
              WHERE g.tgrelid = v_tt.table_oid AND g.tgname = v_name
@@ -356,7 +368,8 @@ BEGIN
             'SELECT url FROM outbox.topic lists the topics; outbox.create_topic() makes one.');
     END IF;
     IF triggers IS NOT NULL THEN
-        DELETE FROM outbox.topic_table tt WHERE tt.topic_id = v_id;
+        DELETE FROM outbox.topic_entry e WHERE e.topic_id = v_id;
+        UPDATE outbox.topic_table tt SET watched = false WHERE tt.topic_id = v_id;
         PERFORM outbox._drop_triggers(v_id);
         PERFORM outbox._set_entries(v_id, url, triggers);
         -- A pasted AidboxSubscriptionTopic no longer describes it.
@@ -494,45 +507,47 @@ BEGIN
 END
 $$;
 
--- After DDL that may touch a watched table (see the event trigger below):
+-- After DDL that may touch a watched table (the event triggers in
+-- sql/finalize.sql: sql_drop for every command that drops something, and
+-- ddl_command_end for the commands that rename):
 -- - a renamed table (or schema) keeps its topics under its new name;
 -- - a dropped table leaves its topics, with a WARNING (events already
---   captured from it are still delivered);
--- - a capture trigger dropped by hand or with a column (DROP COLUMN ...
---   CASCADE) takes its interaction out of the entries, with a WARNING;
--- - a watched table left without a primary key gets a WARNING (NULL keys).
+--   captured from it are still delivered, in its shape);
+-- - a capture trigger dropped by hand or with what it depends on (DROP
+--   COLUMN ... CASCADE, DROP FUNCTION ... CASCADE) takes its interaction out
+--   of the entries, with a WARNING;
+-- - a watched table whose primary key was dropped gets a WARNING (NULL keys).
 -- Runs as the extension owner: the DDL may come from a table owner who
--- cannot read outbox's tables.
+-- cannot read outbox's tables. Never fails the DDL: a problem is a WARNING.
 CREATE FUNCTION outbox._after_ddl()
 RETURNS event_trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r         record;
     v_changed boolean := false;
 BEGIN
-    -- Never fail the user's DDL: a problem here is a WARNING.
     BEGIN
-        IF NOT EXISTS (SELECT 1 FROM outbox.topic_table) THEN
+        IF NOT EXISTS (SELECT 1 FROM outbox.topic_table tt WHERE tt.watched) THEN
             RETURN;
         END IF;
         FOR r IN SELECT tt.topic_id, tt.table_oid, tt.table_name, t.url
                    FROM outbox.topic_table tt JOIN outbox.topic t ON t.id = tt.topic_id
-                  WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = tt.table_oid) LOOP
+                  WHERE tt.watched AND NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = tt.table_oid) LOOP
             RAISE WARNING 'table "%" was dropped: topic "%" no longer watches it', r.table_name, r.url
                 USING DETAIL = 'Events already captured from it are still delivered.',
                       HINT = 'outbox.alter_topic() changes the tables of a topic.';
-            DELETE FROM outbox.topic_table tt WHERE tt.topic_id = r.topic_id AND tt.table_oid = r.table_oid;
-            PERFORM outbox._entries_changed(r.topic_id);
+            PERFORM outbox._unwatch(r.topic_id, r.table_oid);
             v_changed := true;
         END LOOP;
-        FOR r IN SELECT tt.topic_id, tt.table_oid, tt.table_name, n.nspname || '.' || c.relname AS name
+        FOR r IN SELECT tt.topic_id, tt.table_oid, tt.table_name, n.nspname || '.' || c.relname AS name,
+                        format('%I.%I', n.nspname, c.relname) AS quoted
                    FROM outbox.topic_table tt JOIN pg_class c ON c.oid = tt.table_oid
                    JOIN pg_namespace n ON n.oid = c.relnamespace
-                  WHERE tt.table_name <> n.nspname || '.' || c.relname LOOP
+                  WHERE tt.watched AND tt.table_name <> n.nspname || '.' || c.relname LOOP
             UPDATE outbox.topic_table tt
                SET table_name = r.name,
-                   former_names = array_remove(tt.former_names, r.table_name) || r.table_name
+                   former_names = array_remove(array_remove(tt.former_names, r.table_name), r.name) || r.table_name
              WHERE tt.topic_id = r.topic_id AND tt.table_oid = r.table_oid;
-            UPDATE outbox.topic_entry e SET spec = jsonb_set(e.spec, '{table}', to_jsonb(r.name))
+            UPDATE outbox.topic_entry e SET spec = jsonb_set(e.spec, '{table}', to_jsonb(r.quoted))
              WHERE e.topic_id = r.topic_id AND e.table_oid = r.table_oid AND e.spec ? 'table';
             PERFORM outbox._entries_changed(r.topic_id);
             v_changed := true;
@@ -549,23 +564,28 @@ BEGIN
             RAISE WARNING 'the capture trigger for "%" on table "%" was dropped: topic "%" no longer captures it',
                 r.interaction, r.table_name, r.url
                 USING HINT = 'outbox.alter_topic() attaches it again (with criteria over the table''s current columns).';
-            UPDATE outbox.topic_entry e SET interactions = array_remove(e.interactions, r.interaction)
+            UPDATE outbox.topic_entry e
+               SET interactions = array_remove(e.interactions, r.interaction),
+                   spec = jsonb_set(e.spec, '{interactions}', to_jsonb(array_remove(e.interactions, r.interaction)))
              WHERE e.topic_id = r.topic_id AND e.table_oid = r.table_oid;
             DELETE FROM outbox.topic_entry e WHERE e.topic_id = r.topic_id AND e.table_oid = r.table_oid AND e.interactions = '{}';
-            DELETE FROM outbox.topic_table tt WHERE tt.topic_id = r.topic_id AND tt.table_oid = r.table_oid
-               AND NOT EXISTS (SELECT 1 FROM outbox.topic_entry e WHERE e.topic_id = r.topic_id AND e.table_oid = r.table_oid);
-            UPDATE outbox.topic_entry e SET spec = jsonb_set(e.spec, '{interactions}', to_jsonb(e.interactions))
-             WHERE e.topic_id = r.topic_id AND e.table_oid = r.table_oid;
+            IF NOT EXISTS (SELECT 1 FROM outbox.topic_entry e WHERE e.topic_id = r.topic_id AND e.table_oid = r.table_oid) THEN
+                PERFORM outbox._unwatch(r.topic_id, r.table_oid);
+            END IF;
             PERFORM outbox._entries_changed(r.topic_id);
             v_changed := true;
         END LOOP;
-        FOR r IN SELECT DISTINCT tt.table_name FROM pg_event_trigger_ddl_commands() d
-                   JOIN outbox.topic_table tt ON tt.table_oid = d.objid
-                  WHERE d.classid = 'pg_class'::regclass
-                    AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = tt.table_oid AND i.indisprimary) LOOP
-            RAISE WARNING 'watched table "%" has no primary key: its events get a NULL Kafka key', r.table_name
-                USING HINT = 'Add a primary key to keep each row''s changes in one partition, in order; it is used from then on.';
-        END LOOP;
+        -- A primary key dropped (DROP CONSTRAINT, or with a key column).
+        IF TG_EVENT = 'sql_drop' THEN
+            FOR r IN SELECT DISTINCT tt.table_name FROM pg_event_trigger_dropped_objects() d
+                       JOIN outbox.topic_table tt
+                         ON tt.watched AND tt.table_oid = to_regclass(format('%I.%I', d.address_names[1], d.address_names[2]))
+                      WHERE d.object_type IN ('table constraint', 'table column')
+                        AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = tt.table_oid AND i.indisprimary) LOOP
+                RAISE WARNING 'watched table "%" has no primary key now: its events get a NULL Kafka key', r.table_name
+                    USING HINT = 'Add a primary key to keep each row''s changes in one partition, in order; it is used from then on.';
+            END LOOP;
+        END IF;
         IF v_changed THEN
             PERFORM outbox._changed_on_commit();
         END IF;
@@ -573,4 +593,13 @@ BEGIN
         RAISE WARNING 'pg_outbox could not update its topics after this command: %', SQLERRM;
     END;
 END
+$$;
+
+-- The topic no longer watches the table: its entries go, its row stays (for
+-- the shape of events captured before).
+CREATE FUNCTION outbox._unwatch(p_topic_id integer, p_table_oid oid)
+RETURNS void LANGUAGE sql AS $$
+    DELETE FROM outbox.topic_entry e WHERE e.topic_id = p_topic_id AND e.table_oid = p_table_oid;
+    UPDATE outbox.topic_table tt SET watched = false WHERE tt.topic_id = p_topic_id AND tt.table_oid = p_table_oid;
+    SELECT outbox._entries_changed(p_topic_id);
 $$;

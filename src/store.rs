@@ -55,14 +55,15 @@ pub fn destinations() -> SpiResult<Vec<DestinationRow>> {
         }
         let types = client.select(
             // Events carry the name their table had when they were captured:
-            // its name now (also if no event trigger recorded a rename), and
-            // the ones it had before.
+            // its name now (also if no event trigger recorded a rename), the
+            // ones it had before, and those of tables no longer watched.
             "SELECT t.url, n.name, tt.resource_type FROM outbox.topic_table tt \
                JOIN outbox.topic t ON t.id = tt.topic_id \
                CROSS JOIN LATERAL unnest(tt.table_name || tt.former_names || \
                  (SELECT s.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace \
-                   WHERE c.oid = tt.table_oid)) AS n (name) \
-              WHERE tt.resource_type IS NOT NULL",
+                   WHERE tt.watched AND c.oid = tt.table_oid)) AS n (name) \
+              WHERE tt.resource_type IS NOT NULL AND n.name IS NOT NULL \
+              ORDER BY tt.watched, n.name = tt.table_name", // a name's current table last: it wins
             None,
             &[],
         )?;

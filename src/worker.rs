@@ -853,6 +853,10 @@ impl Worker {
             .for_each(Destination::break_all_groups);
         self.record_outcomes();
         self.finish_retiring();
+        // Again, now that recording may have taken a while: a change that
+        // committed meanwhile (a FHIR table renamed, say) is seen before
+        // events captured after it are built.
+        self.maybe_reload();
         self.claim_and_produce();
         self.drain_best_effort();
         status::set_in_process(self.destinations.values().map(|d| (d.slot, d.in_process())));
@@ -990,9 +994,7 @@ impl Worker {
         // messages are built changes, the producer stays.
         for row in &rows {
             if let Some(d) = self.destinations.get_mut(&row.id) {
-                if d.resource_types != row.resource_types {
-                    d.resource_types = row.resource_types.clone();
-                }
+                d.resource_types = row.resource_types.clone();
             }
         }
         self.retire(&changed);
