@@ -31,6 +31,6 @@ cargo pgrx test pg15 --runas postgres --pgdata "$PGRX_DATA/pg15" 2>&1 | tee -a "
 # cargo pgrx test installed a build with test functions: put the plain one back.
 cargo pgrx install --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null
 
-# The guarantee figures (README "Guarantees"), then one closing line for both runs.
+# The guarantee figures (docs/guarantees.md), then one closing line for both runs.
 grep -h '^guarantees:' "$LOG" || true
 awk '/^test result:/ { p += $4; f += $6 } END { printf "\npg_outbox tests: %d passed, %d failed\n", p, f }' "$LOG"

@@ -30,7 +30,7 @@ fn _check_parameters(destination_id: &str, kind: &str, parameters: Option<JsonB>
     let (params, object) = parse(destination_id, kind, parameters);
     if let Err(e) = crate::kafka::check_client_config(&params) {
         UserError::invalid(format!("librdkafka refused the configuration of destination \"{destination_id}\": {e}"))
-            .hint("Check the parameter values against the README's parameter table.")
+            .hint("Check the parameter values against docs/parameters.md.")
             .raise()
     }
     if let Some(crate::oauth::TokenSource::MskIam { profile, .. }) = &params.token {

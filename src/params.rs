@@ -55,7 +55,7 @@ const DEFAULT_REQUEST_TIMEOUT_MS: i64 = 30_000;
 /// batch.size when batchSize is not given: librdkafka's own default, not
 /// Java's 16384. With 16 KB batches librdkafka's threads took 3.5-5.2
 /// us of CPU per ~700-byte event against 0.9-1.0 with these (100-row
-/// statements delivered on this 2-core VM, see README Performance): the
+/// statements delivered, see docs/performance.md): the
 /// idempotent producer has at most 5 requests in flight and keeps waking to
 /// find them full. Batching only what is queued (linger.ms 0), it adds no
 /// latency.

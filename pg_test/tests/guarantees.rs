@@ -3,7 +3,7 @@
 //! rows, reads the Kafka topic from the beginning and compares it with what
 //! committed: missing (must be 0 for at-least-once), duplicates (counted, and
 //! they carry the same event number), uncommitted (must be 0). Figures are
-//! printed as `guarantees: ...` lines (the README's Guarantees section).
+//! printed as `guarantees: ...` lines (docs/guarantees.md).
 //!
 //! `PG_OUTBOX_LONG=1` runs the long versions (30 s outage, more rows).
 
