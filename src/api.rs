@@ -2,6 +2,7 @@
 
 use crate::error::UserError;
 use crate::params::{self, ParamError, Params};
+use crate::types::Kind;
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
@@ -18,8 +19,8 @@ fn parse(destination_id: &str, kind: &str, parameters: Option<JsonB>) -> (Params
     let value = parameters.map(|j| j.0).unwrap_or(serde_json::Value::Null);
     let object = params::normalize(destination_id, &value).unwrap_or_else(|e| raise_param_error(e));
     let object = serde_json::Value::Object(object);
-    let p =
-        Params::parse(destination_id, kind == "kafka-best-effort", &object).unwrap_or_else(|e| raise_param_error(e));
+    let p = Params::parse(destination_id, Kind::parse(kind) == Some(Kind::BestEffort), &object)
+        .unwrap_or_else(|e| raise_param_error(e));
     (p, object)
 }
 

@@ -18,9 +18,9 @@
 //! - One worker wake-up per committing transaction that captured anything.
 
 use crate::error::UserError;
-use crate::kafka::Content;
 use crate::ring::{self, BestEffortEvent};
 use crate::status;
+use crate::types::{Content, Kind};
 use pgrx::prelude::*;
 use pgrx::{PgBuiltInOids, PgOid};
 use std::cell::RefCell;
@@ -181,9 +181,12 @@ fn load_routes() -> HashMap<i32, Rc<Route>> {
             let kind: String = row.get(3)?.unwrap_or_default();
             let content: String = row.get(4)?.unwrap_or_default();
             let route = routes.entry(topic).or_default();
-            let content = Content::parse(&content);
+            // Names create_destination would refuse (a row edited by hand):
+            // keep the whole event in the outbox, where it waits (the worker
+            // does not serve such a destination) rather than being lost.
+            let content = Content::parse(&content).unwrap_or(Content::FullResource);
             route.needs_row |= content == Content::FullResource;
-            if kind == "kafka-best-effort" {
+            if Kind::parse(&kind) == Some(Kind::BestEffort) {
                 route.best_effort.push((id, content));
             } else {
                 route.at_least_once.push(id);

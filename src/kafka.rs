@@ -4,6 +4,7 @@
 
 use crate::oauth::TokenSource;
 use crate::params::Params;
+use crate::types::Content;
 use crossbeam_channel::Sender;
 use rdkafka::client::OAuthToken;
 use rdkafka::error::KafkaError;
@@ -262,24 +263,6 @@ pub fn check_client_config(params: &Params) -> Result<(), String> {
             Ok(())
         }
         Err(e) => Err(params.redact(&e.to_string())),
-    }
-}
-
-/// How the second entry of the Bundle carries the row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Content {
-    FullResource,
-    IdOnly,
-    Empty,
-}
-
-impl Content {
-    pub fn parse(s: &str) -> Content {
-        match s {
-            "id-only" => Content::IdOnly,
-            "empty" => Content::Empty,
-            _ => Content::FullResource,
-        }
     }
 }
 

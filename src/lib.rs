@@ -30,6 +30,7 @@ mod ring;
 mod rowjson;
 mod status;
 mod store;
+mod types;
 mod worker;
 
 ::pgrx::pg_module_magic!(name, version);

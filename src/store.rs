@@ -4,6 +4,7 @@
 //! enqueue side is the row trigger in src/capture.rs.
 
 use crate::kafka::{share, Event};
+use crate::types::{Content, Kind};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
@@ -12,9 +13,9 @@ use std::rc::Rc;
 /// A destination as configured in `outbox.destination`.
 pub struct DestinationRow {
     pub id: String,
-    pub kind: String,
+    pub kind: Kind,
     pub topic_url: String,
-    pub content: String,
+    pub content: Content,
     pub parameters: String,
     /// FHIR resource type by watched table (schema-qualified), for the
     /// topic's tables in Aidbox's layout.
@@ -34,7 +35,8 @@ pub fn delete_orphans() -> SpiResult<()> {
     )
 }
 
-/// Every destination.
+/// Every destination (but one whose kind or content the SQL API would have
+/// refused, with a WARNING: its events wait in the outbox).
 pub fn destinations() -> SpiResult<Vec<DestinationRow>> {
     Spi::connect(|client| {
         let rows = client.select(
@@ -44,12 +46,21 @@ pub fn destinations() -> SpiResult<Vec<DestinationRow>> {
         )?;
         let mut out = Vec::new();
         for row in rows {
+            let id: String = row.get(1)?.unwrap_or_default();
+            let content: String = row.get(3)?.unwrap_or_default();
+            let kind: String = row.get(5)?.unwrap_or_default();
+            let (Some(kind), Some(content)) = (Kind::parse(&kind), Content::parse(&content)) else {
+                pgrx::warning!(
+                    "pg_outbox: destination \"{id}\" skipped: unknown kind \"{kind}\" or content \"{content}\""
+                );
+                continue;
+            };
             out.push(DestinationRow {
-                id: row.get(1)?.unwrap_or_default(),
+                id,
                 topic_url: row.get(2)?.unwrap_or_default(),
-                content: row.get(3)?.unwrap_or_default(),
+                content,
                 parameters: row.get(4)?.unwrap_or_default(),
-                kind: row.get(5)?.unwrap_or_default(),
+                kind,
                 resource_types: Default::default(),
             });
         }

@@ -3,12 +3,13 @@
 //! librdkafka's threads only write to a channel and a pipe.
 
 use crate::config;
-use crate::kafka::{self, Content, KafkaProducer, Refused, Report, Target};
+use crate::kafka::{self, KafkaProducer, Refused, Report, Target};
 use crate::params::Params;
 use crate::pipe::{Batch, Pipe};
 use crate::ring;
 use crate::status::{self, SlotRef, State};
 use crate::store;
+use crate::types::{Content, Kind};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::pg_sys::panic::CaughtError;
@@ -109,7 +110,7 @@ struct Destination {
     topic_url: String,
     content: Content,
     /// kafka-best-effort: events come from the shared queue, failures are lost.
-    best_effort: bool,
+    kind: Kind,
     parameters_text: String,
     params: Params,
     /// FHIR resource type by table, for the topic's tables in Aidbox's layout.
@@ -235,10 +236,14 @@ struct Group {
 }
 
 impl Destination {
+    fn best_effort(&self) -> bool {
+        self.kind == Kind::BestEffort
+    }
+
     fn new(row: store::DestinationRow, params: Params, slot: SlotRef) -> Destination {
         Destination {
-            content: Content::parse(&row.content),
-            best_effort: row.kind == "kafka-best-effort",
+            content: row.content,
+            kind: row.kind,
             id: row.id,
             topic_url: row.topic_url,
             parameters_text: row.parameters,
@@ -332,7 +337,7 @@ impl Destination {
             || (!self.params.transactional
                 && self.isolate_until == 0
                 && self.in_flight.len() < (PIPELINE - 1) * config::BATCH_SIZE.get() as usize);
-        !self.best_effort
+        !self.best_effort()
             && self.retiring_until.is_none()
             && room
             // Messages the producing thread has yet to produce (behind a full
@@ -368,7 +373,7 @@ impl Destination {
     fn fail_in_flight(&mut self, error: &str) {
         let in_flight: Vec<(i64, i64)> = self.in_flight.drain().map(|(id, f)| (id, f.group)).collect();
         self.produced.clear();
-        if self.best_effort {
+        if self.best_effort() {
             self.lost_best_effort += in_flight.len() as u64;
             self.lost_reason = Some(error.to_string());
             return;
@@ -499,7 +504,7 @@ impl Destination {
                 // A thread of its own produces and reads the reports, except
                 // for transactions (each call in order with the produces) and
                 // OAUTHBEARER tokens (rust-rdkafka's poll makes them).
-                let threaded = !self.best_effort && !self.params.transactional && self.params.token.is_none();
+                let threaded = !self.best_effort() && !self.params.transactional && self.params.token.is_none();
                 self.pipe = threaded
                     .then(|| Pipe::start(p.clone(), &self.params.kafka_topic, &self.topic_url, &self.id, wake_write))
                     .flatten();
@@ -984,8 +989,8 @@ impl Worker {
                 self.destinations.get(&row.id).is_some_and(|d| {
                     d.parameters_text != row.parameters
                         || d.topic_url != row.topic_url
-                        || d.content != Content::parse(&row.content)
-                        || d.best_effort != (row.kind == "kafka-best-effort")
+                        || d.content != row.content
+                        || d.kind != row.kind
                 })
             })
             .map(|row| row.id.clone())
@@ -1003,7 +1008,7 @@ impl Worker {
                 continue;
             }
             let value: serde_json::Value = serde_json::from_str(&row.parameters).unwrap_or(serde_json::Value::Null);
-            let params = match Params::parse(&row.id, row.kind == "kafka-best-effort", &value) {
+            let params = match Params::parse(&row.id, row.kind == Kind::BestEffort, &value) {
                 Ok(p) => p,
                 Err(e) => {
                     pgrx::warning!("pg_outbox: destination \"{}\" skipped: {}", row.id, e.message);
@@ -1057,7 +1062,7 @@ impl Worker {
             .collect();
         for key in done {
             let Some(d) = self.destinations.remove(&key) else { continue };
-            if d.best_effort && d.in_process() > 0 {
+            if d.best_effort() && d.in_process() > 0 {
                 status::add_lost_slot(d.slot, d.in_process());
                 status::record_error(d.slot, "events in flight when the destination was reconfigured were lost");
             }
@@ -1090,7 +1095,7 @@ impl Worker {
                 Report::Delivered { event_id, .. } => {
                     if let Some(Flight { group, born_us }) = d.in_flight.remove(&event_id) {
                         d.latency(born_us);
-                        if d.best_effort {
+                        if d.best_effort() {
                             d.delivered_best_effort += 1;
                         } else if d.txn_open {
                             // Still outstanding: the transaction may yet abort.
@@ -1104,7 +1109,7 @@ impl Worker {
                 Report::Failed { event_id, error, poison, stale, timed_out, refused, .. } => {
                     if stale {
                         d.replace_producer = Some("the producer was fenced or lost its idempotence state");
-                    } else if timed_out && !d.best_effort {
+                    } else if timed_out && !d.best_effort() {
                         // A broker that forgot this idempotent producer (restarted
                         // without its state) answers UNKNOWN_PRODUCER_ID, which
                         // librdkafka retries until each message times out, again
@@ -1113,7 +1118,7 @@ impl Worker {
                     }
                     if let Some(Flight { group, .. }) = d.in_flight.remove(&event_id) {
                         d.reported(group);
-                        if d.best_effort {
+                        if d.best_effort() {
                             d.lost_best_effort += 1;
                             d.lost_reason = Some(error);
                         } else if poison && (refused || d.batch_len == 1) {
@@ -1178,7 +1183,7 @@ impl Worker {
     fn record_outcomes(&mut self) {
         for d in self.destinations.values_mut() {
             d.publish_latency();
-            if d.best_effort {
+            if d.best_effort() {
                 let (delivered, lost) = (d.delivered_best_effort, d.lost_best_effort);
                 if delivered == 0 && lost == 0 {
                     continue;
@@ -1449,7 +1454,7 @@ impl Worker {
                     reloaded = true;
                 }
                 // Unknown here means dropped since: the event goes with it.
-                let Some(d) = self.destinations.get_mut(&ev.destination_id).filter(|d| d.best_effort) else {
+                let Some(d) = self.destinations.get_mut(&ev.destination_id).filter(|d| d.best_effort()) else {
                     continue;
                 };
                 let waiting = d.producer.is_none() && d.retry_at.is_some_and(|t| t > Instant::now());
