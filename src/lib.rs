@@ -9,10 +9,16 @@
 //! - `rowjson`: rows as JSON, as `row_to_json` prints them, for the trigger;
 //! - `store`: the outbox table as the worker sees it (claim, acknowledge, fail);
 //! - `kafka`: producer configuration and message building (no Postgres calls);
+//! - `pipe`: an at-least-once destination's producing thread;
+//! - `params`, `jaas`, `oauth`: Aidbox's producer parameters, JAAS strings,
+//!   OAUTHBEARER tokens (AWS MSK IAM);
+//! - `fhirpath`: FHIRPath criteria;
+//! - `types`: a destination's kind and content;
 //! - `worker`: the background worker loop.
 //!
 //! The SQL half of the API lives in `sql/schema.sql` (tables, destinations),
-//! `sql/topics.sql` (topics and the DDL event trigger) and `sql/finalize.sql`.
+//! `sql/topics.sql` (topics and the DDL event triggers) and `sql/finalize.sql`.
+//! How the parts fit together: docs/architecture.md.
 
 use pgrx::prelude::*;
 

@@ -1,13 +1,13 @@
 //! The producing thread of an at-least-once destination. The worker's main
 //! thread claims events and writes their messages into a `Batch`; this
 //! thread produces them and reads their delivery reports, which reach the
-//! main thread as `Report`s through the worker's channel, as before. On a
-//! single-row drain, producing and reading reports (librdkafka allocating
-//! and freeing each message and its five headers) were a third of the
-//! main thread's time, and the main thread was the one busy part: the
-//! machine had a third of its CPU idle. The thread allocates and frees those
-//! messages itself (no other thread contends for its malloc arena). No
-//! Postgres call here.
+//! main thread as `Report`s through the worker's channel. Why a thread:
+//! producing and reading reports (librdkafka allocating and freeing each
+//! message and its five headers) are about a third of the main thread's
+//! work on a single-row drain, where the main thread is the bottleneck. The
+//! thread allocates and frees those messages itself, so no other thread
+//! contends for its malloc arena. No Postgres call here; see
+//! docs/architecture.md.
 
 use crate::kafka::{bundle, produce, Event, KafkaProducer, Message, Refused, Target};
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
