@@ -109,7 +109,8 @@ struct Destination {
     id: String,
     topic_url: String,
     content: Content,
-    /// kafka-best-effort: events come from the shared queue, failures are lost.
+    /// Best-effort: events come from the shared queue, failures are lost
+    /// (`best_effort()`).
     kind: Kind,
     parameters_text: String,
     params: Params,
