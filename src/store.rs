@@ -187,39 +187,6 @@ type Take<'a> = dyn FnMut(&[pg_sys::Datum], &[bool]) -> bool + 'a;
 /// table first (a twentieth of the worker's main thread on a single-row
 /// drain), to be read back from there.
 fn select_into(sql: &str, params: &[(pg_sys::Oid, Option<pg_sys::Datum>)], take: &mut Take<'_>) {
-    #[repr(C)]
-    struct Receiver<'a, 'b> {
-        // First: the executor sees a DestReceiver.
-        base: pg_sys::DestReceiver,
-        take: &'a mut Take<'b>,
-    }
-    #[pg_guard]
-    unsafe extern "C-unwind" fn receive(slot: *mut pg_sys::TupleTableSlot, me: *mut pg_sys::DestReceiver) -> bool {
-        unsafe {
-            let natts = (*(*slot).tts_tupleDescriptor).natts;
-            if ((*slot).tts_nvalid as i32) < natts {
-                pg_sys::slot_getsomeattrs_int(slot, natts);
-            }
-            let values = std::slice::from_raw_parts((*slot).tts_values, natts as usize);
-            let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts as usize);
-            ((*(me as *mut Receiver)).take)(values, nulls)
-        }
-    }
-    // The columns' types are checked once per query.
-    #[pg_guard]
-    unsafe extern "C-unwind" fn startup(
-        _me: *mut pg_sys::DestReceiver,
-        _operation: std::ffi::c_int,
-        desc: pg_sys::TupleDesc,
-    ) {
-        unsafe {
-            assert!((*desc).natts as usize == CLAIM_COLUMNS.len(), "the claim's columns");
-            for (c, expected) in CLAIM_COLUMNS.into_iter().enumerate() {
-                assert!(pg_sys::SPI_gettypeid(desc, c as i32 + 1) == expected, "claim column {}", c + 1);
-            }
-        }
-    }
-    unsafe extern "C-unwind" fn nothing(_me: *mut pg_sys::DestReceiver) {}
     let src = std::ffi::CString::new(sql).expect("the claim's SQL has no NUL");
     let mut types: Vec<pg_sys::Oid> = params.iter().map(|(t, _)| *t).collect();
     unsafe {
@@ -236,15 +203,6 @@ fn select_into(sql: &str, params: &[(pg_sys::Oid, Option<pg_sys::Datum>)], take:
             let code = pg_sys::SPI_result;
             pgrx::error!("pg_outbox: preparing the claim failed (SPI code {code})");
         }
-        let list = pg_sys::makeParamList(params.len() as i32);
-        for (slot, (ptype, value)) in (*list).params.as_mut_slice(params.len()).iter_mut().zip(params) {
-            *slot = pg_sys::ParamExternData {
-                value: value.unwrap_or(pg_sys::Datum::from(0)),
-                isnull: value.is_none(),
-                pflags: pg_sys::PARAM_FLAG_CONST as u16,
-                ptype: *ptype,
-            };
-        }
         let mut receiver = Receiver {
             base: pg_sys::DestReceiver {
                 receiveSlot: Some(receive),
@@ -256,7 +214,7 @@ fn select_into(sql: &str, params: &[(pg_sys::Oid, Option<pg_sys::Datum>)], take:
             take,
         };
         let options = pg_sys::SPIExecuteOptions {
-            params: list,
+            params: param_list(params),
             // As pgrx's queries: read-only until the transaction writes.
             read_only: pg_sys::GetCurrentTransactionIdIfAny() == pg_sys::InvalidTransactionId,
             // A pointer to the whole receiver: `receive` reads past `base`.
@@ -271,6 +229,60 @@ fn select_into(sql: &str, params: &[(pg_sys::Oid, Option<pg_sys::Datum>)], take:
     }
 }
 
+/// The parameters as constants, for a plan made for their values.
+unsafe fn param_list(params: &[(pg_sys::Oid, Option<pg_sys::Datum>)]) -> pg_sys::ParamListInfo {
+    unsafe {
+        let list = pg_sys::makeParamList(params.len() as i32);
+        for (slot, (ptype, value)) in (*list).params.as_mut_slice(params.len()).iter_mut().zip(params) {
+            *slot = pg_sys::ParamExternData {
+                value: value.unwrap_or(pg_sys::Datum::from(0)),
+                isnull: value.is_none(),
+                pflags: pg_sys::PARAM_FLAG_CONST as u16,
+                ptype: *ptype,
+            };
+        }
+        list
+    }
+}
+
+/// The executor's receiver for `select_into`.
+#[repr(C)]
+struct Receiver<'a, 'b> {
+    // First: the executor sees a DestReceiver.
+    base: pg_sys::DestReceiver,
+    take: &'a mut Take<'b>,
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn receive(slot: *mut pg_sys::TupleTableSlot, me: *mut pg_sys::DestReceiver) -> bool {
+    unsafe {
+        let natts = (*(*slot).tts_tupleDescriptor).natts;
+        if ((*slot).tts_nvalid as i32) < natts {
+            pg_sys::slot_getsomeattrs_int(slot, natts);
+        }
+        let values = std::slice::from_raw_parts((*slot).tts_values, natts as usize);
+        let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts as usize);
+        ((*(me as *mut Receiver)).take)(values, nulls)
+    }
+}
+
+/// The columns' types are checked once per query.
+#[pg_guard]
+unsafe extern "C-unwind" fn startup(
+    _me: *mut pg_sys::DestReceiver,
+    _operation: std::ffi::c_int,
+    desc: pg_sys::TupleDesc,
+) {
+    unsafe {
+        assert!((*desc).natts as usize == CLAIM_COLUMNS.len(), "the claim's columns");
+        for (c, expected) in CLAIM_COLUMNS.into_iter().enumerate() {
+            assert!(pg_sys::SPI_gettypeid(desc, c as i32 + 1) == expected, "claim column {}", c + 1);
+        }
+    }
+}
+
+unsafe extern "C-unwind" fn nothing(_me: *mut pg_sys::DestReceiver) {}
+
 /// `claim` in one pass (None if it reached a group to take) or two.
 fn claim_rows(
     destination_id: &str,
@@ -280,11 +292,40 @@ fn claim_rows(
     rows: i64,
     one_pass: bool,
 ) -> SpiResult<Option<Claimed>> {
-    // One statement, so the snapshot reported is the one the rows were read with.
-    // The last row to take is found from ids and event counts alone, among
-    // `rows` rows (the window over whole rows copied up to `limit` rows of
-    // up to 8 kB each, and reading `limit` rows to take a few hundred
-    // groups was a third of a large statements' drain).
+    let sql = claim_sql(one_pass);
+    let mut reader = ClaimReader::new(destination_id, limit, one_pass);
+    Spi::connect(|_| {
+        use pg_sys::{BOOLOID, INT8ARRAYOID, INT8OID, TEXTOID};
+        select_into(
+            &sql,
+            &[
+                (TEXTOID, destination_id.into_datum()),
+                (INT8OID, after.into_datum()),
+                (INT8ARRAYOID, skip.to_vec().into_datum()),
+                (INT8OID, limit.into_datum()),
+                (INT8OID, rows.max(1).into_datum()),
+                // Latency counts from the commit when Postgres records it.
+                (BOOLOID, unsafe { pg_sys::track_commit_timestamp }.into_datum()),
+            ],
+            &mut |values, nulls| reader.take(values, nulls),
+        )
+    });
+    if reader.reached_group {
+        return Ok(None);
+    }
+    let mut out = reader.out;
+    out.next_xid = unsafe { pg_sys::ReadNextFullTransactionId() }.value;
+    Ok(Some(out))
+}
+
+/// The claim's statement: the rows, then one row with the snapshot they
+/// were read with (one statement, so the snapshot reported is that one).
+/// Two passes find the last row to take from ids and event counts alone,
+/// among `rows` rows (the window over whole rows copied up to `limit` rows
+/// of up to 8 kB each, and reading `limit` rows to take a few hundred
+/// groups was a third of a large statements' drain); one pass leaves the
+/// groups' arrays unread.
+fn claim_sql(one_pass: bool) -> String {
     let (last, arrays) = if one_pass {
         ("ORDER BY e.id LIMIT $5", "NULL::bigint[], NULL::text[], NULL::text[]")
     } else {
@@ -300,7 +341,7 @@ fn claim_rows(
             "e.ids, e.keys, e.rows::text[]",
         )
     };
-    let sql = format!(
+    format!(
         "(SELECT e.id, e.table_name, e.interaction, e.key, e.row_data::text, e.created_at, \
                  NULL::text, {arrays}, \
                  CASE WHEN $6 THEN pg_catalog.pg_xact_commit_timestamp(e.xmin) END, e.ids IS NOT NULL \
@@ -309,99 +350,100 @@ fn claim_rows(
          UNION ALL \
          SELECT NULL, NULL, NULL, NULL, NULL, NULL, pg_catalog.pg_current_snapshot()::text, NULL, NULL, \
                 NULL, NULL, NULL"
-    );
-    let mut out = Claimed { events: Vec::new(), rows: 0, xmax: 0, xip: Vec::new(), next_xid: 0 };
-    // The last table and interaction, shared by the events that have them.
-    let mut shared: [Option<Rc<str>>; 2] = [None, None];
-    // The last timestamp and its millisecond: rows of the same millisecond
-    // share it without formatting theirs.
-    let mut stamp: Option<(i64, Rc<str>)> = None;
-    // A one-pass claim stops at the first group it would take.
-    let mut reached_group = false;
-    let mut take = |values: &[pg_sys::Datum], nulls: &[bool]| -> bool {
-        let get_ts = |c: usize| (!nulls[c - 1]).then(|| values[c - 1].value() as i64);
+    )
+}
+
+/// Turns the claim's rows into events as the executor makes them.
+struct ClaimReader<'a> {
+    destination_id: &'a str,
+    limit: i64,
+    one_pass: bool,
+    out: Claimed,
+    /// The last table and interaction, shared by the events that have them.
+    shared: [Option<Rc<str>>; 2],
+    /// The last timestamp and its millisecond: rows of the same millisecond
+    /// share it without formatting theirs.
+    stamp: Option<(i64, Rc<str>)>,
+    /// A one-pass claim stops at the first group it would take.
+    reached_group: bool,
+}
+
+impl<'a> ClaimReader<'a> {
+    fn new(destination_id: &'a str, limit: i64, one_pass: bool) -> ClaimReader<'a> {
+        ClaimReader {
+            destination_id,
+            limit,
+            one_pass,
+            out: Claimed { events: Vec::new(), rows: 0, xmax: 0, xip: Vec::new(), next_xid: 0 },
+            shared: [None, None],
+            stamp: None,
+            reached_group: false,
+        }
+    }
+
+    /// One row of the claim; false: no more are wanted.
+    fn take(&mut self, values: &[pg_sys::Datum], nulls: &[bool]) -> bool {
         let Some(id) = get::<i64>(values, nulls, 1) else {
-            // xmin:xmax:xip,xip,...
-            let snapshot: String = get(values, nulls, 7).unwrap_or_default();
-            let mut parts = snapshot.split(':');
-            let _xmin = parts.next();
-            out.xmax = parts.next().and_then(|x| x.parse().ok()).unwrap_or(0);
-            out.xip = parts.next().unwrap_or("").split(',').filter_map(|x| x.parse().ok()).collect();
+            self.snapshot(get(values, nulls, 7).unwrap_or_default());
             return true;
         };
         // A row is taken while fewer than `limit` events are (a group whole).
-        if out.events.len() as i64 >= limit {
+        if self.out.events.len() as i64 >= self.limit {
             return true;
         }
-        if one_pass && get::<bool>(values, nulls, 12).unwrap_or(false) {
-            reached_group = true;
+        if self.one_pass && get::<bool>(values, nulls, 12).unwrap_or(false) {
+            self.reached_group = true;
             return false;
         }
-        out.rows += 1;
-        let table = share(&mut shared[0], get::<&str>(values, nulls, 2).unwrap_or_default());
-        let interaction = share(&mut shared[1], get::<&str>(values, nulls, 3).unwrap_or_default());
+        self.out.rows += 1;
+        self.push_events(id, values, nulls);
+        true
+    }
+
+    /// The snapshot's text: xmin:xmax:xip,xip,...
+    fn snapshot(&mut self, snapshot: String) {
+        let mut parts = snapshot.split(':');
+        let _xmin = parts.next();
+        self.out.xmax = parts.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+        self.out.xip = parts.next().unwrap_or("").split(',').filter_map(|x| x.parse().ok()).collect();
+    }
+
+    /// The events of outbox row `id`: itself, or its group's, in order.
+    fn push_events(&mut self, id: i64, values: &[pg_sys::Datum], nulls: &[bool]) {
+        let get_ts = |c: usize| (!nulls[c - 1]).then(|| values[c - 1].value() as i64);
+        let table = share(&mut self.shared[0], get::<&str>(values, nulls, 2).unwrap_or_default());
+        let interaction = share(&mut self.shared[1], get::<&str>(values, nulls, 3).unwrap_or_default());
         // Formatted here: to_char() was a tenth of the claim's time.
         let created_us = get_ts(6).unwrap_or(0);
         let ms = created_us.div_euclid(1000);
-        let timestamp = match &stamp {
+        let timestamp = match &self.stamp {
             Some((shown, t)) if *shown == ms => t.clone(),
-            _ => stamp.insert((ms, Rc::from(crate::status::format_ts(created_us)))).1.clone(),
+            _ => self.stamp.insert((ms, Rc::from(crate::status::format_ts(created_us)))).1.clone(),
         };
         let born_us = get_ts(11).unwrap_or(created_us);
-        match get::<Vec<i64>>(values, nulls, 8) {
-            None => out.events.push(Event {
-                id,
-                group: 0,
-                table,
-                interaction,
-                key: get(values, nulls, 4),
-                row: get(values, nulls, 5),
-                timestamp,
-                born_us,
-            }),
-            Some(ids) => {
-                let keys: Vec<Option<String>> = get(values, nulls, 9).unwrap_or_default();
-                let rows: Vec<Option<String>> = get(values, nulls, 10).unwrap_or_default();
-                if keys.len() != ids.len() || rows.len() != ids.len() {
-                    pgrx::error!("pg_outbox: outbox row {id} of destination \"{destination_id}\" is malformed");
-                }
-                for ((event, key), data) in ids.into_iter().zip(keys).zip(rows) {
-                    out.events.push(Event {
-                        id: event,
-                        group: id,
-                        table: table.clone(),
-                        interaction: interaction.clone(),
-                        key,
-                        row: data,
-                        timestamp: timestamp.clone(),
-                        born_us,
-                    });
-                }
-            }
+        let event = |id, group, key, row| Event {
+            id,
+            group,
+            table: table.clone(),
+            interaction: interaction.clone(),
+            key,
+            row,
+            timestamp: timestamp.clone(),
+            born_us,
+        };
+        let Some(ids) = get::<Vec<i64>>(values, nulls, 8) else {
+            self.out.events.push(event(id, 0, get(values, nulls, 4), get(values, nulls, 5)));
+            return;
+        };
+        let keys: Vec<Option<String>> = get(values, nulls, 9).unwrap_or_default();
+        let rows: Vec<Option<String>> = get(values, nulls, 10).unwrap_or_default();
+        if keys.len() != ids.len() || rows.len() != ids.len() {
+            pgrx::error!("pg_outbox: outbox row {id} of destination \"{}\" is malformed", self.destination_id);
         }
-        true
-    };
-    Spi::connect(|_| {
-        use pg_sys::{BOOLOID, INT8ARRAYOID, INT8OID, TEXTOID};
-        select_into(
-            &sql,
-            &[
-                (TEXTOID, destination_id.into_datum()),
-                (INT8OID, after.into_datum()),
-                (INT8ARRAYOID, skip.to_vec().into_datum()),
-                (INT8OID, limit.into_datum()),
-                (INT8OID, rows.max(1).into_datum()),
-                // Latency counts from the commit when Postgres records it.
-                (BOOLOID, unsafe { pg_sys::track_commit_timestamp }.into_datum()),
-            ],
-            &mut take,
-        )
-    });
-    if reached_group {
-        return Ok(None);
+        for ((ev, key), data) in ids.into_iter().zip(keys).zip(rows) {
+            self.out.events.push(event(ev, id, key, data));
+        }
     }
-    out.next_xid = unsafe { pg_sys::ReadNextFullTransactionId() }.value;
-    Ok(Some(out))
 }
 
 /// Replace these groups by single events, leaving out the events in `drop`
