@@ -3,8 +3,7 @@
 //! these inside a worker transaction (see `worker::in_transaction`). The
 //! enqueue side is the row trigger in src/capture.rs.
 
-use crate::kafka::{share, Event};
-use crate::types::{Content, Kind};
+use crate::types::{share, Content, Event, Kind};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiResult;

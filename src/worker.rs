@@ -9,7 +9,7 @@ use crate::pipe::{Batch, Pipe};
 use crate::ring;
 use crate::status::{self, SlotRef, State};
 use crate::store;
-use crate::types::{Content, Kind};
+use crate::types::{self, Content, Kind};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::pg_sys::panic::CaughtError;
@@ -185,7 +185,7 @@ struct Destination {
     held: Vec<(i64, i64)>,
     txn_deadline: Option<Instant>,
     /// Best-effort events waiting for buffer space, with when they first did.
-    blocked: VecDeque<(Instant, kafka::Event)>,
+    blocked: VecDeque<(Instant, types::Event)>,
     blocked_bytes: usize,
     /// Reconfigured: this old incarnation only finishes what it has in flight.
     retiring_until: Option<Instant>,
@@ -619,7 +619,7 @@ impl Destination {
     }
 
     /// Produce one event; librdkafka may refuse it at once.
-    fn send(&mut self, ev: &kafka::Event) -> Result<(), Refused> {
+    fn send(&mut self, ev: &types::Event) -> Result<(), Refused> {
         let resource_type = self.resource_types.get(&*ev.table).map(String::as_str);
         let fhir_base = if resource_type.is_some() { config::fhir_base_url() } else { String::new() };
         let target = Target {
@@ -688,13 +688,13 @@ impl Destination {
     }
 
     /// Put an event at the head of the wait (it was just taken from there).
-    fn hold(&mut self, since: Instant, ev: kafka::Event) {
+    fn hold(&mut self, since: Instant, ev: types::Event) {
         self.blocked_bytes += event_bytes(&ev);
         self.blocked.push_front((since, ev));
     }
 
     /// Queue an event behind those waiting for buffer space, if there is room.
-    fn wait_for_space(&mut self, ev: kafka::Event) {
+    fn wait_for_space(&mut self, ev: types::Event) {
         let bytes = event_bytes(&ev);
         if self.params.max_block_ms == 0 {
             self.lose("librdkafka's buffer is full (maxBlockMs is 0)".to_string());
@@ -707,7 +707,7 @@ impl Destination {
     }
 
     /// Best-effort: send one event, or hold it while the buffer is full.
-    fn send_best_effort(&mut self, ev: kafka::Event) {
+    fn send_best_effort(&mut self, ev: types::Event) {
         if !self.blocked.is_empty() {
             // Keep the order: behind those already waiting.
             self.wait_for_space(ev);
@@ -727,7 +727,7 @@ impl Destination {
 }
 
 /// Memory an event waiting in the worker takes, roughly.
-fn event_bytes(ev: &kafka::Event) -> usize {
+fn event_bytes(ev: &types::Event) -> usize {
     128 + ev.table.len() + ev.key.as_ref().map_or(0, String::len) + ev.row.as_ref().map_or(0, String::len)
 }
 
@@ -1463,14 +1463,14 @@ impl Worker {
                     d.lose("no Kafka producer".into());
                     continue;
                 }
-                let event = kafka::Event {
+                let event = types::Event {
                     group: 0,
                     id: ev.number as i64,
-                    table: kafka::share(&mut shared[0], &ev.table),
-                    interaction: kafka::share(&mut shared[1], &ev.interaction),
+                    table: types::share(&mut shared[0], &ev.table),
+                    interaction: types::share(&mut shared[1], &ev.interaction),
                     key: ev.key,
                     row: ev.row,
-                    timestamp: kafka::share(&mut shared[2], &status::format_ts(ev.timestamp_us)),
+                    timestamp: types::share(&mut shared[2], &status::format_ts(ev.timestamp_us)),
                     born_us: ev.committed_us,
                 };
                 d.send_best_effort(event);
