@@ -4,7 +4,11 @@
 //! - `config`: the `outbox.*` settings (GUCs);
 //! - `api`: the Rust half of the SQL API (parameter checks, preload check);
 //! - `capture`: what the row trigger needs from Rust (wake the worker on commit);
-//! - `status`: counters and last errors in shared memory, read by the status view;
+//! - `status`: shared memory between writers, SQL functions and the worker:
+//!   `control` (the worker's latch, configuration and rescan generations),
+//!   `slots` (per-destination counters, latencies and last errors), `time`
+//!   (timestamps as ISO 8601), `sql` (`_destination_stats()`, which the status
+//!   view reads);
 //! - `ring`: the best-effort queue in shared memory;
 //! - `rowjson`: rows as JSON, as `row_to_json` prints them, for the trigger;
 //! - `store`: the outbox table as the worker sees it (claim, acknowledge, fail);
