@@ -160,7 +160,8 @@ pub fn mark_stopped(r: SlotRef) {
     slot.in_process = 0;
 }
 
-/// Worker start: whatever a previous worker had in process is not any more.
+/// Worker start: every slot in use is stopped, with nothing in process,
+/// whatever a previous worker left there.
 pub fn worker_started() {
     let mut s = SLOTS.exclusive();
     for slot in s.slots.iter_mut().filter(|x| x.used) {
