@@ -81,8 +81,8 @@ CREATE INDEX destination_topic_url_idx ON outbox.destination (topic_url);
 -- malformed group): one row instead of hundreds is what
 -- makes multi-row statements cheap to capture and to delete. outbox.pending
 -- shows one row per event either way.
--- Only src/store.rs (the worker side) and src/capture.rs (the row trigger
--- outbox._capture(), the enqueue side) know this layout. row_data is the row
+-- Only src/store.rs (the worker side) and src/capture/outbox.rs (the row
+-- trigger outbox._capture()'s enqueue side) know this layout. row_data is the row
 -- as row_to_json() gives it (columns in table order), only for full-resource.
 -- No primary key on id: ids come from the identity and every query goes by
 -- (destination_id, id), which is unique and the replica identity (a FOR ALL

@@ -4,14 +4,13 @@
 
 use crate::oauth::TokenSource;
 use crate::params::Params;
-use crate::types::Content;
+use crate::types::{Content, Event};
 use crossbeam_channel::Sender;
 use rdkafka::client::OAuthToken;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientContext;
 use std::os::fd::RawFd;
-use std::rc::Rc;
 use std::time::Duration;
 
 /// What the producer's callbacks report to the worker's main thread.
@@ -263,38 +262,6 @@ pub fn check_client_config(params: &Params) -> Result<(), String> {
             Ok(())
         }
         Err(e) => Err(params.redact(&e.to_string())),
-    }
-}
-
-/// One outbox event as the worker read it.
-#[derive(Debug, Clone)]
-pub struct Event {
-    pub id: i64,
-    /// The id of the outbox row holding this event with others of its
-    /// statement (see `outbox.event`), or 0 for a row of its own.
-    pub group: i64,
-    /// Schema-qualified source table, e.g. `public.orders`. (This, the
-    /// interaction and the timestamp are shared between events, see `share`.)
-    pub table: Rc<str>,
-    /// `create`, `update` or `delete`.
-    pub interaction: Rc<str>,
-    pub key: Option<String>,
-    /// The row as JSON text (full-resource only).
-    pub row: Option<String>,
-    /// Transaction timestamp of the change, ISO 8601 UTC.
-    pub timestamp: Rc<str>,
-    /// Where the latency the status reports starts (Postgres µs): the commit
-    /// when known, else the transaction start.
-    pub born_us: i64,
-}
-
-/// `s` as a shared string: `last` again if it holds the same text (the
-/// events of a claim or of the best-effort queue mostly share their table,
-/// interaction and timestamp), else a new one, kept in `last`.
-pub fn share(last: &mut Option<Rc<str>>, s: &str) -> Rc<str> {
-    match last {
-        Some(l) if **l == *s => l.clone(),
-        _ => last.insert(Rc::from(s)).clone(),
     }
 }
 

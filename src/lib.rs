@@ -3,8 +3,18 @@
 //! Modules, by what they do:
 //! - `config`: the `outbox.*` settings (GUCs);
 //! - `api`: the Rust half of the SQL API (parameter checks, preload check);
-//! - `capture`: what the row trigger needs from Rust (wake the worker on commit);
-//! - `status`: counters and last errors in shared memory, read by the status view;
+//! - `error`: errors for the user, with SQLSTATE, hint and detail;
+//! - `capture`: the writer side, the row trigger `outbox._capture()`: `routes`
+//!   (each topic's destinations and tables, cached per backend), `target`
+//!   (watched table and primary key from the catalog), `tuple` (Kafka key,
+//!   FHIR resource), `criteria` (FHIRPath), `outbox` (the at-least-once write
+//!   at statement end), `best_effort` (kept until COMMIT, then handed to the
+//!   ring), `xact` (commit and savepoint callbacks);
+//! - `status`: shared memory between writers, SQL functions and the worker:
+//!   `control` (the worker's latch, configuration and rescan generations),
+//!   `slots` (per-destination counters, latencies and last errors), `time`
+//!   (timestamps as ISO 8601), `sql` (`_destination_stats()`, which the status
+//!   view reads);
 //! - `ring`: the best-effort queue in shared memory;
 //! - `rowjson`: rows as JSON, as `row_to_json` prints them, for the trigger;
 //! - `store`: the outbox table as the worker sees it (claim, acknowledge, fail);
@@ -13,7 +23,8 @@
 //! - `params`, `jaas`, `oauth`: Aidbox's producer parameters, JAAS strings,
 //!   OAUTHBEARER tokens (AWS MSK IAM);
 //! - `fhirpath`: FHIRPath criteria;
-//! - `types`: a destination's kind and content;
+//! - `types`: types several modules share: a destination's kind and content,
+//!   an outbox event as the worker reads it;
 //! - `worker`: the background worker loop.
 //!
 //! The SQL half of the API lives in `sql/schema.sql` (tables, destinations),

@@ -9,7 +9,8 @@
 //! contends for its malloc arena. No Postgres call here; see
 //! docs/architecture.md.
 
-use crate::kafka::{bundle, produce, Event, KafkaProducer, Message, Refused, Target};
+use crate::kafka::{bundle, produce, KafkaProducer, Message, Refused, Target};
+use crate::types::Event;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use rdkafka::bindings as rd;
 use rdkafka::error::KafkaError;

@@ -1,10 +1,9 @@
 //! The outbox table as the worker sees it: claim a batch, acknowledge what
 //! Kafka accepted, record failed attempts, load the configuration. Callers run
 //! these inside a worker transaction (see `worker::in_transaction`). The
-//! enqueue side is the row trigger in src/capture.rs.
+//! enqueue side is the row trigger's, in src/capture/outbox.rs.
 
-use crate::kafka::{share, Event};
-use crate::types::{Content, Kind};
+use crate::types::{share, Content, Event, Kind};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiResult;

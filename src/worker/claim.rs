@@ -10,9 +10,10 @@ use super::in_transaction;
 use super::outbox::Outbox;
 use super::Worker;
 use crate::config;
-use crate::kafka::{self, Refused};
+use crate::kafka::Refused;
 use crate::status;
 use crate::store;
+use crate::types;
 use pgrx::spi::SpiResult;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -118,7 +119,7 @@ impl Outbox {
 
     /// Note what a claim found: the cursor is set again once the whole
     /// claim is on its way.
-    fn note_claim(&mut self, claim: &Claim, events: &[kafka::Event], now: Instant) {
+    fn note_claim(&mut self, claim: &Claim, events: &[types::Event], now: Instant) {
         if claim.full_scan {
             self.cursor.full_scan_at = Some(now);
         }
@@ -132,7 +133,7 @@ impl Outbox {
     }
 
     /// A batch begins: its groups are tracked from here.
-    fn start_batch(&mut self, events: &[kafka::Event], pipeline_empty: bool) {
+    fn start_batch(&mut self, events: &[types::Event], pipeline_empty: bool) {
         self.batch_failed = false;
         if pipeline_empty {
             self.batch_last = 0;
@@ -149,7 +150,7 @@ impl Outbox {
 
     /// The event is on its way. Claims go by outbox row: a group counts
     /// once it is all sent.
-    fn sent(&mut self, ev: &kafka::Event, next: Option<&kafka::Event>) {
+    fn sent(&mut self, ev: &types::Event, next: Option<&types::Event>) {
         if let Some(g) = self.groups.get_mut(&ev.group) {
             g.outstanding += 1;
         }
@@ -196,7 +197,7 @@ impl Destination {
 
     /// Send a claim's events in order; false if some stay in the outbox for
     /// the next batch.
-    fn send_claimed(&mut self, events: &[kafka::Event]) -> bool {
+    fn send_claimed(&mut self, events: &[types::Event]) -> bool {
         for (i, ev) in events.iter().enumerate() {
             let sent = self.send(ev);
             let Some(o) = self.outbox() else { return false };

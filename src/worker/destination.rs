@@ -13,7 +13,7 @@ use crate::params::Params;
 use crate::pipe::{Batch, Pipe};
 use crate::status::SlotRef;
 use crate::store;
-use crate::types::{Content, Kind};
+use crate::types::{self, Content, Kind};
 use crossbeam_channel::Sender;
 use std::collections::HashMap;
 use std::os::fd::RawFd;
@@ -183,7 +183,7 @@ impl Destination {
     }
 
     /// Produce one event; librdkafka may refuse it at once.
-    pub fn send(&mut self, ev: &kafka::Event) -> Result<(), Refused> {
+    pub fn send(&mut self, ev: &types::Event) -> Result<(), Refused> {
         let resource_type = self.resource_types.get(&*ev.table).map(String::as_str);
         let fhir_base = if resource_type.is_some() { config::fhir_base_url() } else { String::new() };
         let target = Target {

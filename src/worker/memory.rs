@@ -8,6 +8,7 @@ use super::Worker;
 use crate::kafka::{self, Refused};
 use crate::ring;
 use crate::status;
+use crate::types;
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -25,7 +26,7 @@ const BLOCKED_MAX_BYTES: usize = 64 << 20;
 #[derive(Default)]
 pub(super) struct Memory {
     /// Events waiting for buffer space, with when they first did.
-    blocked: VecDeque<(Instant, kafka::Event)>,
+    blocked: VecDeque<(Instant, types::Event)>,
     blocked_bytes: usize,
     pub delivered: u64,
     lost: u64,
@@ -59,20 +60,20 @@ impl Memory {
         self.blocked.front().map(|(since, _)| *since)
     }
 
-    fn pop(&mut self) -> Option<(Instant, kafka::Event)> {
+    fn pop(&mut self) -> Option<(Instant, types::Event)> {
         let (since, ev) = self.blocked.pop_front()?;
         self.blocked_bytes -= event_bytes(&ev);
         Some((since, ev))
     }
 
     /// Put an event back at the head of the wait (it was just taken from there).
-    fn hold(&mut self, since: Instant, ev: kafka::Event) {
+    fn hold(&mut self, since: Instant, ev: types::Event) {
         self.blocked_bytes += event_bytes(&ev);
         self.blocked.push_front((since, ev));
     }
 
     /// Queue an event behind those waiting for buffer space, if there is room.
-    fn wait_for_space(&mut self, ev: kafka::Event, max_block_ms: i64) {
+    fn wait_for_space(&mut self, ev: types::Event, max_block_ms: i64) {
         let bytes = event_bytes(&ev);
         if max_block_ms == 0 {
             self.lose("librdkafka's buffer is full (maxBlockMs is 0)".to_string());
@@ -86,7 +87,7 @@ impl Memory {
 }
 
 /// Memory an event waiting in the worker takes, roughly.
-fn event_bytes(ev: &kafka::Event) -> usize {
+fn event_bytes(ev: &types::Event) -> usize {
     128 + ev.table.len() + ev.key.as_ref().map_or(0, String::len) + ev.row.as_ref().map_or(0, String::len)
 }
 
@@ -121,7 +122,7 @@ impl Destination {
     }
 
     /// Send one event, or hold it while the buffer is full.
-    fn send_best_effort(&mut self, ev: kafka::Event) {
+    fn send_best_effort(&mut self, ev: types::Event) {
         let max_block_ms = self.params.max_block_ms;
         let Some(m) = self.memory() else { return };
         if m.waiting() > 0 {
@@ -210,14 +211,14 @@ impl Worker {
             }
             return;
         }
-        let event = kafka::Event {
+        let event = types::Event {
             group: 0,
             id: ev.number as i64,
-            table: kafka::share(&mut shared[0], &ev.table),
-            interaction: kafka::share(&mut shared[1], &ev.interaction),
+            table: types::share(&mut shared[0], &ev.table),
+            interaction: types::share(&mut shared[1], &ev.interaction),
             key: ev.key,
             row: ev.row,
-            timestamp: kafka::share(&mut shared[2], &status::format_ts(ev.timestamp_us)),
+            timestamp: types::share(&mut shared[2], &status::format_ts(ev.timestamp_us)),
             born_us: ev.committed_us,
         };
         d.send_best_effort(event);

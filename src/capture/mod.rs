@@ -1,0 +1,230 @@
+//! Capture: the writer side, what runs in the backend that changes a
+//! watched table. The row (and TRUNCATE) trigger `outbox._capture()` turns
+//! each change into one event per destination of its topic and keeps it in
+//! backend memory until the statement ends (at-least-once) or the
+//! transaction commits (best-effort); the worker does the rest.
+//!
+//! The trigger runs as the writing user: the row becomes JSON (`row_to_json`)
+//! with the writer's rights, so a type's cast to json never runs as the
+//! extension owner. Only the route query and the outbox INSERT run as the
+//! extension owner (`as_owner`; writers have no rights on the outbox tables).
+//!
+//! - `routes`: each topic's destinations and tables, cached per backend and
+//!   reloaded when the configuration generation in shared memory moves.
+//! - `target`: the watched table's name and the primary key, read from the
+//!   catalog (cached until a relcache or namespace invalidation), not from the
+//!   trigger's arguments: they follow renames, and a key added later is used.
+//! - `tuple`: the Kafka key and, for tables in Aidbox's layout, the FHIR
+//!   resource, from the changed tuple (other rows: `crate::rowjson`).
+//! - `criteria`: a topic's FHIRPath criteria, tested per change.
+//! - `outbox`: at-least-once events, written to the outbox with one INSERT
+//!   when the statement finishes (ExecutorFinish), every 1,000 events or
+//!   8 MB, and at COMMIT/PREPARE for what is left (COPY, events of a
+//!   subtransaction), in the same transaction: not one INSERT per row.
+//! - `best_effort`: best-effort events, handed to the shared queue (`ring`)
+//!   on COMMIT only.
+//! - `xact`: the transaction callbacks: flush at PRE_COMMIT, hand-over and one
+//!   worker wake-up per committing transaction that captured anything; a
+//!   rolled-back transaction or savepoint drops its own events, of either kind.
+//!
+//! This file holds the trigger, the backend's capture state and the SQL
+//! functions that mark a transaction for the worker. See
+//! docs/architecture.md.
+
+mod best_effort;
+mod criteria;
+mod outbox;
+mod routes;
+mod target;
+mod tuple;
+mod xact;
+
+pub use outbox::install_hooks;
+
+use crate::error::UserError;
+use outbox::Queued;
+use pgrx::prelude::*;
+use routes::{Route, ROW_INTERACTIONS};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use target::Target;
+
+/// What this backend keeps between trigger calls: the cached configuration
+/// and the events of the current transaction.
+#[derive(Default)]
+struct State {
+    callbacks_registered: bool,
+    /// Routes by topic id, valid for `generation` unless `dirty`.
+    routes: Option<HashMap<i32, Rc<Route>>>,
+    /// Targets by (topic id, relation), valid while `targets_epoch` is
+    /// `target::INVALIDATIONS`.
+    targets: HashMap<(i32, pg_sys::Oid), Rc<Target>>,
+    targets_epoch: u64,
+    generation: u64,
+    dirty: bool,
+    /// This transaction changed the configuration.
+    config_changed: bool,
+    /// Wake the worker at COMMIT: this transaction wrote events into the
+    /// outbox, or asked for it (`_wake_on_commit`).
+    wake: bool,
+    /// This transaction put events back with old numbers.
+    rescan: bool,
+    /// At-least-once events of this transaction not yet in the outbox.
+    queued: Vec<Queued>,
+    queued_bytes: usize,
+    /// The PRE_COMMIT flush ran: a change captured after it (by a commit
+    /// callback that runs after ours) is written at once.
+    committing: bool,
+    /// Best-effort events of this transaction: (subtransaction, destination, encoded).
+    pending: Vec<(pg_sys::SubTransactionId, String, Vec<u8>)>,
+    pending_bytes: usize,
+    /// Best-effort events already dropped in this transaction: (subtransaction, destination).
+    dropped: Vec<(pg_sys::SubTransactionId, String)>,
+    /// The routes were read with a snapshot that must not outlive this transaction.
+    reload_after_transaction: bool,
+    /// The extension owner, who writes the outbox.
+    owner: pg_sys::Oid,
+    /// The outbox INSERTs (single events, groups), prepared once per
+    /// backend and configuration.
+    insert_plans: [Option<pgrx::spi::OwnedPreparedStatement>; 2],
+}
+
+thread_local! {
+    static STATE: RefCell<State> = RefCell::new(State::default());
+}
+
+/// Register the transaction and invalidation callbacks, once per backend.
+fn ensure_callbacks(s: &mut State) {
+    if !s.callbacks_registered {
+        unsafe {
+            pg_sys::RegisterXactCallback(Some(xact::on_xact), std::ptr::null_mut());
+            pg_sys::RegisterSubXactCallback(Some(xact::on_subxact), std::ptr::null_mut());
+            pg_sys::CacheRegisterRelcacheCallback(Some(target::on_relcache), pg_sys::Datum::from(0));
+            pg_sys::CacheRegisterSyscacheCallback(
+                pg_sys::SysCacheIdentifier::NAMESPACEOID as i32,
+                Some(target::on_namespace),
+                pg_sys::Datum::from(0),
+            );
+        }
+        s.callbacks_registered = true;
+    }
+}
+
+/// Run `f` as the extension owner. On an ERROR, (sub)transaction abort
+/// restores the writer's identity.
+fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    let (mut user, mut context) = (pg_sys::Oid::INVALID, 0);
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            context | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32,
+        );
+    }
+    let r = f();
+    unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
+    r
+}
+
+/// The trigger the API attaches: `outbox._capture(topic id)`, for each row
+/// (create, update, delete) or each TRUNCATE statement.
+#[pg_trigger]
+fn _capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
+    let td = trigger.trigger_data();
+    // The first argument, as it is (PgTrigger::extra_args copies them all per row).
+    let topic_id = unsafe {
+        let t = &*td.tg_trigger;
+        (t.tgnargs > 0).then(|| std::ffi::CStr::from_ptr(*t.tgargs)).and_then(|a| a.to_str().ok()?.parse::<i32>().ok())
+    };
+    let op = td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
+    let row_level = td.tg_event & pg_sys::TRIGGER_EVENT_ROW != 0;
+    let Some(topic_id) = topic_id.filter(|_| row_level || op == pg_sys::TRIGGER_EVENT_TRUNCATE) else {
+        UserError::new(
+            PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+            "outbox._capture() runs only as a topic's trigger",
+        )
+        .hint("Topics attach their triggers themselves: use outbox.create_topic() or outbox.alter_topic().")
+        .raise()
+    };
+    routes::refresh();
+    let Some(route) = STATE.with(|s| s.borrow().routes.as_ref().and_then(|r| r.get(&topic_id).cloned())) else {
+        return Ok(None); // no destination (yet)
+    };
+    let target = target::of(topic_id, &route, td.tg_relation);
+    let table = &*target.name;
+    let (tuple, interaction) = match op {
+        pg_sys::TRIGGER_EVENT_INSERT => (td.tg_trigtuple, 0),
+        pg_sys::TRIGGER_EVENT_UPDATE => (td.tg_newtuple, 1),
+        pg_sys::TRIGGER_EVENT_DELETE => (td.tg_trigtuple, 2),
+        _ => {
+            // TRUNCATE: no row, no key.
+            enqueue(&route, topic_id, table, "truncate", None, None);
+            return Ok(None);
+        }
+    };
+    let watched = route.tables.get(&target.watched);
+    let fhir_type = watched.and_then(|w| w.resource_type.as_deref());
+    let (relid, desc) = unsafe { ((*td.tg_relation).rd_id, (*td.tg_relation).rd_att) };
+    // The changed row as a resource (JSON text): Aidbox's for FHIR tables, else the row.
+    let text_of = |t: pg_sys::HeapTuple| -> String {
+        match fhir_type {
+            Some(rt) => unsafe { tuple::fhir_resource(t, desc, rt) },
+            // As row_to_json prints it, with the writer's rights.
+            None => unsafe { crate::rowjson::row_json(relid, t, desc) },
+        }
+    };
+    let fhirpath = watched.and_then(|w| w.fhirpath[interaction].needed());
+    let mut text = (route.needs_row || fhirpath.is_some()).then(|| text_of(tuple));
+    if let Some(fhirpath) = fhirpath {
+        let other = (op == pg_sys::TRIGGER_EVENT_UPDATE).then(|| text_of(td.tg_trigtuple));
+        if !criteria::holds(fhirpath, op, text.as_deref().unwrap_or("{}"), other.as_deref(), topic_id, table) {
+            return Ok(None);
+        }
+    }
+    let row = if route.needs_row { text.take() } else { None };
+    let key = unsafe { tuple::row_key(tuple, desc, &target.key) };
+    enqueue(&route, topic_id, table, ROW_INTERACTIONS[interaction], key, row);
+    Ok(None)
+}
+
+/// Keep the change for the topic's destinations: best-effort ones until
+/// COMMIT, at-least-once ones until the statement ends.
+fn enqueue(
+    route: &Route,
+    topic_id: i32,
+    table: &str,
+    interaction: &'static str,
+    key: Option<String>,
+    row: Option<String>,
+) {
+    if !route.best_effort.is_empty() {
+        best_effort::buffer(&route.best_effort, table, interaction, key.as_deref(), row.as_deref());
+    }
+    if !route.at_least_once.is_empty() {
+        outbox::queue(route, topic_id, table, interaction, key, row);
+    }
+}
+
+/// Wake the worker when this transaction commits, to claim from the start of
+/// the outbox (outbox.retry_dead_letters puts events back with old numbers).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _wake_on_commit() {
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        ensure_callbacks(&mut s);
+        s.wake = true;
+        s.rescan = true;
+    });
+}
+
+/// Called by the configuration functions: writers and the worker reload.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _changed_on_commit() {
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        ensure_callbacks(&mut s);
+        s.config_changed = true;
+        s.dirty = true; // this backend sees its own change at once
+    });
+}
