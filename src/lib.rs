@@ -25,7 +25,9 @@
 //! - `fhirpath`: FHIRPath criteria;
 //! - `types`: types several modules share: a destination's kind and content,
 //!   an outbox event as the worker reads it;
-//! - `worker`: the background worker loop.
+//! - `worker`: the background worker: its loop, reload, each destination
+//!   (the at-least-once outbox side, the best-effort memory side), claims,
+//!   delivery reports, Kafka transactions.
 //!
 //! The SQL half of the API lives in `sql/schema.sql` (tables, destinations),
 //! `sql/topics.sql` (topics and the DDL event triggers) and `sql/finalize.sql`.
