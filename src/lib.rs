@@ -18,7 +18,8 @@
 //! - `ring`: the best-effort queue in shared memory;
 //! - `rowjson`: rows as JSON, as `row_to_json` prints them, for the trigger;
 //! - `store`: the outbox table as the worker sees it (claim, acknowledge, fail);
-//! - `kafka`: producer configuration and message building (no Postgres calls);
+//! - `kafka`: the producer and its callbacks; `message`, the notification
+//!   Bundle and its headers (no Postgres calls);
 //! - `pipe`: an at-least-once destination's producing thread;
 //! - `params`, `jaas`, `oauth`: Aidbox's producer parameters, JAAS strings,
 //!   OAUTHBEARER tokens (AWS MSK IAM);
