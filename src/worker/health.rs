@@ -64,7 +64,7 @@ impl Health {
     }
 
     /// Wait before the next attempt, twice as long as last time (between
-    /// outbox.retry_min_ms and outbox.retry_max_ms).
+    /// outbox.retry_min and outbox.retry_max).
     pub fn back_off(&mut self) {
         let min = Duration::from_millis(config::RETRY_MIN_MS.get() as u64);
         let max = Duration::from_millis(config::RETRY_MAX_MS.get() as u64);
