@@ -45,6 +45,10 @@ fn jaas_strings_parse_as_kafka_parses_them() {
         assert_eq!(j.flag, *flag, "{text}");
         assert_eq!(&j.options, options, "{text}");
     }
+}
+
+#[test]
+fn jaas_errors_say_what_is_wrong_and_never_show_a_value() {
     let bad: &[(&str, &str)] = &[
         (r#"m.Mod required username="u" password="hunter2""#, "not terminated by a semicolon"),
         (r#"m.Mod mandatory username="u";"#, "invalid login module control flag"),

@@ -27,7 +27,7 @@ fn props(p: &Params) -> std::collections::BTreeMap<String, String> {
 }
 
 #[test]
-fn every_parameter_reaches_the_librdkafka_configuration() {
+fn without_parameters_the_producer_has_javas_defaults() {
     // Java's defaults where librdkafka's differ.
     let p = parse("at-least-once", base(json!({}))).unwrap();
     let c = props(&p);
@@ -51,7 +51,10 @@ fn every_parameter_reaches_the_librdkafka_configuration() {
     }
     assert_eq!((p.max_block_ms, p.delivery_timeout_ms, p.transactional), (60_000, 120_000, false));
     assert!(p.token.is_none());
+}
 
+#[test]
+fn every_parameter_reaches_the_librdkafka_configuration() {
     // Each parameter, as valueInteger or (Java parses it) valueString.
     let p = parse(
         "at-least-once",
@@ -86,7 +89,10 @@ fn every_parameter_reaches_the_librdkafka_configuration() {
     // Best-effort may trade acknowledgements for speed; empty server entries are skipped, as Java does.
     let p = parse("best-effort", base(json!({"rdkafka.acks": 1, "bootstrapServers": " k1:9092, ,k2:9093,"}))).unwrap();
     assert_eq!((props(&p)["acks"].as_str(), props(&p)["bootstrap.servers"].as_str()), ("1", "k1:9092,k2:9093"));
+}
 
+#[test]
+fn sasl_credentials_become_librdkafka_properties_shown_redacted() {
     // SASL/SCRAM over TLS: the JAAS credentials become sasl.username/password.
     let jaas = format!(r#"{SCRAM} required username="alice" password="hunter2";"#);
     let p = parse(
@@ -113,7 +119,10 @@ fn every_parameter_reaches_the_librdkafka_configuration() {
     .unwrap();
     assert_eq!(props(&p)["sasl.mechanism"], "PLAIN");
     assert!(!props(&p).contains_key("ssl.ca.location"));
+}
 
+#[test]
+fn msk_iam_takes_its_region_from_the_broker_names() {
     // AWS MSK IAM, as Aidbox's documentation writes it.
     let msk = base(json!({
         "bootstrapServers": "b-1.demo.abc.c2.kafka.eu-west-1.amazonaws.com:9098,b-2.demo.abc.c2.kafka.eu-west-1.amazonaws.com:9098",
@@ -134,7 +143,10 @@ fn every_parameter_reaches_the_librdkafka_configuration() {
     )
     .unwrap();
     assert_eq!(p.token, Some(TokenSource::MskIam { region: "us-east-2".into(), profile: Some("prod".into()) }));
+}
 
+#[test]
+fn unsecured_jwts_carry_the_claims_of_the_jaas_options() {
     // Kafka's unsecured JWT.
     let unsecured = format!(
         r#"{OAUTH} required unsecuredLoginStringClaim_sub="svc" unsecuredLoginNumberClaim_level="3" unsecuredLoginListClaim_scope=",read,write" unsecuredLoginLifetimeSeconds="60";"#
@@ -261,6 +273,10 @@ fn wrong_parameters_are_refused_with_a_reason_and_a_hint() {
             e.message
         );
     }
+}
+
+#[test]
+fn a_wrongly_cased_parameter_name_gets_a_did_you_mean() {
     let e = parse("at-least-once", base(json!({"batchsize": 1}))).unwrap_err();
     assert!(e.hint.contains("Did you mean \"batchSize\""), "{}", e.hint);
 }
