@@ -48,3 +48,10 @@ fn msk_iam_tokens_match_aws_signer_byte_for_byte() {
     let eoy = String::from_utf8(base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(eoy.value).unwrap()).unwrap();
     assert!(eoy.contains("X-Amz-Date=20251231T235959Z"), "{eoy}");
 }
+
+#[test]
+fn the_msk_user_agent_names_the_extensions_version() {
+    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml")).unwrap();
+    let version = manifest.lines().find_map(|l| l.strip_prefix("version = \"")?.strip_suffix('"')).unwrap();
+    assert_eq!(oauth::MSK_USER_AGENT, format!("pg_outbox/{version}"));
+}
