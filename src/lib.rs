@@ -10,7 +10,7 @@
 //! - `store`: the outbox table as the worker sees it (claim, acknowledge, fail);
 //! - `kafka`: producer configuration and message building (no Postgres calls);
 //! - `pipe`: an at-least-once destination's producing thread;
-//! - `params`, `jaas`, `oauth`: Aidbox's producer parameters, JAAS strings,
+//! - `params`, `oauth`: Aidbox's producer parameters (with their JAAS strings),
 //!   OAUTHBEARER tokens (AWS MSK IAM), from the crate `pg_outbox_params` (params/);
 //! - `fhirpath`: FHIRPath criteria;
 //! - `types`: a destination's kind and content;
