@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command: set up (idempotent), then run
-#   1. the end-to-end tests (pg_test/): real Postgres 15 with pg_outbox
+#   1. the producer parameter tests (params/): plain Rust, no Postgres;
+#   2. the end-to-end tests (pg_test/): real Postgres 15 with pg_outbox
 #      preloaded, real tansu brokers over TCP;
-#   2. the #[pg_test] API tests inside Postgres (cargo pgrx test).
+#   3. the #[pg_test] API tests inside Postgres (cargo pgrx test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -18,6 +19,9 @@ mkdir -p /tmp/pg_outbox && chmod 755 /tmp/pg_outbox
 LOG=/tmp/pg_outbox/test-output.log
 : >"$LOG"
 
+printf '\n== producer parameter tests (params/, no Postgres)\n'
+cargo test -p pg_outbox_params 2>&1 | tee -a "$LOG"
+
 printf '\n== end-to-end tests (pg_test/)\n'
 cargo test -p pg_outbox_test -- --test-threads=4 --nocapture 2>&1 | tee -a "$LOG"
 
@@ -31,6 +35,6 @@ cargo pgrx test pg15 --runas postgres --pgdata "$PGRX_DATA/pg15" 2>&1 | tee -a "
 # cargo pgrx test installed a build with test functions: put the plain one back.
 cargo pgrx install --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null
 
-# The guarantee figures (docs/guarantees.md), then one closing line for both runs.
+# The guarantee figures (docs/guarantees.md), then one closing line for all runs.
 grep -h '^guarantees:' "$LOG" || true
 awk '/^test result:/ { p += $4; f += $6 } END { printf "\npg_outbox tests: %d passed, %d failed\n", p, f }' "$LOG"

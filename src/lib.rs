@@ -21,8 +21,8 @@
 //! - `kafka`: the producer and its callbacks; `message`, the notification
 //!   Bundle and its headers (no Postgres calls);
 //! - `pipe`: an at-least-once destination's producing thread;
-//! - `params`, `jaas`, `oauth`: Aidbox's producer parameters, JAAS strings,
-//!   OAUTHBEARER tokens (AWS MSK IAM);
+//! - `params`, `oauth`: Aidbox's producer parameters (with their JAAS strings),
+//!   OAUTHBEARER tokens (AWS MSK IAM), from the crate `pg_outbox_params` (params/);
 //! - `fhirpath`: FHIRPath criteria;
 //! - `types`: types several modules share: a destination's kind and content,
 //!   an outbox event as the worker reads it;
@@ -41,10 +41,7 @@ mod capture;
 mod config;
 mod error;
 mod fhirpath;
-mod jaas;
 mod kafka;
-mod oauth;
-mod params;
 mod pipe;
 mod ring;
 mod rowjson;
@@ -52,6 +49,11 @@ mod status;
 mod store;
 mod types;
 mod worker;
+
+// The producer parameters are a crate of their own (params/: plain Rust, tested
+// without Postgres); the other modules name them as modules of this one. (Its
+// `jaas` module is used only by its `params`.)
+use pg_outbox_params::{oauth, params};
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -86,7 +88,6 @@ pub extern "C-unwind" fn _PG_init() {
 #[pg_schema]
 mod tests {
     include!("tests.rs");
-    include!("tests_params.rs");
 }
 
 /// This module is required by `cargo pgrx test` invocations.

@@ -285,3 +285,39 @@ fn captured_rows_are_printed_as_row_to_json_prints_them() {
     assert!(bad.is_empty(), "{}", bad.join("\n"));
     assert_eq!(crate::rowjson::printed_here(relid()), Some(false), "a timestamptz column: rows go through row_to_json");
 }
+
+#[pg_test]
+fn fhirpath_criteria_match_as_aidbox_describes() {
+    use crate::fhirpath::compile;
+    use serde_json::{json, Value};
+    let draft = json!({"resourceType": "Encounter", "status": "planned", "class": {"code": "AMB"}});
+    let done = json!({"resourceType": "Encounter", "status": "finished", "class": {"code": "AMB"}});
+    // (criteria, current, previous, expected)
+    let cases: Vec<(&str, Option<&Value>, Option<&Value>, bool)> = vec![
+        ("status = 'finished'", Some(&done), None, true),
+        ("status = 'finished'", Some(&draft), None, false),
+        ("status = 'finished'", None, Some(&done), false), // delete: no current resource
+        ("%previous.empty()", Some(&done), None, true),     // create: no previous resource
+        ("%previous.empty()", Some(&done), Some(&draft), false),
+        ("%current.status = 'finished' and %previous.status = 'planned'", Some(&done), Some(&draft), true),
+        ("%current.status != %previous.status", Some(&done), Some(&done), false),
+        ("class.code in ('AMB' | 'EMER')", Some(&done), None, true),
+        ("status.exists() and status in ('finished' | 'cancelled')", Some(&done), None, true),
+        ("status", Some(&done), None, false), // not a boolean: no match
+        ("{}", Some(&done), None, false),
+    ];
+    for (source, current, previous, expected) in cases {
+        let c = compile(source).unwrap_or_else(|e| panic!("{source}: {e}"));
+        assert_eq!(c.matches(current, previous), Ok(expected), "{source}");
+    }
+    for (source, message) in [
+        ("status = = 'x'", "invalid FHIRPath"),
+        ("subject.resolve().exists()", "resolve() needs a FHIR server"),
+        ("code.memberOf('http://x')", "memberOf() needs a FHIR server"),
+        ("status.twinkle()", "unknown FHIRPath function twinkle()"),
+        ("%resourceNow.exists()", "unknown FHIRPath variable %resourceNow"),
+    ] {
+        let e = compile(source).expect_err(source);
+        assert!(e.contains(message), "{source}: {e}");
+    }
+}

@@ -26,7 +26,7 @@ pub use slots::{
     add_lost, add_lost_slot, claim_slot, mark_stopped, record_error, record_outcome, retain_only, set_in_process,
     set_latency, set_state, worker_started, SlotRef, State, MAX_DESTINATIONS,
 };
-pub use time::{civil_from_days, format_ts, format_ts_digits, now_us};
+pub use time::{format_ts, format_ts_digits, now_us};
 
 /// Reserve and attach the shared memory (`_PG_init`, preloaded only).
 pub fn init_shmem() {

@@ -1,8 +1,10 @@
 //! Time as the status and the messages print it: Postgres timestamps (µs
 //! since 2000-01-01) as ISO 8601 UTC, formatted by hand because the worker
-//! formats the timestamps of the events it claims. Also the civil date of a
-//! day number, which OAUTHBEARER signing needs too. No shared memory here.
+//! formats the timestamps of the events it claims. The civil date of a day
+//! number comes from `oauth`, whose request signing needs it too. No shared
+//! memory here.
 
+use crate::oauth::civil_from_days;
 use pgrx::pg_sys;
 
 /// The current time as a Postgres timestamp.
@@ -53,17 +55,4 @@ pub fn format_ts_digits(us: i64, digits: u32) -> String {
     put(sod % 60, 2, b'.');
     put(fraction, digits, b'Z');
     String::from_utf8(out[..at].to_vec()).unwrap_or_default()
-}
-
-/// Days since 1970-01-01 to (year, month, day); Howard Hinnant's algorithm.
-pub fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }

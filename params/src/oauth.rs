@@ -212,10 +212,24 @@ fn hex(bytes: &[u8]) -> String {
 /// (YYYYMMDD, YYYYMMDDTHHMMSSZ) of a Unix time.
 fn amz_dates(t: u64) -> (String, String) {
     let secs = t % 86_400;
-    let (year, month, day) = crate::status::civil_from_days((t / 86_400) as i64);
+    let (year, month, day) = civil_from_days((t / 86_400) as i64);
     let date = format!("{year:04}{month:02}{day:02}");
     let stamp = format!("{date}T{:02}{:02}{:02}Z", secs / 3600, secs / 60 % 60, secs % 60);
     (date, stamp)
+}
+
+/// Days since 1970-01-01 to (year, month, day); Howard Hinnant's algorithm.
+/// (Also formats the timestamps in status and messages, `status::time`.)
+pub fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 /// The MSK IAM token: the base64url (unpadded) of a SigV4-presigned

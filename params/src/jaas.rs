@@ -192,67 +192,65 @@ pub fn shown(key: &str) -> String {
 
 /// Parse a client's JAAS configuration: exactly one login module.
 pub fn parse(s: &str) -> Result<Jaas, String> {
-    let tokens = tokenize(s)?;
-    let mut it = tokens.into_iter();
+    let mut tokens = tokenize(s)?.into_iter();
     let mut entries = Vec::new();
-    while let Some(tok) = it.next() {
-        let module = match tok {
-            Token::Word(w) => w,
-            _ => return Err("expected a login module class name".into()),
-        };
-        let flag = match it.next() {
-            None => return Err(format!("login module control flag not specified for {module}")),
-            Some(Token::Word(f)) | Some(Token::Quoted(f)) => match f.to_ascii_lowercase().as_str() {
-                "required" => Flag::Required,
-                "requisite" => Flag::Requisite,
-                "sufficient" => Flag::Sufficient,
-                "optional" => Flag::Optional,
-                _ => return Err(format!("invalid login module control flag \"{f}\" (use required)")),
-            },
-            Some(_) => return Err(format!("login module control flag not specified for {module}")),
-        };
-        let mut options: Vec<(String, String)> = Vec::new();
-        let mut terminated = false;
-        while let Some(tok) = it.next() {
-            let key = match tok {
-                Token::Char(';') => {
-                    terminated = true;
-                    break;
-                }
-                Token::Word(k) | Token::Quoted(k) => k,
-                Token::Number => return Err("an option name may not start with a digit".into()),
-                Token::Char(c) => return Err(format!("unexpected '{c}' where an option name belongs")),
-            };
-            if it.next() != Some(Token::Char('=')) {
-                return Err(format!("value not specified for option {} (write name=\"value\")", shown(&key)));
-            }
-            let value = match it.next() {
-                Some(Token::Word(v)) | Some(Token::Quoted(v)) => v,
-                Some(Token::Number) => {
-                    return Err(format!(
-                        "the value of option {} starts with a digit: put it in double quotes",
-                        shown(&key)
-                    ))
-                }
-                _ => {
-                    return Err(format!(
-                        "value not specified for option {} (quote values that contain characters other than \
-                         letters, digits, '.', '-', '_' and '$')",
-                        shown(&key)
-                    ))
-                }
-            };
-            options.retain(|(k, _)| *k != key);
-            options.push((key, value));
-        }
-        if !terminated {
-            return Err("JAAS config entry not terminated by a semicolon".into());
-        }
-        entries.push(Jaas { module, flag, options });
+    while let Some(first) = tokens.next() {
+        entries.push(entry(first, &mut tokens)?);
     }
     match entries.len() {
         1 => Ok(entries.pop().expect("one entry")),
         0 => Err("no login module given".into()),
         n => Err(format!("{n} login modules given; a Kafka client takes exactly one")),
+    }
+}
+
+/// One login module entry, from its class name (`first`) to its semicolon.
+fn entry(first: Token, tokens: &mut impl Iterator<Item = Token>) -> Result<Jaas, String> {
+    let Token::Word(module) = first else { return Err("expected a login module class name".into()) };
+    let flag = flag(&module, tokens.next())?;
+    let mut options: Vec<(String, String)> = Vec::new();
+    loop {
+        let key = match tokens.next() {
+            None => return Err("JAAS config entry not terminated by a semicolon".into()),
+            Some(Token::Char(';')) => break,
+            Some(Token::Word(k)) | Some(Token::Quoted(k)) => k,
+            Some(Token::Number) => return Err("an option name may not start with a digit".into()),
+            Some(Token::Char(c)) => return Err(format!("unexpected '{c}' where an option name belongs")),
+        };
+        let value = value(&key, tokens)?;
+        options.retain(|(k, _)| *k != key);
+        options.push((key, value));
+    }
+    Ok(Jaas { module, flag, options })
+}
+
+fn flag(module: &str, token: Option<Token>) -> Result<Flag, String> {
+    let (Some(Token::Word(f)) | Some(Token::Quoted(f))) = token else {
+        return Err(format!("login module control flag not specified for {module}"));
+    };
+    match f.to_ascii_lowercase().as_str() {
+        "required" => Ok(Flag::Required),
+        "requisite" => Ok(Flag::Requisite),
+        "sufficient" => Ok(Flag::Sufficient),
+        "optional" => Ok(Flag::Optional),
+        _ => Err(format!("invalid login module control flag \"{f}\" (use required)")),
+    }
+}
+
+/// `=value` after the option `key`.
+fn value(key: &str, tokens: &mut impl Iterator<Item = Token>) -> Result<String, String> {
+    if tokens.next() != Some(Token::Char('=')) {
+        return Err(format!("value not specified for option {} (write name=\"value\")", shown(key)));
+    }
+    match tokens.next() {
+        Some(Token::Word(v)) | Some(Token::Quoted(v)) => Ok(v),
+        Some(Token::Number) => {
+            Err(format!("the value of option {} starts with a digit: put it in double quotes", shown(key)))
+        }
+        _ => Err(format!(
+            "value not specified for option {} (quote values that contain characters other than \
+             letters, digits, '.', '-', '_' and '$')",
+            shown(key)
+        )),
     }
 }
