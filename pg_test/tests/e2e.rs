@@ -2,7 +2,7 @@
 //! over TCP, and assertions on what arrived in Kafka and what stayed in Postgres.
 //! Tests share one cluster and broker and use their own tables and topics.
 
-use pg_outbox_test::{consume, unique, wait_for, Env, Received};
+use pg_outbox_test::{consume, unique, unique_id, wait_for, Env, Received, Stream};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -13,52 +13,18 @@ fn env() -> &'static Env {
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// A table, a topic over it, a Kafka topic and a destination.
-struct Setup {
-    table: String,
-    url: String,
-    dest: String,
-    kafka_topic: String,
-}
-
-fn setup(columns: &str, entry_extra: &str, content: &str) -> Setup {
-    let e = env();
-    let table = unique("t");
-    let url = format!("http://example.org/topics/{table}");
-    let dest = unique("d").replace('_', "-");
-    let kafka_topic = unique("k");
-    e.broker.create_topic(&kafka_topic, 3);
-    e.pg.sql(&format!("CREATE TABLE public.{table} ({columns})"));
-    e.pg.sql(&format!("SELECT outbox.create_topic('{url}', '[{{\"table\": \"public.{table}\"{entry_extra}}}]')"));
-    e.pg.create_destination(&dest, &url, "kafka-at-least-once", &kafka_topic, &e.broker.bootstrap(), "", content);
-    Setup { table, url, dest, kafka_topic }
-}
-
-fn received(s: &Setup, n: usize) -> Vec<Received> {
-    let mut msgs = consume(&env().broker.bootstrap(), &s.kafka_topic, n, WAIT, Duration::from_millis(700));
-    msgs.sort_by_key(|m| m.header("event-number").and_then(|v| v.parse::<i64>().ok()).unwrap_or(0));
-    msgs
-}
-
-fn wait_drained(dest: &str) {
-    let pg = &env().pg;
-    wait_for("the outbox to drain", WAIT, || {
-        (pg.count(&format!("SELECT count(*) FROM outbox.event WHERE destination_id = '{dest}'")) == 0).then_some(())
-    });
-}
-
-fn expected_bundle(s: &Setup, m: &Received, reference: &str, second: Option<String>) -> String {
+fn expected_bundle(s: &Stream, m: &Received, reference: &str, second: Option<String>) -> String {
     pg_outbox_test::expected_bundle(m, &s.url, &s.dest, reference, second.as_deref())
 }
 
 #[test]
 fn create_update_delete_arrive_as_documented_bundles_keyed_by_primary_key() {
-    let s = setup("id int PRIMARY KEY, status text", "", "full-resource");
+    let s = env().stream("id int PRIMARY KEY, status text", "", "full-resource");
     let pg = &env().pg;
     pg.sql(&format!("INSERT INTO {} VALUES (17, 'draft')", s.table));
     pg.sql(&format!("UPDATE {} SET status = 'completed' WHERE id = 17", s.table));
     pg.sql(&format!("DELETE FROM {} WHERE id = 17", s.table));
-    let msgs = received(&s, 3);
+    let msgs = s.received(3, WAIT);
     assert_eq!(msgs.len(), 3, "{msgs:#?}");
     let t = &s.table;
     let cases = [
@@ -95,14 +61,14 @@ fn create_update_delete_arrive_as_documented_bundles_keyed_by_primary_key() {
     assert!(msgs.iter().all(|m| m.partition == msgs[0].partition));
     assert!(numbers.windows(2).all(|w| w[0] < w[1]));
     assert!(msgs.windows(2).all(|w| w[0].offset < w[1].offset));
-    wait_drained(&s.dest);
+    pg.wait_drained(&s.dest, WAIT);
 }
 
 #[test]
 fn criteria_filter_rows_and_interactions_filter_operations() {
-    let s = setup(
+    let s = env().stream(
         "id int PRIMARY KEY, status text",
-        r#", "interactions": ["create", "update"], "criteria": "NEW.status IN (''completed'', ''amended'')""#,
+        r#""interactions": ["create", "update"], "criteria": "NEW.status IN (''completed'', ''amended'')""#,
         "id-only",
     );
     let pg = &env().pg;
@@ -113,16 +79,16 @@ fn criteria_filter_rows_and_interactions_filter_operations() {
          DELETE FROM {t} WHERE id = 3",
         t = s.table
     ));
-    let msgs = received(&s, 3);
+    let msgs = s.received(3, WAIT);
     let got: Vec<(String, String)> =
         msgs.iter().map(|m| (m.key.clone().unwrap(), m.header("interaction").unwrap().to_string())).collect();
     assert_eq!(got, vec![("2".into(), "create".into()), ("3".into(), "create".into()), ("1".into(), "update".into())]);
-    wait_drained(&s.dest);
+    pg.wait_drained(&s.dest, WAIT);
 }
 
 #[test]
 fn rollback_and_rolled_back_savepoint_send_nothing() {
-    let s = setup("id int PRIMARY KEY", "", "empty");
+    let s = env().stream("id int PRIMARY KEY", "", "empty");
     let pg = &env().pg;
     let t = &s.table;
     pg.sql(&format!("BEGIN; INSERT INTO {t} VALUES (1); ROLLBACK;"));
@@ -131,14 +97,14 @@ fn rollback_and_rolled_back_savepoint_send_nothing() {
          ROLLBACK TO SAVEPOINT a; INSERT INTO {t} VALUES (4); COMMIT;"
     ));
     let _ = pg.try_sql(&format!("BEGIN; INSERT INTO {t} VALUES (5); INSERT INTO {t} VALUES (5); COMMIT;"));
-    let msgs = received(&s, 2);
+    let msgs = s.received(2, WAIT);
     let keys: Vec<&str> = msgs.iter().map(|m| m.key.as_deref().unwrap()).collect();
     assert_eq!(keys, vec!["2", "4"]);
     // content "empty": only the notification entry.
     for m in &msgs {
         assert_eq!(m.payload, expected_bundle(&s, m, &format!("{t}/{}", m.key.as_deref().unwrap()), None));
     }
-    wait_drained(&s.dest);
+    pg.wait_drained(&s.dest, WAIT);
 }
 
 /// Events are written per statement (and every 1,000), COPY's at COMMIT even
@@ -146,7 +112,7 @@ fn rollback_and_rolled_back_savepoint_send_nothing() {
 /// block drops only its own: all in the order of the changes.
 #[test]
 fn statements_copy_read_only_commits_and_inner_rollbacks_enqueue_in_change_order() {
-    let s = setup("id int PRIMARY KEY", "", "empty");
+    let s = env().stream("id int PRIMARY KEY", "", "empty");
     let pg = &env().pg;
     let t = &s.table;
     pg.sql(&format!("INSERT INTO {t} SELECT g FROM generate_series(1, 2500) g"));
@@ -159,31 +125,22 @@ fn statements_copy_read_only_commits_and_inner_rollbacks_enqueue_in_change_order
            BEGIN INSERT INTO {t} VALUES (2602); RAISE EXCEPTION 'undo'; EXCEPTION WHEN others THEN NULL; END; \
            INSERT INTO {t} VALUES (2603); END $$"
     ));
-    let msgs = received(&s, 2602);
+    let msgs = s.received(2602, WAIT);
     let keys: Vec<i64> = msgs.iter().map(|m| m.key.as_deref().unwrap().parse().unwrap()).collect();
     let want: Vec<i64> = (1..=2601).chain([2603]).collect();
     assert_eq!(keys, want);
-    wait_drained(&s.dest);
+    pg.wait_drained(&s.dest, WAIT);
 }
 
 #[test]
 fn two_destinations_on_one_topic_each_receive_every_event() {
-    let s = setup("id int PRIMARY KEY, v text", "", "full-resource");
+    let s = env().stream("id int PRIMARY KEY, v text", "", "full-resource");
     let e = env();
-    let second_topic = unique("k2");
-    e.broker.create_topic(&second_topic, 1);
-    let second_dest = unique("d2").replace('_', "-");
-    e.pg.create_destination(
-        &second_dest,
-        &s.url,
-        "kafka-at-least-once",
-        &second_topic,
-        &e.broker.bootstrap(),
-        "",
-        "id-only",
-    );
+    let second_topic = e.broker.new_topic("k2", 1);
+    let second_dest = unique_id("d2");
+    e.pg.destination(&second_dest, &s.url, &second_topic).bootstrap(&e.broker.bootstrap()).content("id-only").create();
     e.pg.sql(&format!("INSERT INTO {} SELECT g, 'x' || g FROM generate_series(1, 10) g", s.table));
-    let a = received(&s, 10);
+    let a = s.received(10, WAIT);
     let b = consume(&e.broker.bootstrap(), &second_topic, 10, WAIT, Duration::from_millis(700));
     assert_eq!(a.len(), 10);
     assert_eq!(b.len(), 10);
@@ -193,35 +150,35 @@ fn two_destinations_on_one_topic_each_receive_every_event() {
         assert_eq!(second["fullUrl"], format!("{}/{}", s.table, m.key.as_deref().unwrap()));
         assert!(second.get("resource").is_none(), "id-only carries no resource: {second}");
     }
-    wait_drained(&s.dest);
-    wait_drained(&second_dest);
+    e.pg.wait_drained(&s.dest, WAIT);
+    e.pg.wait_drained(&second_dest, WAIT);
 }
 
 #[test]
 fn table_without_primary_key_gets_null_key_and_composite_key_is_a_json_array() {
     let e = env();
-    let s = setup("a int, b text", "", "full-resource");
+    let s = e.stream("a int, b text", "", "full-resource");
     e.pg.sql(&format!("INSERT INTO {} VALUES (1, 'x')", s.table));
-    let msgs = received(&s, 1);
+    let msgs = s.received(1, WAIT);
     assert_eq!(msgs.len(), 1);
     assert_eq!(msgs[0].key, None);
     assert_eq!(msgs[0].json()["entry"][0]["resource"]["notificationEvent"][0]["focus"]["reference"], s.table.as_str());
 
-    let c = setup("a int, b text, PRIMARY KEY (b, a)", "", "id-only");
+    let c = e.stream("a int, b text, PRIMARY KEY (b, a)", "", "id-only");
     e.pg.sql(&format!("INSERT INTO {} VALUES (7, 'x')", c.table));
-    let msgs = received(&c, 1);
+    let msgs = c.received(1, WAIT);
     assert_eq!(msgs[0].key.as_deref(), Some(r#"["x", 7]"#));
 }
 
 #[test]
 fn status_counts_deliveries_and_empties_the_queue() {
-    let s = setup("id int PRIMARY KEY", "", "empty");
+    let s = env().stream("id int PRIMARY KEY", "", "empty");
     let pg = &env().pg;
     pg.sql(&format!("INSERT INTO {} SELECT generate_series(1, 250)", s.table));
     let keys: std::collections::BTreeSet<i64> =
-        received(&s, 250).iter().map(|m| m.key.as_deref().unwrap().parse().unwrap()).collect();
+        s.received(250, WAIT).iter().map(|m| m.key.as_deref().unwrap().parse().unwrap()).collect();
     assert_eq!(keys, (1..=250).collect());
-    wait_drained(&s.dest);
+    pg.wait_drained(&s.dest, WAIT);
     let row = wait_for("delivered = 250", WAIT, || {
         let r = pg.status_row(&s.dest);
         (r["messages_delivered"] == 250).then_some(r)
@@ -250,7 +207,7 @@ fn status_counts_deliveries_and_empties_the_queue() {
 
 #[test]
 fn status_reports_latency_from_the_change_s_transaction_start_without_commit_timestamps() {
-    let s = setup("id int PRIMARY KEY", "", "empty");
+    let s = env().stream("id int PRIMARY KEY", "", "empty");
     let pg = &env().pg;
     let row = pg.status_row(&s.dest);
     assert!(row["latency_p50_ms"].is_null() && row["latency_max_ms"].is_null(), "nothing delivered yet: {row}");
@@ -278,7 +235,7 @@ fn status_reports_latency_from_the_change_s_transaction_start_without_commit_tim
     assert!(ms(&row, "latency_max_ms") < 30_000.0, "{row}");
     // 200 quick ones: the percentiles move down, the slow one stays the maximum.
     pg.sql(&format!("INSERT INTO {} SELECT generate_series(2, 201)", s.table));
-    received(&s, 202);
+    s.received(202, WAIT);
     let row = delivered(202, &|r| r["latency_p99_ms"].as_f64().is_some_and(|m| m < 3000.0));
     assert!(ms(&row, "latency_p50_ms") < 3000.0, "{row}");
     assert!(ms(&row, "latency_max_ms") >= 3000.0, "{row}");
@@ -286,7 +243,7 @@ fn status_reports_latency_from_the_change_s_transaction_start_without_commit_tim
 
 #[test]
 fn drop_topic_removes_its_triggers_and_refuses_while_destinations_exist() {
-    let s = setup("id int PRIMARY KEY", "", "empty");
+    let s = env().stream("id int PRIMARY KEY", "", "empty");
     let pg = &env().pg;
     let triggers = format!("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.{}'::regclass", s.table);
     assert_eq!(pg.count(&triggers), 3);
@@ -390,8 +347,7 @@ fn writers_need_no_rights_on_the_outbox_and_their_casts_run_as_themselves() {
     let pg = &e.pg;
     let t = unique("w");
     let role = unique("writer");
-    let kafka_topic = unique("kw");
-    e.broker.create_topic(&kafka_topic, 1);
+    let kafka_topic = e.broker.new_topic("kw", 1);
     pg.sql(&format!(
         "CREATE ROLE {role} LOGIN; CREATE TYPE {t}_mood AS ENUM ('ok'); CREATE TABLE {t}_seen (who text); \
          GRANT INSERT ON {t}_seen TO PUBLIC; \
@@ -431,8 +387,7 @@ fn partitioned_table_events_name_the_partitioned_table() {
     let e = env();
     let pg = &e.pg;
     let t = unique("part");
-    let kafka_topic = unique("kp");
-    e.broker.create_topic(&kafka_topic, 1);
+    let kafka_topic = e.broker.new_topic("kp", 1);
     pg.sql(&format!(
         "CREATE TABLE {t} (id int PRIMARY KEY, v text) PARTITION BY RANGE (id); \
          CREATE TABLE {t}_low PARTITION OF {t} FOR VALUES FROM (0) TO (100); \
