@@ -309,10 +309,23 @@ impl Cluster {
         serde_json::from_str(&s).unwrap_or_else(|e| panic!("bad status row {s:?}: {e}"))
     }
 
-    /// Wait until the server accepts queries again (after a crash restart).
-    pub fn sql_wait_ready(&self) {
-        std::thread::sleep(Duration::from_millis(500));
+    /// SIGKILL the pg_outbox worker, then wait until the postmaster has reset
+    /// the cluster after its crashed child and accepts queries again.
+    /// Returns the killed worker's PID.
+    pub fn kill_worker(&self) -> i32 {
+        let pid = wait_for("the worker", Duration::from_secs(60), || self.worker_pid());
+        let log = || std::fs::read(self.log_path()).unwrap_or_default();
+        let before = log().len();
+        let out = run(Command::new("kill").args(["-9", &pid.to_string()]));
+        assert!(out.status.success(), "kill -9 {pid} failed: {}", String::from_utf8_lossy(&out.stderr));
+        wait_for("the postmaster to reset the cluster", Duration::from_secs(60), || {
+            let after = log();
+            String::from_utf8_lossy(&after[before.min(after.len())..])
+                .contains("all server processes terminated; reinitializing")
+                .then_some(())
+        });
         wait_for("the server to accept queries", Duration::from_secs(60), || self.try_sql("SELECT 1").ok());
+        pid
     }
 
     /// A table `name (columns)` and a topic `urn:<name>` watching it (one

@@ -115,6 +115,7 @@ fn start_writers(pg: &Cluster, n: usize) -> Writers {
                         next + 19
                     );
                     if pg.try_sql(&sql).is_err() {
+                        // A pause before trying again, not to spin while the server restarts.
                         std::thread::sleep(Duration::from_millis(200));
                     }
                     next += 20;
@@ -148,17 +149,37 @@ fn crash_of_postmaster_and_of_worker_during_a_stream_loses_nothing() {
     broker.create_topic("alo", 4);
     install(&pg, &broker, "alo").create();
     let writers = start_writers(&pg, 4);
-    std::thread::sleep(Duration::from_secs(3));
+    // Rows committed and events delivered so far (the delivered counter
+    // starts again when the cluster resets); None while the server is down.
+    let progress = || -> Option<(i64, i64)> {
+        let s = pg
+            .try_sql(
+                "SELECT (SELECT count(*) FROM stream) || ' ' || \
+                   coalesce((SELECT messages_delivered FROM outbox.destination_status WHERE id = 'alo'), 0)",
+            )
+            .ok()?;
+        let (rows, delivered) = s.split_once(' ')?;
+        Some((rows.parse().ok()?, delivered.parse().ok()?))
+    };
+    // Each crash hits a running stream: another batch (1,000 rows) committed
+    // and as many events delivered since the server last came up.
+    let advance = |what: &str| {
+        let (rows, delivered) = wait_for("the server to answer", WAIT, &progress);
+        wait_for(what, WAIT, || {
+            let (r, d) = progress()?;
+            (r >= rows + 1000 && d >= delivered + 1000).then_some(())
+        });
+    };
+    advance("the stream under way");
 
     // Only the worker: the postmaster resets the cluster and restarts it.
-    let worker = wait_for("the worker", WAIT, || pg.worker_pid());
-    std::process::Command::new("kill").args(["-9", &worker.to_string()]).status().unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    pg.kill_worker();
+    advance("the stream going on after the reset");
 
     // The postmaster itself, and every process it had: a power cut.
     pg.kill_hard();
     pg.pg_ctl_start();
-    std::thread::sleep(Duration::from_secs(3));
+    advance("the stream going on after the restart");
     writers.stop();
     drained(&pg);
 
@@ -264,7 +285,9 @@ fn broker_outage_during_a_stream_drains_the_backlog_and_writers_keep_going() {
     broker.create_topic("alo", 2);
     install(&pg, &broker, "alo").params(json!({"deliveryTimeoutMs": 4000, "requestTimeoutMs": 2000})).create();
     let writers = start_writers(&pg, 2);
-    std::thread::sleep(Duration::from_secs(2));
+    wait_for("the stream flowing", WAIT, || {
+        (pg.status_row("alo")["messages_delivered"].as_i64() >= Some(1000)).then_some(())
+    });
     // Frozen, the broker keeps what it has but answers nothing: connections
     // hang, requests time out. (A killed tansu would restart empty.)
     broker.freeze();
@@ -273,11 +296,15 @@ fn broker_outage_during_a_stream_drains_the_backlog_and_writers_keep_going() {
         let r = pg.status_row("alo");
         (r["status"] == "error" && r["last_errors"].as_array().is_some_and(|e| !e.is_empty())).then_some(r)
     });
+    // Deliberately the outage's length: the writers go on meanwhile.
     std::thread::sleep(outage.saturating_sub(Duration::from_secs(1)));
     let during = pg.count("SELECT count(*) FROM stream") - before;
     let queued = pg.status_row("alo")["messages_queued"].as_i64().unwrap();
+    let committed_by_thaw = pg.count("SELECT count(*) FROM stream");
     broker.thaw();
-    std::thread::sleep(Duration::from_secs(2));
+    wait_for("the backlog delivered while the writers go on", WAIT, || {
+        (pg.status_row("alo")["messages_delivered"].as_i64() >= Some(committed_by_thaw)).then_some(())
+    });
     writers.stop();
     drained(&pg);
     let row = wait_for("status active again", WAIT, || {
@@ -404,6 +431,7 @@ fn bad_configuration_at_run_time_shows_in_status_without_crash_loop_or_log_flood
     }
     let worker = wait_for("the worker", WAIT, || pg.worker_pid());
     let log_before = std::fs::read_to_string(pg.log_path()).unwrap().lines().count();
+    // Deliberately ~10 s: the worker must not restart nor flood the log meanwhile.
     for round in 0..5 {
         pg.sql(&format!("INSERT INTO stream SELECT g, 'x' FROM generate_series({0} * 10 + 1, {0} * 10 + 10) g", round));
         std::thread::sleep(Duration::from_secs(2));
@@ -562,6 +590,7 @@ fn destinations_created_and_dropped_under_concurrent_writers_then_drop_extension
             let (mut cycles, mut discarded) = (0, 0);
             while !stop.load(Ordering::SeqCst) {
                 pg.destination("flap", "urn:stream", "flap").bootstrap(&bootstrap).content("empty").create();
+                // Deliberately alive for a while: events are captured for it before the drop.
                 std::thread::sleep(Duration::from_millis(150));
                 discarded += pg.count("SELECT outbox.drop_destination('flap')");
                 cycles += 1;

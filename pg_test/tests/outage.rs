@@ -84,10 +84,8 @@ fn killed_worker_is_restarted_and_delivers_what_was_committed() {
     pg.watched_table("items", "id int PRIMARY KEY");
     pg.destination("items", "urn:items", "items").bootstrap(&broker.bootstrap()).content("empty").create();
     pg.sql("INSERT INTO items SELECT generate_series(1, 500)");
-    let pid = wait_for("the worker", WAIT, || pg.worker_pid());
-    std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
     // The postmaster resets the cluster after a crashed child and restarts the worker.
-    pg.sql_wait_ready();
+    let pid = pg.kill_worker();
     pg.sql("INSERT INTO items SELECT generate_series(501, 1000)");
     let got = keys(&broker.bootstrap(), "items", 1000);
     assert_eq!(got, (1..=1000).collect::<BTreeSet<i64>>());

@@ -129,6 +129,7 @@ fn alter_destination_under_load_moves_the_stream_and_loses_nothing() {
         std::thread::spawn(move || {
             for i in 0..40 {
                 env().pg.sql(&format!("INSERT INTO {t} SELECT generate_series({}, {})", i * 50 + 1, i * 50 + 50));
+                // Deliberately paced: the stream goes on across the alter_destination below.
                 std::thread::sleep(Duration::from_millis(25));
             }
         })

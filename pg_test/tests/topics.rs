@@ -540,6 +540,7 @@ fn status_is_active_after_a_transient_client_error_once_nothing_waits() {
     wait_for("a failed attempt", WAIT, || {
         (pg.status_row(&dest)["messages_delivery_attempts"].as_i64() >= Some(1)).then_some(())
     });
+    // Deliberately 4 s of polling: the status must not leave 'error' meanwhile.
     let until = std::time::Instant::now() + Duration::from_secs(4);
     while std::time::Instant::now() < until {
         let r = pg.status_row(&dest);

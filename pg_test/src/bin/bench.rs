@@ -341,8 +341,8 @@ fn write_path(pg: &Cluster, broker: &Broker, seconds: u64, rounds: usize, sync: 
             for k in 0..variants.len() {
                 let i = (k + round) % variants.len();
                 let (table, name, beside) = variants[i];
-                // Every table emptied before each run (the ids go on): with
-                // ten variants, 100-row runs filled this VM's disk in one run.
+                // Every table emptied before each run (the ids go on): ten
+                // variants of 100-row runs would otherwise fill a small disk.
                 // Pending events stay in the outbox and are drained first.
                 pg.sql(
                     "TRUNCATE bench_none, bench_be, bench_alo, bench_plpgsql, bench_copy, bench_alo_down, \
