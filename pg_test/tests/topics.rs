@@ -1,10 +1,11 @@
 //! Topics end to end: a table in several entries of one topic (SQL and
 //! FHIRPath criteria, pasted Aidbox topics), DDL on watched tables (renames,
 //! primary keys added and dropped, dropped tables and columns), alter_topic,
-//! TRUNCATE, and the status after a transient client error. Every writer
-//! statement here must succeed: DDL never breaks the application's writes.
+//! TRUNCATE and partitions. Every writer statement here must succeed: DDL
+//! never breaks the application's writes. The tests share one cluster and
+//! broker; a test that freezes the broker brings its own.
 
-use pg_outbox_test::{by_event_number, consume, expected_bundle, unique, wait_for, Broker, Env, Received};
+use pg_outbox_test::{by_event_number, consume, expected_bundle, unique, Broker, Env, Received};
 use serde_json::json;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -506,53 +507,4 @@ fn a_table_and_its_partition_cannot_share_a_topic_and_partitions_follow_renames(
     let tables: Vec<String> =
         arrived(&e.broker, &kafka_topic, 2).iter().map(|m| m.header("source-table").unwrap().to_string()).collect();
     assert_eq!(tables, [format!("public.{t}"), format!("public.{t}_r")]);
-}
-
-#[test]
-fn status_is_active_after_a_transient_client_error_once_nothing_waits() {
-    let e = env();
-    let pg = &e.pg;
-    let mut broker = Broker::start();
-    let t = unique("st");
-    let url = format!("urn:{t}");
-    pg.watched_table(&t, "id int PRIMARY KEY");
-    // The restarted broker has lost the producer's idempotence state: librdkafka
-    // retries until the delivery timeout, then the worker replaces the producer.
-    let (dest, kafka_topic) =
-        pg.destination_on(&broker, &url).content("empty").params(json!({"deliveryTimeoutMs": 3000})).create();
-    pg.sql(&format!("INSERT INTO {t} SELECT generate_series(1, 5)"));
-    arrived(&broker, &kafka_topic, 5);
-    pg.wait_drained(&dest, WAIT);
-    // The broker goes away while nothing is to be sent: the client reports it...
-    broker.stop();
-    let row = wait_for("a client error in status", WAIT, || {
-        let r = pg.status_row(&dest);
-        r["last_errors"].as_array().is_some_and(|a| !a.is_empty()).then_some(r)
-    });
-    // ...and the destination, which has nothing waiting, is not in error.
-    assert_eq!(row["status"], "active", "{row}");
-    assert_eq!(row["messages_in_process"], 0, "{row}");
-    // With events to send it is, and a failed attempt stays an error until a
-    // delivery succeeds: later client errors (a new producer failing to
-    // connect) do not hide it, also while nothing is in process.
-    pg.sql(&format!("INSERT INTO {t} SELECT generate_series(6, 10)"));
-    wait_for("status error with events in process", WAIT, || (pg.status_row(&dest)["status"] == "error").then_some(()));
-    wait_for("a failed attempt", WAIT, || {
-        (pg.status_row(&dest)["messages_delivery_attempts"].as_i64() >= Some(1)).then_some(())
-    });
-    // Deliberately 4 s of polling: the status must not leave 'error' meanwhile.
-    let until = std::time::Instant::now() + Duration::from_secs(4);
-    while std::time::Instant::now() < until {
-        let r = pg.status_row(&dest);
-        assert_eq!(r["status"], "error", "{r}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    broker.resume();
-    broker.create_topic(&kafka_topic, 1);
-    let row = wait_for("10 delivered", WAIT, || {
-        let r = pg.status_row(&dest);
-        (r["messages_delivered"] == 10).then_some(r)
-    });
-    assert_eq!(row["status"], "active", "{row}");
-    assert_eq!(arrived(&broker, &kafka_topic, 5).len(), 5);
 }

@@ -1,7 +1,8 @@
-//! Faults with their own cluster and broker: a broker outage, a worker crash,
-//! DROP EXTENSION, and CREATE EXTENSION without preloading.
+//! Faults, each test with its own cluster and broker: a broker outage beside a
+//! healthy destination, a killed and a terminated worker, fast and immediate
+//! shutdowns mid-stream.
 
-use pg_outbox_test::{consume, unique, wait_for, Broker, Cluster, Env};
+use pg_outbox_test::{consume, unique, wait_for, Broker, Env};
 use serde_json::json;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -102,38 +103,6 @@ fn killed_worker_is_restarted_and_delivers_what_was_committed() {
     assert_ne!(third, new_pid);
     assert_eq!(keys(&broker.bootstrap(), "items", 1100), (1..=1100).collect::<BTreeSet<i64>>());
     pg.stop("fast");
-}
-
-#[test]
-fn drop_extension_removes_triggers_and_recreating_works() {
-    let Env { pg, broker } = Env::start(&unique("dropext"), &[]);
-    broker.create_topic("things", 1);
-    pg.watched_table("things", "id int PRIMARY KEY");
-    pg.destination("things", "urn:things", "things").bootstrap(&broker.bootstrap()).content("empty").create();
-    pg.sql("INSERT INTO things VALUES (1)");
-    assert_eq!(keys(&broker.bootstrap(), "things", 1), BTreeSet::from([1]));
-    pg.sql("DROP EXTENSION pg_outbox");
-    assert_eq!(pg.count("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'things'::regclass"), 0);
-    pg.sql("INSERT INTO things VALUES (2)"); // no trigger, no error
-    let worker = pg.worker_pid();
-    assert!(worker.is_some(), "the worker idles, it does not die");
-    pg.sql("CREATE EXTENSION pg_outbox");
-    pg.sql("SELECT outbox.create_topic('urn:things', '[{\"table\": \"things\"}]')");
-    pg.destination("things", "urn:things", "things").bootstrap(&broker.bootstrap()).content("empty").create();
-    pg.sql("INSERT INTO things VALUES (3)");
-    assert_eq!(keys(&broker.bootstrap(), "things", 2), BTreeSet::from([1, 3]));
-    pg.stop("fast");
-}
-
-#[test]
-fn create_extension_without_preloading_fails_with_a_hint() {
-    let pg = Cluster::start(&unique("nopreload"), &["shared_preload_libraries = ''"]);
-    let err = pg.try_sql("CREATE EXTENSION pg_outbox").expect_err("must fail");
-    assert_eq!(err.sqlstate, "55000", "{}", err.raw);
-    assert!(err.message.contains("shared_preload_libraries"), "{}", err.raw);
-    assert!(err.hint.unwrap().contains("shared_preload_libraries"));
-    assert_eq!(pg.count("SELECT count(*) FROM pg_namespace WHERE nspname = 'outbox'"), 0);
-    pg.stop("immediate");
 }
 
 #[test]
