@@ -1,6 +1,13 @@
 //! Test harness: a throwaway Postgres cluster with pg_outbox preloaded and a
 //! tansu broker, both on loopback, plus a Kafka consumer that reads a topic
-//! from the beginning. Used by the end-to-end tests and the demo.
+//! from the beginning. Used by the end-to-end tests, the benchmark and the
+//! demo's reader.
+//!
+//! A test's fixture is an [`Env`] (broker and cluster with the extension),
+//! shared by a file's tests or its own; [`Env::stream`] adds a table, a topic,
+//! a Kafka topic and a destination with unique names; [`Cluster::destination`]
+//! builds an `outbox.create_destination` call; conditions are awaited with
+//! [`wait_for`].
 //!
 //! Everything lives under `$PG_OUTBOX_TEST_ROOT` (default `/tmp/pg_outbox/test`:
 //! the `postgres` user must be able to reach it, which a checkout under /root
@@ -37,6 +44,16 @@ static SEQ: AtomicUsize = AtomicUsize::new(0);
 /// A name unique in this test run, for tables, topics and destinations.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}_{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst))
+}
+
+/// `unique` with dashes for underscores: a valid destination id.
+pub fn unique_id(prefix: &str) -> String {
+    unique(prefix).replace('_', "-")
+}
+
+/// A SQL string literal.
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// Wait until `f` returns Some, or panic after `timeout` with `what`.
@@ -292,29 +309,64 @@ impl Cluster {
         serde_json::from_str(&s).unwrap_or_else(|e| panic!("bad status row {s:?}: {e}"))
     }
 
-    /// Wait until the server accepts queries again (after a crash restart).
-    pub fn sql_wait_ready(&self) {
-        std::thread::sleep(Duration::from_millis(500));
+    /// SIGKILL the pg_outbox worker, then wait until the postmaster has reset
+    /// the cluster after its crashed child and accepts queries again.
+    /// Returns the killed worker's PID.
+    pub fn kill_worker(&self) -> i32 {
+        let pid = wait_for("the worker", Duration::from_secs(60), || self.worker_pid());
+        let log = || std::fs::read(self.log_path()).unwrap_or_default();
+        let before = log().len();
+        let out = run(Command::new("kill").args(["-9", &pid.to_string()]));
+        assert!(out.status.success(), "kill -9 {pid} failed: {}", String::from_utf8_lossy(&out.stderr));
+        wait_for("the postmaster to reset the cluster", Duration::from_secs(60), || {
+            let after = log();
+            String::from_utf8_lossy(&after[before.min(after.len())..])
+                .contains("all server processes terminated; reinitializing")
+                .then_some(())
+        });
         wait_for("the server to accept queries", Duration::from_secs(60), || self.try_sql("SELECT 1").ok());
+        pid
     }
 
-    /// `outbox.create_destination` with parameters kafkaTopic and bootstrapServers,
-    /// plus `extra` JSON members (e.g. `, "deliveryTimeoutMs": 3000`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn create_destination(
-        &self,
-        id: &str,
-        topic_url: &str,
-        kind: &str,
-        kafka_topic: &str,
-        bootstrap: &str,
-        extra: &str,
-        content: &str,
-    ) {
+    /// A table `name (columns)` and a topic `urn:<name>` watching it (one
+    /// entry, every interaction); returns the topic's url.
+    pub fn watched_table(&self, name: &str, columns: &str) -> String {
+        let url = format!("urn:{name}");
         self.sql(&format!(
-            "SELECT outbox.create_destination('{id}', '{topic_url}', '{kind}', \
-             '{{\"kafkaTopic\": \"{kafka_topic}\", \"bootstrapServers\": \"{bootstrap}\"{extra}}}', '{content}')"
+            "CREATE TABLE {name} ({columns}); SELECT outbox.create_topic('{url}', '[{{\"table\": \"{name}\"}}]')"
         ));
+        url
+    }
+
+    /// A destination `id` of topic `topic_url` producing to Kafka topic
+    /// `kafka_topic`, created by [`NewDestination::create`]. Unless told
+    /// otherwise it is at-least-once, sends the full resource and has no
+    /// parameters but kafkaTopic and bootstrapServers (which `bootstrap` sets).
+    pub fn destination(&self, id: &str, topic_url: &str, kafka_topic: &str) -> NewDestination<'_> {
+        let mut params = serde_json::Map::new();
+        params.insert("kafkaTopic".into(), kafka_topic.into());
+        NewDestination {
+            pg: self,
+            id: id.to_string(),
+            topic_url: topic_url.to_string(),
+            kind: "kafka-at-least-once".to_string(),
+            content: "full-resource".to_string(),
+            params,
+        }
+    }
+
+    /// `destination` with a unique id, producing to a new one-partition Kafka
+    /// topic with a unique name on `broker`.
+    pub fn destination_on(&self, broker: &Broker, topic_url: &str) -> NewDestination<'_> {
+        self.destination(&unique_id("d"), topic_url, &broker.new_topic("k", 1)).bootstrap(&broker.bootstrap())
+    }
+
+    /// Wait until destination `dest` has no event left in the outbox.
+    pub fn wait_drained(&self, dest: &str, timeout: Duration) {
+        wait_for("the outbox to drain", timeout, || {
+            (self.count(&format!("SELECT count(*) FROM outbox.event WHERE destination_id = '{dest}'")) == 0)
+                .then_some(())
+        });
     }
 
     /// PID of the pg_outbox worker, if it runs.
@@ -330,6 +382,69 @@ impl Drop for Cluster {
         if self.owned && self.data().join("postmaster.pid").exists() {
             self.stop("immediate");
         }
+    }
+}
+
+/// An `outbox.create_destination(id, topic, kind, parameters, content)` call
+/// being put together ([`Cluster::destination`]).
+#[must_use = "nothing is created until .create()"]
+pub struct NewDestination<'a> {
+    pg: &'a Cluster,
+    id: String,
+    topic_url: String,
+    kind: String,
+    content: String,
+    params: serde_json::Map<String, serde_json::Value>,
+}
+
+impl NewDestination<'_> {
+    /// The bootstrapServers parameter.
+    pub fn bootstrap(mut self, servers: &str) -> Self {
+        self.params.insert("bootstrapServers".into(), servers.into());
+        self
+    }
+
+    /// `kafka-at-least-once` or `kafka-best-effort` (or anything, to see it refused).
+    pub fn kind(mut self, kind: &str) -> Self {
+        self.kind = kind.to_string();
+        self
+    }
+
+    /// Kind `kafka-best-effort`.
+    pub fn best_effort(self) -> Self {
+        self.kind("kafka-best-effort")
+    }
+
+    /// `full-resource`, `id-only` or `empty`.
+    pub fn content(mut self, content: &str) -> Self {
+        self.content = content.to_string();
+        self
+    }
+
+    /// More parameters: the members of a JSON object, e.g.
+    /// `json!({"deliveryTimeoutMs": 3000})`.
+    pub fn params(mut self, params: serde_json::Value) -> Self {
+        match params {
+            serde_json::Value::Object(members) => self.params.extend(members),
+            other => panic!("destination parameters must be a JSON object, not {other}"),
+        }
+        self
+    }
+
+    /// Run `outbox.create_destination`, which must succeed; returns the
+    /// destination's id and its Kafka topic.
+    pub fn create(self) -> (String, String) {
+        let params = serde_json::Value::Object(self.params);
+        self.pg.sql(&format!(
+            "SELECT outbox.create_destination({}, {}, {}, {}, {})",
+            literal(&self.id),
+            literal(&self.topic_url),
+            literal(&self.kind),
+            literal(&params.to_string()),
+            literal(&self.content)
+        ));
+        let kafka_topic = params["kafkaTopic"].as_str().unwrap_or_default().to_string();
+        (self.id, kafka_topic)
     }
 }
 
@@ -424,6 +539,13 @@ impl Broker {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// A new Kafka topic with a unique name (`prefix_...`); returns the name.
+    pub fn new_topic(&self, prefix: &str, partitions: u32) -> String {
+        let name = unique(prefix);
+        self.create_topic(&name, partitions);
+        name
     }
 
     pub fn create_topic(&self, name: &str, partitions: u32) {
@@ -632,19 +754,65 @@ pub fn is_fhir_instant_seconds(s: &str) -> bool {
         })
 }
 
-/// A broker and a cluster with pg_outbox created, shared by a test file's tests.
+/// The tests' fixture: a broker and a cluster with pg_outbox created. A test
+/// file's tests share one (in a `OnceLock`, with the file's name) when each
+/// only adds objects of its own with unique names; a test that stops, crashes
+/// or reconfigures the cluster or the broker starts its own
+/// (`Env::start(&unique(..), ..)`).
 pub struct Env {
     pub pg: Cluster,
     pub broker: Broker,
 }
 
 impl Env {
+    /// A broker, and a cluster in directory `name` with `extra_conf`.
     pub fn start(name: &str, extra_conf: &[&str]) -> Env {
         let broker = Broker::start();
         let pg = Cluster::start(name, extra_conf);
         pg.sql("CREATE EXTENSION pg_outbox");
         Env { pg, broker }
     }
+
+    /// A [`Stream`] with unique names: a table `public.t_...` of `columns`,
+    /// a topic `http://example.org/topics/<table>` with one entry (the table,
+    /// plus `entry_members`, e.g. `"interactions": ["create"]`), a Kafka
+    /// topic of three partitions and an at-least-once destination sending
+    /// `content`.
+    pub fn stream(&self, columns: &str, entry_members: &str, content: &str) -> Stream {
+        let table = unique("t");
+        let url = format!("http://example.org/topics/{table}");
+        let dest = unique_id("d");
+        let kafka_topic = self.broker.new_topic("k", 3);
+        let members = if entry_members.is_empty() { String::new() } else { format!(", {entry_members}") };
+        self.pg.sql(&format!("CREATE TABLE public.{table} ({columns})"));
+        self.pg.sql(&format!("SELECT outbox.create_topic('{url}', '[{{\"table\": \"public.{table}\"{members}}}]')"));
+        self.pg.destination(&dest, &url, &kafka_topic).bootstrap(&self.broker.bootstrap()).content(content).create();
+        Stream { table, url, dest, kafka_topic, bootstrap: self.broker.bootstrap() }
+    }
+}
+
+/// A table, the topic watching it, a destination of that topic and the Kafka
+/// topic it produces to ([`Env::stream`]).
+pub struct Stream {
+    pub table: String,
+    pub url: String,
+    pub dest: String,
+    pub kafka_topic: String,
+    bootstrap: String,
+}
+
+impl Stream {
+    /// At least `n` messages of the Kafka topic (once 700 ms pass without a
+    /// new one, or at `timeout`), in event-number order.
+    pub fn received(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        by_event_number(consume(&self.bootstrap, &self.kafka_topic, n, timeout, Duration::from_millis(700)))
+    }
+}
+
+/// Messages sorted by their event-number header (commit order per key).
+pub fn by_event_number(mut msgs: Vec<Received>) -> Vec<Received> {
+    msgs.sort_by_key(|m| m.header("event-number").and_then(|v| v.parse::<i64>().ok()).unwrap_or(0));
+    msgs
 }
 
 /// A psql connection kept open (see `Cluster::session`).

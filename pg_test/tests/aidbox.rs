@@ -149,8 +149,7 @@ fn aidbox_resources_pasted_verbatim_deliver_aidbox_notifications() {
 fn fhirpath_sees_current_and_previous_state() {
     let e = env();
     let pg = &e.pg;
-    let kafka_topic = unique("enc");
-    e.broker.create_topic(&kafka_topic, 1);
+    let kafka_topic = e.broker.new_topic("enc", 1);
     let url = format!("urn:{kafka_topic}");
     let topic = json!({"resourceType": "AidboxSubscriptionTopic", "url": url, "status": "active",
         "trigger": [{"resource": "Encounter", "supportedInteraction": ["update"],
@@ -270,8 +269,7 @@ fn resource_types_map_to_tables_the_admin_names() {
     let e = env();
     let pg = &e.pg;
     let t = unique("obs_store");
-    let kafka_topic = unique("obs");
-    e.broker.create_topic(&kafka_topic, 1);
+    let kafka_topic = e.broker.new_topic("obs", 1);
     pg.sql(&format!(
         "CREATE TABLE {t} (id int PRIMARY KEY, code text); SELECT outbox.map_resource('Observation', '{t}')"
     ));
@@ -280,15 +278,7 @@ fn resource_types_map_to_tables_the_admin_names() {
                        "trigger": [{"resource": "Observation", "fhirPathCriteria": "code = 'bp'"}]});
     pg.sql(&format!("SELECT outbox.create_topic({})", sql_json(&topic)));
     assert_eq!(pg.sql(&format!("SELECT table_name FROM outbox.topic_table tt JOIN outbox.topic t ON t.id = tt.topic_id WHERE t.url = '{url}'")), format!("public.{t}"));
-    pg.create_destination(
-        "observations",
-        &url,
-        "kafka-at-least-once",
-        &kafka_topic,
-        &e.broker.bootstrap(),
-        "",
-        "full-resource",
-    );
+    pg.destination("observations", &url, &kafka_topic).bootstrap(&e.broker.bootstrap()).create();
     pg.sql(&format!("INSERT INTO {t} VALUES (1, 'bp'), (2, 'hr')"));
     // Not Aidbox's layout: the row is the resource, the reference names the table.
     let msgs = consume(&e.broker.bootstrap(), &kafka_topic, 1, WAIT, Duration::from_millis(1000));
@@ -308,8 +298,7 @@ fn resource_types_map_to_tables_the_admin_names() {
 fn criteria_that_cannot_be_evaluated_fail_open() {
     let e = env();
     let pg = &e.pg;
-    let kafka_topic = unique("open");
-    e.broker.create_topic(&kafka_topic, 1);
+    let kafka_topic = e.broker.new_topic("open", 1);
     pg.sql(
         "CREATE TABLE task (id text PRIMARY KEY, txid bigint, ts timestamptz DEFAULT now(), resource jsonb NOT NULL)",
     );
@@ -318,7 +307,7 @@ fn criteria_that_cannot_be_evaluated_fail_open() {
         "trigger": [{"resource": "Task", "supportedInteraction": ["create"], "fhirPathCriteria": "status.startsWith('zzz')"}]});
     pg.sql(&format!("SELECT outbox.create_topic({})", sql_json(&topic)));
     let topic_id = pg.sql(&format!("SELECT id FROM outbox.topic WHERE url = '{url}'"));
-    pg.create_destination("open", &url, "kafka-at-least-once", &kafka_topic, &e.broker.bootstrap(), "", "id-only");
+    pg.destination("open", &url, &kafka_topic).bootstrap(&e.broker.bootstrap()).content("id-only").create();
     pg.sql("INSERT INTO task (id, resource) VALUES ('t-1', '{\"status\": \"completed\"}')");
     let msgs = consume(&e.broker.bootstrap(), &kafka_topic, 1, WAIT, Duration::from_millis(500));
     assert_eq!(msgs.len(), 1);
@@ -333,8 +322,7 @@ fn criteria_that_cannot_be_evaluated_fail_open() {
 fn deletes_from_a_fhir_table_carry_the_old_resource() {
     let e = env();
     let pg = &e.pg;
-    let kafka_topic = unique("del");
-    e.broker.create_topic(&kafka_topic, 1);
+    let kafka_topic = e.broker.new_topic("del", 1);
     pg.sql(
         "CREATE TABLE \"Odd Table\" (id text PRIMARY KEY, txid bigint, resource jsonb NOT NULL);
          SELECT outbox.map_resource('Flag', '\"Odd Table\"');
@@ -344,7 +332,7 @@ fn deletes_from_a_fhir_table_carry_the_old_resource() {
     let topic = json!({"resourceType": "AidboxSubscriptionTopic", "url": url, "status": "active",
         "trigger": [{"resource": "Flag", "supportedInteraction": ["delete"], "fhirPathCriteria": "%previous.status = 'active'"}]});
     pg.sql(&format!("SELECT outbox.create_topic({})", sql_json(&topic)));
-    pg.create_destination("flags", &url, "kafka-best-effort", &kafka_topic, &e.broker.bootstrap(), "", "full-resource");
+    pg.destination("flags", &url, &kafka_topic).bootstrap(&e.broker.bootstrap()).best_effort().create();
     pg.sql("DELETE FROM \"Odd Table\" WHERE id = 'f-1'");
     let msgs = consume(&e.broker.bootstrap(), &kafka_topic, 1, WAIT, Duration::from_millis(500));
     assert_eq!(msgs.len(), 1);

@@ -7,7 +7,8 @@
 //!
 //! `PG_OUTBOX_LONG=1` runs the long versions (30 s outage, more rows).
 
-use pg_outbox_test::{consume, unique, wait_for, Broker, Cluster, Received, PG_BIN};
+use pg_outbox_test::{consume, unique, wait_for, Broker, Cluster, Env, NewDestination, Received, PG_BIN};
+use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -76,17 +77,17 @@ fn committed(pg: &Cluster, table: &str) -> BTreeSet<i64> {
     s.split(',').filter(|x| !x.is_empty()).map(|x| x.parse().unwrap()).collect()
 }
 
-fn install(pg: &Cluster, broker: &Broker, name: &str, kind: &str, extra: &str) {
-    pg.create_destination(name, "urn:stream", kind, name, &broker.bootstrap(), extra, "empty");
+/// A destination `name` of topic `urn:stream` producing to Kafka topic
+/// `name`, at-least-once unless told otherwise, without content (`empty`).
+fn install<'a>(pg: &'a Cluster, broker: &Broker, name: &str) -> NewDestination<'a> {
+    pg.destination(name, "urn:stream", name).bootstrap(&broker.bootstrap()).content("empty")
 }
 
-fn setup(name: &str, conf: &[&str]) -> (Broker, Cluster) {
-    let broker = Broker::start();
-    let pg = Cluster::start(&unique(name), conf);
-    pg.sql("CREATE EXTENSION pg_outbox");
-    pg.sql("CREATE TABLE stream (id bigint PRIMARY KEY, pad text)");
-    pg.sql("SELECT outbox.create_topic('urn:stream', '[{\"table\": \"stream\"}]')");
-    (broker, pg)
+/// An [`Env`] of its own with a table `stream` and a topic `urn:stream` over it.
+fn setup(name: &str, conf: &[&str]) -> Env {
+    let env = Env::start(&unique(name), conf);
+    env.pg.watched_table("stream", "id bigint PRIMARY KEY, pad text");
+    env
 }
 
 /// Writers inserting disjoint numbered rows, one transaction each, until told
@@ -114,6 +115,7 @@ fn start_writers(pg: &Cluster, n: usize) -> Writers {
                         next + 19
                     );
                     if pg.try_sql(&sql).is_err() {
+                        // A pause before trying again, not to spin while the server restarts.
                         std::thread::sleep(Duration::from_millis(200));
                     }
                     next += 20;
@@ -143,21 +145,41 @@ fn drained(pg: &Cluster) {
 #[test]
 fn crash_of_postmaster_and_of_worker_during_a_stream_loses_nothing() {
     // Small batches, so the duplicate bound below means something.
-    let (broker, pg) = setup("g_crash", &["outbox.batch_size = 1000"]);
+    let Env { pg, broker } = setup("g_crash", &["outbox.batch_size = 1000"]);
     broker.create_topic("alo", 4);
-    install(&pg, &broker, "alo", "kafka-at-least-once", "");
+    install(&pg, &broker, "alo").create();
     let writers = start_writers(&pg, 4);
-    std::thread::sleep(Duration::from_secs(3));
+    // Rows committed and events delivered so far (the delivered counter
+    // starts again when the cluster resets); None while the server is down.
+    let progress = || -> Option<(i64, i64)> {
+        let s = pg
+            .try_sql(
+                "SELECT (SELECT count(*) FROM stream) || ' ' || \
+                   coalesce((SELECT messages_delivered FROM outbox.destination_status WHERE id = 'alo'), 0)",
+            )
+            .ok()?;
+        let (rows, delivered) = s.split_once(' ')?;
+        Some((rows.parse().ok()?, delivered.parse().ok()?))
+    };
+    // Each crash hits a running stream: another batch (1,000 rows) committed
+    // and as many events delivered since the server last came up.
+    let advance = |what: &str| {
+        let (rows, delivered) = wait_for("the server to answer", WAIT, &progress);
+        wait_for(what, WAIT, || {
+            let (r, d) = progress()?;
+            (r >= rows + 1000 && d >= delivered + 1000).then_some(())
+        });
+    };
+    advance("the stream under way");
 
     // Only the worker: the postmaster resets the cluster and restarts it.
-    let worker = wait_for("the worker", WAIT, || pg.worker_pid());
-    std::process::Command::new("kill").args(["-9", &worker.to_string()]).status().unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    pg.kill_worker();
+    advance("the stream going on after the reset");
 
     // The postmaster itself, and every process it had: a power cut.
     pg.kill_hard();
     pg.pg_ctl_start();
-    std::thread::sleep(Duration::from_secs(3));
+    advance("the stream going on after the restart");
     writers.stop();
     drained(&pg);
 
@@ -190,9 +212,9 @@ fn session(pg: &Cluster, sql: &str) -> std::process::Child {
 /// early) must still arrive, and before a later change of the same row.
 #[test]
 fn events_numbered_early_and_committed_late_arrive_in_key_order_during_a_pipelined_drain() {
-    let (broker, pg) = setup("g_late", &[]);
+    let Env { pg, broker } = setup("g_late", &[]);
     broker.create_topic("alo", 4);
-    install(&pg, &broker, "alo", "kafka-at-least-once", "");
+    install(&pg, &broker, "alo").create();
     pg.sql("INSERT INTO stream VALUES (0, 'warm-up')");
     drained(&pg);
     // A backlog numbered above the early events below, stuck behind a frozen
@@ -259,11 +281,13 @@ fn events_numbered_early_and_committed_late_arrive_in_key_order_during_a_pipelin
 #[test]
 fn broker_outage_during_a_stream_drains_the_backlog_and_writers_keep_going() {
     let outage = Duration::from_secs(if long() { 30 } else { 10 });
-    let (broker, pg) = setup("g_outage", &["outbox.retry_max = 2000"]);
+    let Env { pg, broker } = setup("g_outage", &["outbox.retry_max = 2000"]);
     broker.create_topic("alo", 2);
-    install(&pg, &broker, "alo", "kafka-at-least-once", r#", "deliveryTimeoutMs": 4000, "requestTimeoutMs": 2000"#);
+    install(&pg, &broker, "alo").params(json!({"deliveryTimeoutMs": 4000, "requestTimeoutMs": 2000})).create();
     let writers = start_writers(&pg, 2);
-    std::thread::sleep(Duration::from_secs(2));
+    wait_for("the stream flowing", WAIT, || {
+        (pg.status_row("alo")["messages_delivered"].as_i64() >= Some(1000)).then_some(())
+    });
     // Frozen, the broker keeps what it has but answers nothing: connections
     // hang, requests time out. (A killed tansu would restart empty.)
     broker.freeze();
@@ -272,11 +296,15 @@ fn broker_outage_during_a_stream_drains_the_backlog_and_writers_keep_going() {
         let r = pg.status_row("alo");
         (r["status"] == "error" && r["last_errors"].as_array().is_some_and(|e| !e.is_empty())).then_some(r)
     });
+    // Deliberately the outage's length: the writers go on meanwhile.
     std::thread::sleep(outage.saturating_sub(Duration::from_secs(1)));
     let during = pg.count("SELECT count(*) FROM stream") - before;
     let queued = pg.status_row("alo")["messages_queued"].as_i64().unwrap();
+    let committed_by_thaw = pg.count("SELECT count(*) FROM stream");
     broker.thaw();
-    std::thread::sleep(Duration::from_secs(2));
+    wait_for("the backlog delivered while the writers go on", WAIT, || {
+        (pg.status_row("alo")["messages_delivered"].as_i64() >= Some(committed_by_thaw)).then_some(())
+    });
     writers.stop();
     drained(&pg);
     let row = wait_for("status active again", WAIT, || {
@@ -301,18 +329,10 @@ fn broker_outage_during_a_stream_drains_the_backlog_and_writers_keep_going() {
 
 #[test]
 fn poison_event_goes_to_dead_letters_and_does_not_block_the_rest() {
-    let (broker, pg) = setup("g_poison", &[]);
+    let Env { pg, broker } = setup("g_poison", &[]);
     broker.create_topic("alo", 1);
     let bootstrap = broker.bootstrap();
-    pg.create_destination(
-        "alo",
-        "urn:stream",
-        "kafka-at-least-once",
-        "alo",
-        &bootstrap,
-        r#", "maxRequestSize": 1000"#,
-        "full-resource",
-    );
+    pg.destination("alo", "urn:stream", "alo").bootstrap(&bootstrap).params(json!({"maxRequestSize": 1000})).create();
     pg.sql("INSERT INTO stream VALUES (1, 'small'), (2, repeat('x', 5000)), (3, 'small')");
     pg.sql("INSERT INTO stream SELECT g, 'small' FROM generate_series(4, 10) g");
     let msgs = consume(&broker.bootstrap(), "alo", 9, WAIT, Duration::from_secs(1));
@@ -356,18 +376,10 @@ fn poison_event_goes_to_dead_letters_and_does_not_block_the_rest() {
 /// producer.rs.)
 #[test]
 fn a_statement_s_events_are_one_outbox_row_delivered_once_in_order_when_cut_short() {
-    let (broker, pg) = setup("g_group", &[]);
+    let Env { pg, broker } = setup("g_group", &[]);
     broker.create_topic("alo", 1);
-    let small = r#", "maxRequestSize": 1000, "rdkafka.queue.buffering.max.messages": 64"#;
-    pg.create_destination(
-        "alo",
-        "urn:stream",
-        "kafka-at-least-once",
-        "alo",
-        &broker.bootstrap(),
-        small,
-        "full-resource",
-    );
+    let small = json!({"maxRequestSize": 1000, "rdkafka.queue.buffering.max.messages": 64});
+    pg.destination("alo", "urn:stream", "alo").bootstrap(&broker.bootstrap()).params(small).create();
     pg.sql("INSERT INTO stream VALUES (0, 'warm-up')");
     drained(&pg);
     broker.freeze();
@@ -406,19 +418,20 @@ fn a_statement_s_events_are_one_outbox_row_delivered_once_in_order_when_cut_shor
 
 #[test]
 fn bad_configuration_at_run_time_shows_in_status_without_crash_loop_or_log_flood() {
-    let (broker, pg) = setup("g_badconf", &[]);
+    let Env { pg, broker } = setup("g_badconf", &[]);
     broker.create_topic("good", 1);
-    install(&pg, &broker, "good", "kafka-at-least-once", "");
-    let timeout = r#", "deliveryTimeoutMs": 3000"#;
+    install(&pg, &broker, "good").create();
     for (id, servers, topic) in [
         ("unreachable", "127.0.0.1:1".to_string(), "good"),
         ("wrong-port", format!("127.0.0.1:{}", pg.port), "good"), // Postgres, not Kafka
         ("missing-topic", broker.bootstrap(), "no-such-topic"),
     ] {
-        pg.create_destination(id, "urn:stream", "kafka-at-least-once", topic, &servers, timeout, "empty");
+        let timeout = json!({"deliveryTimeoutMs": 3000});
+        pg.destination(id, "urn:stream", topic).bootstrap(&servers).content("empty").params(timeout).create();
     }
     let worker = wait_for("the worker", WAIT, || pg.worker_pid());
     let log_before = std::fs::read_to_string(pg.log_path()).unwrap().lines().count();
+    // Deliberately ~10 s: the worker must not restart nor flood the log meanwhile.
     for round in 0..5 {
         pg.sql(&format!("INSERT INTO stream SELECT g, 'x' FROM generate_series({0} * 10 + 1, {0} * 10 + 10) g", round));
         std::thread::sleep(Duration::from_secs(2));
@@ -442,9 +455,9 @@ fn bad_configuration_at_run_time_shows_in_status_without_crash_loop_or_log_flood
 
 #[test]
 fn worker_survives_an_error_and_is_restarted_after_a_panic() {
-    let (broker, pg) = setup("g_faults", &[]);
+    let Env { pg, broker } = setup("g_faults", &[]);
     broker.create_topic("alo", 1);
-    install(&pg, &broker, "alo", "kafka-at-least-once", "");
+    install(&pg, &broker, "alo").create();
     let first = wait_for("the worker", WAIT, || pg.worker_pid());
     pg.sql("SELECT outbox._inject_worker_fault('error')");
     pg.sql("INSERT INTO stream SELECT g, 'x' FROM generate_series(1, 10) g");
@@ -541,11 +554,11 @@ fn seed() -> u64 {
 fn randomised_commits_rollbacks_and_savepoints_deliver_exactly_the_committed_changes() {
     let seed = seed();
     eprintln!("guarantees: randomised check seed {seed} (replay with PG_OUTBOX_SEED={seed})");
-    let (broker, pg) = setup("g_random", &[]);
+    let Env { pg, broker } = setup("g_random", &[]);
     broker.create_topic("alo", 3);
     broker.create_topic("be", 3);
-    install(&pg, &broker, "alo", "kafka-at-least-once", "");
-    install(&pg, &broker, "be", "kafka-best-effort", "");
+    install(&pg, &broker, "alo").create();
+    install(&pg, &broker, "be").best_effort().create();
     let per_session = if long() { 400 } else { 80 };
     let want = run_random_sessions(&pg, seed, 4, per_session);
     assert_eq!(want, committed(&pg, "stream"), "seed {seed}: the table disagrees with the script");
@@ -565,10 +578,10 @@ fn randomised_commits_rollbacks_and_savepoints_deliver_exactly_the_committed_cha
 #[test]
 fn destinations_created_and_dropped_under_concurrent_writers_then_drop_extension() {
     let seed = seed();
-    let (broker, pg) = setup("g_ddl", &[]);
+    let Env { pg, broker } = setup("g_ddl", &[]);
     broker.create_topic("steady", 2);
     broker.create_topic("flap", 1);
-    install(&pg, &broker, "steady", "kafka-at-least-once", "");
+    install(&pg, &broker, "steady").create();
     let stop = Arc::new(AtomicBool::new(false));
     let flapper = {
         let (dir, port, stop, bootstrap) = (pg.dir.clone(), pg.port, stop.clone(), broker.bootstrap());
@@ -576,7 +589,8 @@ fn destinations_created_and_dropped_under_concurrent_writers_then_drop_extension
             let pg = Cluster::attach(dir, port);
             let (mut cycles, mut discarded) = (0, 0);
             while !stop.load(Ordering::SeqCst) {
-                pg.create_destination("flap", "urn:stream", "kafka-at-least-once", "flap", &bootstrap, "", "empty");
+                pg.destination("flap", "urn:stream", "flap").bootstrap(&bootstrap).content("empty").create();
+                // Deliberately alive for a while: events are captured for it before the drop.
                 std::thread::sleep(Duration::from_millis(150));
                 discarded += pg.count("SELECT outbox.drop_destination('flap')");
                 cycles += 1;
@@ -612,7 +626,7 @@ fn destinations_created_and_dropped_under_concurrent_writers_then_drop_extension
     assert_eq!(pg.worker_pid(), worker, "the worker idles without the extension");
     pg.sql("CREATE EXTENSION pg_outbox");
     pg.sql("SELECT outbox.create_topic('urn:stream', '[{\"table\": \"stream\"}]')");
-    install(&pg, &broker, "steady", "kafka-at-least-once", "");
+    install(&pg, &broker, "steady").create();
     pg.sql("INSERT INTO stream VALUES (-1, 'after re-creating everything')");
     let again = consume(&broker.bootstrap(), "steady", want.len() + 1, WAIT, Duration::from_secs(1));
     assert!(again.iter().any(|m| m.key.as_deref() == Some("-1")));
@@ -621,9 +635,9 @@ fn destinations_created_and_dropped_under_concurrent_writers_then_drop_extension
 
 #[test]
 fn promoted_replica_delivers_what_was_pending_on_the_old_primary() {
-    let (broker, pg) = setup("g_primary", &["wal_level = replica"]);
+    let Env { pg, broker } = setup("g_primary", &["wal_level = replica"]);
     broker.create_topic("alo", 1);
-    install(&pg, &broker, "alo", "kafka-at-least-once", "");
+    install(&pg, &broker, "alo").create();
     let replica = Cluster::replica_of(&pg, &unique("g_replica"));
     assert_eq!(replica.worker_pid(), None, "no worker while in recovery");
     pg.sql("INSERT INTO stream SELECT g, 'x' FROM generate_series(1, 100) g");

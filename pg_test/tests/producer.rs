@@ -1,29 +1,22 @@
 //! The producer's configuration end to end: TLS with a private CA and a
 //! client certificate, alter_destination under load, transactional batches,
-//! and secrets that only superusers see.
+//! secrets that only superusers see, maxBlockMs, and a content switch. The
+//! tests share one cluster and broker; a test that needs a broker behind TLS,
+//! a mock cluster, or a broker to freeze or to fail brings its own.
 
 use pg_outbox_test::{
-    consume, consume_with, free_port, unique, wait_for, Broker, Certificates, Cluster, Received, TlsProxy,
+    consume, consume_with, free_port, unique, wait_for, Broker, Certificates, Cluster, Env, Received, TlsProxy,
 };
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn pg() -> &'static Cluster {
-    static PG: OnceLock<Cluster> = OnceLock::new();
-    PG.get_or_init(|| {
-        let pg = Cluster::start("producer", &["outbox.retry_max = 1000"]);
-        pg.sql("CREATE EXTENSION pg_outbox");
-        pg
-    })
-}
-
-/// A table `t` and a topic `urn:<t>` over it.
-fn watched_table(pg: &Cluster, t: &str, columns: &str) {
-    pg.sql(&format!("CREATE TABLE {t} ({columns}); SELECT outbox.create_topic('urn:{t}', '[{{\"table\": \"{t}\"}}]')"));
+fn env() -> &'static Env {
+    static ENV: OnceLock<Env> = OnceLock::new();
+    ENV.get_or_init(|| Env::start("producer", &["outbox.retry_max = 1000"]))
 }
 
 fn keys(msgs: &[Received]) -> BTreeSet<i64> {
@@ -49,7 +42,7 @@ fn wait_queued_with_error(pg: &Cluster, dest: &str, queued: i64) -> String {
 
 #[test]
 fn tls_with_a_private_ca_and_a_client_certificate_added_by_alter_destination() {
-    let pg = pg();
+    let pg = &env().pg;
     let certs = Certificates::generate(&unique("ok"));
     let strangers = Certificates::generate(&unique("other"));
     let tls_port = free_port();
@@ -59,23 +52,21 @@ fn tls_with_a_private_ca_and_a_client_certificate_added_by_alter_destination() {
     let dest = t.replace('_', "-");
     broker.create_topic(&t, 1);
     let bootstrap = format!("127.0.0.1:{tls_port}");
-    watched_table(pg, &t, "id int PRIMARY KEY");
+    pg.watched_table(&t, "id int PRIMARY KEY");
     // Trusts the broker's CA but has no client certificate: the handshake fails.
-    let trust = format!(r#", "securityProtocol": "SSL", "sslTruststoreCertificates": {}"#, json_str(&certs.ca));
-    pg.create_destination(&dest, &format!("urn:{t}"), "kafka-at-least-once", &t, &bootstrap, &trust, "id-only");
+    let trust = |ca: &str| json!({"securityProtocol": "SSL", "sslTruststoreCertificates": ca});
+    pg.destination(&dest, &format!("urn:{t}"), &t)
+        .bootstrap(&bootstrap)
+        .content("id-only")
+        .params(trust(&certs.ca))
+        .create();
     // Trusts another CA: the broker's certificate is refused.
     let wrong_ca = format!("{dest}-wrong-ca");
-    let stranger_trust =
-        format!(r#", "securityProtocol": "SSL", "sslTruststoreCertificates": {}"#, json_str(&strangers.ca));
-    pg.create_destination(
-        &wrong_ca,
-        &format!("urn:{t}"),
-        "kafka-at-least-once",
-        &t,
-        &bootstrap,
-        &stranger_trust,
-        "id-only",
-    );
+    pg.destination(&wrong_ca, &format!("urn:{t}"), &t)
+        .bootstrap(&bootstrap)
+        .content("id-only")
+        .params(trust(&strangers.ca))
+        .create();
     pg.sql(&format!("INSERT INTO {t} SELECT generate_series(1, 3)"));
     // (A broker that wants a client certificate closes the connection after
     // the handshake: librdkafka reports the brokers down.)
@@ -119,30 +110,26 @@ fn tls_with_a_private_ca_and_a_client_certificate_added_by_alter_destination() {
 
 #[test]
 fn alter_destination_under_load_moves_the_stream_and_loses_nothing() {
-    let pg = pg();
-    let broker = Broker::start();
+    let Env { pg, broker } = env();
     let t = unique("alter");
     let (before, after) = (format!("{t}_a"), format!("{t}_b"));
     broker.create_topic(&before, 2);
     broker.create_topic(&after, 2);
     let alo = t.replace('_', "-");
     let be = format!("{alo}-be");
-    watched_table(pg, &t, "id int PRIMARY KEY");
-    pg.create_destination(
-        &alo,
-        &format!("urn:{t}"),
-        "kafka-at-least-once",
-        &before,
-        &broker.bootstrap(),
-        "",
-        "id-only",
-    );
-    pg.create_destination(&be, &format!("urn:{t}"), "kafka-best-effort", &before, &broker.bootstrap(), "", "id-only");
+    pg.watched_table(&t, "id int PRIMARY KEY");
+    pg.destination(&alo, &format!("urn:{t}"), &before).bootstrap(&broker.bootstrap()).content("id-only").create();
+    pg.destination(&be, &format!("urn:{t}"), &before)
+        .bootstrap(&broker.bootstrap())
+        .best_effort()
+        .content("id-only")
+        .create();
     let writer = {
         let t = t.clone();
         std::thread::spawn(move || {
             for i in 0..40 {
-                self::pg().sql(&format!("INSERT INTO {t} SELECT generate_series({}, {})", i * 50 + 1, i * 50 + 50));
+                env().pg.sql(&format!("INSERT INTO {t} SELECT generate_series({}, {})", i * 50 + 1, i * 50 + 50));
+                // Deliberately paced: the stream goes on across the alter_destination below.
                 std::thread::sleep(Duration::from_millis(25));
             }
         })
@@ -207,27 +194,23 @@ fn alter_destination_under_load_moves_the_stream_and_loses_nothing() {
 /// not filter aborted transactions for read_committed consumers (before
 /// librdkafka 2.15), so the abort is checked through the status counters.
 /// An rdkafka mock cluster, a watched table `t` (`id int` key) and a
-/// transactional id-only destination for it with `extra` parameters.
+/// transactional id-only destination for it with `params` besides.
 fn transactional_destination(
     pg: &Cluster,
     name: &str,
-    extra: &str,
+    params: Value,
 ) -> (rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>, String, String) {
     let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
     let t = unique(name);
     let dest = t.replace('_', "-");
     mock.create_topic(&t, 1, 1).unwrap();
-    watched_table(pg, &t, "id int PRIMARY KEY");
-    let extra = format!(r#", "transactionalId": "pg_outbox-{dest}"{extra}"#);
-    pg.create_destination(
-        &dest,
-        &format!("urn:{t}"),
-        "kafka-at-least-once",
-        &t,
-        &mock.bootstrap_servers(),
-        &extra,
-        "id-only",
-    );
+    pg.watched_table(&t, "id int PRIMARY KEY");
+    pg.destination(&dest, &format!("urn:{t}"), &t)
+        .bootstrap(&mock.bootstrap_servers())
+        .content("id-only")
+        .params(json!({"transactionalId": format!("pg_outbox-{dest}")}))
+        .params(params)
+        .create();
     (mock, t, dest)
 }
 
@@ -237,9 +220,9 @@ fn transactional_destination(
 /// group and sends the rest in later transactions: every event once, in order.
 #[test]
 fn transactional_destination_delivers_a_group_larger_than_its_queue_once_in_order() {
-    let pg = pg();
+    let pg = &env().pg;
     let (mock, t, dest) =
-        transactional_destination(pg, "txn_group", r#", "rdkafka.queue.buffering.max.messages": 200"#);
+        transactional_destination(pg, "txn_group", json!({"rdkafka.queue.buffering.max.messages": 200}));
     mock.broker_round_trip_time(1, Duration::from_millis(150)).unwrap();
     pg.sql(&format!("INSERT INTO {t} SELECT generate_series(1, 1000)"));
     assert_eq!(pg.count(&format!("SELECT count(*) FROM outbox.event WHERE destination_id = '{dest}'")), 1);
@@ -256,8 +239,8 @@ fn transactional_destination_delivers_a_group_larger_than_its_queue_once_in_orde
 #[test]
 fn transactional_destination_delivers_each_batch_as_one_kafka_transaction() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    let pg = pg();
-    let (mock, t, dest) = transactional_destination(pg, "txn", "");
+    let pg = &env().pg;
+    let (mock, t, dest) = transactional_destination(pg, "txn", json!({}));
     for i in 0..3 {
         pg.sql(&format!("INSERT INTO {t} SELECT generate_series({}, {})", i * 100 + 1, i * 100 + 100));
         wait_for("the batch committed", WAIT, || (pg.status_row(&dest)["messages_queued"] == 0).then_some(()));
@@ -301,26 +284,20 @@ fn transactional_destination_delivers_each_batch_as_one_kafka_transaction() {
 
 #[test]
 fn secrets_are_shown_to_superusers_only_and_never_logged() {
-    let pg = pg();
+    let pg = &env().pg;
     let broker = Broker::start();
     let t = unique("sec");
     let dest = t.replace('_', "-");
     let role = unique("monitor");
-    watched_table(pg, &t, "id int PRIMARY KEY");
+    pg.watched_table(&t, "id int PRIMARY KEY");
     // SCRAM over TLS against a plaintext broker: it fails, and its errors must not carry the password.
-    let jaas = r#"org.apache.kafka.common.security.scram.ScramLoginModule required username=\"svc\" password=\"hunter2-zz9\";"#;
-    let extra = format!(
-        r#", "securityProtocol": "SASL_SSL", "saslMechanism": "SCRAM-SHA-512", "saslJaasConfig": "{jaas}", "requestTimeoutMs": 2000"#
-    );
-    pg.create_destination(
-        &dest,
-        &format!("urn:{t}"),
-        "kafka-at-least-once",
-        &t,
-        &broker.bootstrap(),
-        &extra,
-        "full-resource",
-    );
+    let jaas =
+        r#"org.apache.kafka.common.security.scram.ScramLoginModule required username="svc" password="hunter2-zz9";"#;
+    pg.destination(&dest, &format!("urn:{t}"), &t)
+        .bootstrap(&broker.bootstrap())
+        .params(json!({"securityProtocol": "SASL_SSL", "saslMechanism": "SCRAM-SHA-512", "saslJaasConfig": jaas,
+                       "requestTimeoutMs": 2000}))
+        .create();
     pg.sql(&format!("INSERT INTO {t} VALUES (1)"));
     wait_queued_with_error(pg, &dest, 1);
     pg.sql(&format!("CREATE ROLE {role} LOGIN"));
@@ -377,25 +354,20 @@ fn secrets_are_shown_to_superusers_only_and_never_logged() {
 /// at once. Best-effort events wait for space that long, then count as lost.
 #[test]
 fn best_effort_waits_for_buffer_space_up_to_max_block_ms() {
-    let pg = pg();
+    let pg = &env().pg;
     let broker = Broker::start();
     let t = unique("block");
     broker.create_topic(&t, 1);
-    watched_table(pg, &t, "id int PRIMARY KEY");
+    pg.watched_table(&t, "id int PRIMARY KEY");
     let wait = t.replace('_', "-");
     let (nowait, short) = (format!("{wait}-nowait"), format!("{wait}-short"));
-    let small = r#", "rdkafka.queue.buffering.max.messages": 5"#;
     for (dest, block) in [(&wait, 20_000), (&nowait, 0), (&short, 1_000)] {
-        let extra = format!(r#"{small}, "maxBlockMs": {block}"#);
-        pg.create_destination(
-            dest,
-            &format!("urn:{t}"),
-            "kafka-best-effort",
-            &t,
-            &broker.bootstrap(),
-            &extra,
-            "id-only",
-        );
+        pg.destination(dest, &format!("urn:{t}"), &t)
+            .bootstrap(&broker.bootstrap())
+            .best_effort()
+            .content("id-only")
+            .params(json!({"rdkafka.queue.buffering.max.messages": 5, "maxBlockMs": block}))
+            .create();
     }
     // Producers connected first, then the broker stops answering.
     pg.sql(&format!("INSERT INTO {t} VALUES (0)"));
@@ -425,15 +397,14 @@ fn best_effort_waits_for_buffer_space_up_to_max_block_ms() {
 /// destination to full-resource does not send its backlog with a null row.
 #[test]
 fn content_switch_sends_queued_events_in_the_shape_they_were_captured() {
-    let pg = pg();
-    let broker = Broker::start();
+    let Env { pg, broker } = env();
     let t = unique("shape");
     let dest = t.replace('_', "-");
     broker.create_topic(&t, 1);
-    watched_table(pg, &t, "id int PRIMARY KEY, v text");
+    pg.watched_table(&t, "id int PRIMARY KEY, v text");
     // Nothing listens here yet: the first rows wait in the outbox.
     let nowhere = format!("127.0.0.1:{}", free_port());
-    pg.create_destination(&dest, &format!("urn:{t}"), "kafka-at-least-once", &t, &nowhere, "", "id-only");
+    pg.destination(&dest, &format!("urn:{t}"), &t).bootstrap(&nowhere).content("id-only").create();
     pg.sql(&format!("INSERT INTO {t} VALUES (1, 'a'), (2, 'b')"));
     let patch = format!(r#"{{"bootstrapServers": "{}"}}"#, broker.bootstrap());
     pg.sql(&format!("SELECT outbox.alter_destination('{dest}', '{patch}', content => 'full-resource')"));

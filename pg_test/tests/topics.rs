@@ -1,10 +1,11 @@
 //! Topics end to end: a table in several entries of one topic (SQL and
 //! FHIRPath criteria, pasted Aidbox topics), DDL on watched tables (renames,
 //! primary keys added and dropped, dropped tables and columns), alter_topic,
-//! TRUNCATE, and the status after a transient client error. Every writer
-//! statement here must succeed: DDL never breaks the application's writes.
+//! TRUNCATE and partitions. Every writer statement here must succeed: DDL
+//! never breaks the application's writes. The tests share one cluster and
+//! broker; a test that freezes the broker brings its own.
 
-use pg_outbox_test::{consume, expected_bundle, unique, wait_for, Broker, Env, Received};
+use pg_outbox_test::{by_event_number, consume, expected_bundle, unique, Broker, Env, Received};
 use serde_json::json;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -16,26 +17,9 @@ fn env() -> &'static Env {
     ENV.get_or_init(|| Env::start("topics", &[]))
 }
 
-/// A destination of topic `url` producing to a new one-partition Kafka topic
-/// on `broker`: (destination id, Kafka topic).
-fn destination(broker: &Broker, url: &str, kind: &str, content: &str) -> (String, String) {
-    destination_with(broker, url, kind, content, "")
-}
-
-/// `destination` with more parameters (`, "name": value`).
-fn destination_with(broker: &Broker, url: &str, kind: &str, content: &str, extra: &str) -> (String, String) {
-    let dest = unique("d").replace('_', "-");
-    let kafka_topic = unique("k");
-    broker.create_topic(&kafka_topic, 1);
-    env().pg.create_destination(&dest, url, kind, &kafka_topic, &broker.bootstrap(), extra, content);
-    (dest, kafka_topic)
-}
-
 /// What arrived in `kafka_topic`, at least `n` messages, in event-number order.
 fn arrived(broker: &Broker, kafka_topic: &str, n: usize) -> Vec<Received> {
-    let mut msgs = consume(&broker.bootstrap(), kafka_topic, n, WAIT, Duration::from_millis(1500));
-    msgs.sort_by_key(|m| m.header("event-number").and_then(|v| v.parse::<i64>().ok()).unwrap_or(0));
-    msgs
+    by_event_number(consume(&broker.bootstrap(), kafka_topic, n, WAIT, Duration::from_millis(1500)))
 }
 
 /// (key, interaction) of each message.
@@ -45,13 +29,6 @@ fn changes(msgs: &[Received]) -> Vec<(Option<String>, String)> {
 
 fn change(key: &str, interaction: &str) -> (Option<String>, String) {
     (Some(key.to_string()), interaction.to_string())
-}
-
-fn wait_drained(dest: &str) {
-    let pg = &env().pg;
-    wait_for("the outbox to drain", WAIT, || {
-        (pg.count(&format!("SELECT count(*) FROM outbox.event WHERE destination_id = '{dest}'")) == 0).then_some(())
-    });
 }
 
 /// Run API SQL that must succeed without a WARNING (the DDL event trigger
@@ -81,8 +58,8 @@ fn a_table_in_several_entries_sends_each_change_once_per_destination() {
              {{"table": "{t}", "interactions": ["update"], "criteria": "OLD.status = ''completed''"}}]')"#
     ));
     assert_eq!(triggers_on(&t), 3, "one trigger per interaction, not per entry");
-    let (alo, alo_topic) = destination(&e.broker, &url, "kafka-at-least-once", "full-resource");
-    let (be, be_topic) = destination(&e.broker, &url, "kafka-best-effort", "full-resource");
+    let (alo, alo_topic) = pg.destination_on(&e.broker, &url).create();
+    let (be, be_topic) = pg.destination_on(&e.broker, &url).best_effort().create();
     for sql in [
         format!("INSERT INTO {t} VALUES (1, 'draft')"),
         format!("INSERT INTO {t} VALUES (2, 'completed')"),
@@ -112,7 +89,7 @@ fn a_table_in_several_entries_sends_each_change_once_per_destination() {
         )
     );
     assert_eq!(changes(&arrived(&e.broker, &be_topic, 4)), expected);
-    wait_drained(&alo);
+    pg.wait_drained(&alo, WAIT);
     let row = pg.status_row(&alo);
     assert_eq!(row["messages_delivered"], 4, "{row}");
     assert_eq!(pg.status_row(&be)["messages_delivered"], 4);
@@ -141,7 +118,7 @@ fn fhirpath_entries_and_pasted_aidbox_topics_may_name_a_resource_twice() {
             {"resource": resource_type, "supportedInteraction": ["delete"]}]});
     pg.sql(&format!("SELECT outbox.create_topic('{}'::jsonb)", topic.to_string().replace('\'', "''")));
     assert_eq!(triggers_on(&t), 3);
-    let (dest, kafka_topic) = destination(&e.broker, &url, "kafka-at-least-once", "id-only");
+    let (dest, kafka_topic) = pg.destination_on(&e.broker, &url).content("id-only").create();
     let write = |sql: String| pg.sql(&sql);
     write(format!(r#"INSERT INTO {t} (id, resource) VALUES ('a', '{{"status": "in-progress"}}')"#));
     write(format!(r#"INSERT INTO {t} (id, resource) VALUES ('b', '{{"status": "completed"}}')"#));
@@ -166,7 +143,7 @@ fn fhirpath_entries_and_pasted_aidbox_topics_may_name_a_resource_twice() {
     );
     let focus = msgs[1].json()["entry"][0]["resource"]["notificationEvent"][0]["focus"]["reference"].clone();
     assert_eq!(focus, json!(format!("{resource_type}/b")));
-    wait_drained(&dest);
+    pg.wait_drained(&dest, WAIT);
 
     // The resource changed and pasted again: alter_topic(resource) keeps the destination.
     let only_deletes = json!({"resourceType": "AidboxSubscriptionTopic", "url": url, "status": "active",
@@ -199,8 +176,8 @@ fn an_entry_with_sql_and_fhirpath_criteria_needs_both_and_a_plain_entry_beside_i
         r#"SELECT outbox.create_topic('urn:{t}:any', '[{{"table": "{t}", "interactions": ["update"],
              "criteria": "NEW.id > 100", "fhirpath": "status = ''x''"}}, {{"table": "{t}", "interactions": ["update"]}}]')"#
     ));
-    let (_, both) = destination(&e.broker, &format!("urn:{t}:both"), "kafka-at-least-once", "empty");
-    let (_, any) = destination(&e.broker, &format!("urn:{t}:any"), "kafka-at-least-once", "empty");
+    let (_, both) = pg.destination_on(&e.broker, &format!("urn:{t}:both")).content("empty").create();
+    let (_, any) = pg.destination_on(&e.broker, &format!("urn:{t}:any")).content("empty").create();
     pg.sql(&format!("INSERT INTO {t} VALUES (1, 'x'), (2, 'y'), (3, 'x')"));
     pg.sql(&format!("UPDATE {t} SET status = 'z'"));
     assert_eq!(changes(&arrived(&e.broker, &both, 1)), vec![change("3", "create")]);
@@ -227,7 +204,7 @@ fn fhir_events_captured_before_their_table_left_the_topic_keep_their_shape() {
     pg.sql(&format!(
         r#"SELECT outbox.create_topic('{url}', '[{{"resource": "{type_a}"}}, {{"resource": "{type_b}"}}]')"#
     ));
-    let (dest, kafka_topic) = destination(&broker, &url, "kafka-at-least-once", "id-only");
+    let (dest, kafka_topic) = pg.destination_on(&broker, &url).content("id-only").create();
     broker.freeze();
     pg.sql(&format!(r#"INSERT INTO {a} VALUES ('1', 1, '{{}}')"#));
     // Renamed, then left out of the topic, then (the other) dropped: what was
@@ -247,7 +224,7 @@ fn fhir_events_captured_before_their_table_left_the_topic_keep_their_shape() {
         [format!("{base}/{type_a}/1"), format!("{base}/{type_a}/2"), format!("{base}/{type_b}/1")],
         "{msgs:#?}"
     );
-    wait_drained(&dest);
+    pg.wait_drained(&dest, WAIT);
 }
 
 #[test]
@@ -259,10 +236,10 @@ fn key_columns_and_tables_follow_renames_and_events_captured_before_are_delivere
     let url = format!("urn:{t}");
     pg.sql(&format!("CREATE TABLE {t} (id int PRIMARY KEY, v text)"));
     pg.sql(&format!(r#"SELECT outbox.create_topic('{url}', '[{{"table": "{t}"}}]')"#));
-    let (dest, kafka_topic) = destination(&broker, &url, "kafka-at-least-once", "full-resource");
+    let (dest, kafka_topic) = pg.destination_on(&broker, &url).create();
     pg.sql(&format!("INSERT INTO {t} VALUES (1, 'a')"));
     arrived(&broker, &kafka_topic, 1);
-    wait_drained(&dest);
+    pg.wait_drained(&dest, WAIT);
     // The broker answers nothing: what follows stays in the outbox meanwhile.
     broker.freeze();
     let s1 = format!("{t}_s1");
@@ -322,7 +299,7 @@ fn key_columns_and_tables_follow_renames_and_events_captured_before_are_delivere
         pg.sql(&format!("SELECT triggers::text FROM outbox.topic WHERE url = '{url}'")),
         format!(r#"[{{"table": "{s2}.{t}_2"}}]"#)
     );
-    wait_drained(&dest);
+    pg.wait_drained(&dest, WAIT);
 }
 
 #[test]
@@ -334,7 +311,7 @@ fn a_primary_key_added_later_is_used_and_a_dropped_one_gives_null_keys_with_a_wa
     pg.sql(&format!("CREATE TABLE {t} (id int, v text)"));
     let (_, notices) = pg.sql_with_notices(&format!(r#"SELECT outbox.create_topic('{url}', '[{{"table": "{t}"}}]')"#));
     assert!(notices.contains("has no primary key"), "{notices}");
-    let (_, kafka_topic) = destination(&e.broker, &url, "kafka-at-least-once", "empty");
+    let (_, kafka_topic) = pg.destination_on(&e.broker, &url).content("empty").create();
     pg.sql(&format!("INSERT INTO {t} VALUES (1, 'a')"));
     pg.sql(&format!("ALTER TABLE {t} ADD PRIMARY KEY (id)"));
     pg.sql(&format!("INSERT INTO {t} VALUES (2, 'b')"));
@@ -360,7 +337,7 @@ fn a_dropped_table_leaves_its_topic_and_its_captured_events_are_delivered() {
     let url = format!("urn:{t}");
     pg.sql(&format!("CREATE TABLE {t} (id int PRIMARY KEY); CREATE TABLE {t}_kept (id int PRIMARY KEY)"));
     pg.sql(&format!(r#"SELECT outbox.create_topic('{url}', '[{{"table": "{t}"}}, {{"table": "{t}_kept"}}]')"#));
-    let (dest, kafka_topic) = destination(&broker, &url, "kafka-at-least-once", "id-only");
+    let (dest, kafka_topic) = pg.destination_on(&broker, &url).content("id-only").create();
     broker.freeze();
     pg.sql(&format!("INSERT INTO {t} VALUES (1), (2); INSERT INTO {t}_kept VALUES (1)"));
     let (_, notices) = pg.sql_with_notices(&format!("DROP TABLE {t}"));
@@ -387,7 +364,7 @@ fn a_dropped_table_leaves_its_topic_and_its_captured_events_are_delivered() {
     let refs: Vec<String> =
         msgs.iter().map(|m| m.json()["entry"][1]["fullUrl"].as_str().unwrap().to_string()).collect();
     assert_eq!(refs, [format!("{t}/1"), format!("{t}/2"), format!("{t}_kept/1"), format!("{t}_kept/2")]);
-    wait_drained(&dest);
+    pg.wait_drained(&dest, WAIT);
     // The topic and its destination go without a WARNING.
     quietly(&format!("SELECT outbox.drop_topic('{url}', cascade => true)"));
     assert_eq!(triggers_on(&format!("{t}_kept")), 0);
@@ -404,7 +381,7 @@ fn a_capture_trigger_dropped_with_its_column_leaves_the_other_interactions() {
         r#"SELECT outbox.create_topic('{url}', '[{{"table": "{t}", "interactions": ["create"], "criteria": "NEW.status = ''x''"}},
                                                 {{"table": "{t}", "interactions": ["delete"]}}]')"#
     ));
-    let (_, kafka_topic) = destination(&e.broker, &url, "kafka-at-least-once", "empty");
+    let (_, kafka_topic) = pg.destination_on(&e.broker, &url).content("empty").create();
     // Postgres refuses to drop a column a criteria uses...
     let err = pg.sql_err(&format!("ALTER TABLE {t} DROP COLUMN status"));
     assert_eq!(err.sqlstate, "2BP01", "{}", err.raw);
@@ -445,7 +422,7 @@ fn alter_topic_changes_tables_and_criteria_and_keeps_destinations_and_pending_ev
         r#"SELECT outbox.create_topic('{url}', '[{{"table": "{t}", "interactions": ["create"], "criteria": "NEW.status = ''a''"}}]', 'before')"#
     ));
     let topic_id = pg.count(&format!("SELECT id FROM outbox.topic WHERE url = '{url}'"));
-    let (dest, kafka_topic) = destination(&broker, &url, "kafka-at-least-once", "empty");
+    let (dest, kafka_topic) = pg.destination_on(&broker, &url).content("empty").create();
     pg.sql(&format!("INSERT INTO {t} VALUES (1, 'a')"));
     arrived(&broker, &kafka_topic, 1);
     broker.freeze();
@@ -461,7 +438,7 @@ fn alter_topic_changes_tables_and_criteria_and_keeps_destinations_and_pending_ev
         msgs.iter().map(|m| (m.header("source-table").unwrap().to_string(), m.key.clone().unwrap())).collect();
     let tb = |name: &str, k: &str| (format!("public.{name}"), k.to_string());
     assert_eq!(seen, vec![tb(&t, "1"), tb(&t, "2"), tb(&t, "5"), tb(&format!("{t}_b"), "1")]);
-    wait_drained(&dest);
+    pg.wait_drained(&dest, WAIT);
     assert_eq!(pg.status_row(&dest)["messages_delivered"], 4);
     assert_eq!(
         pg.sql(&format!(
@@ -489,8 +466,8 @@ fn truncate_is_captured_when_a_topic_asks_for_it() {
     pg.sql(&format!(
         r#"SELECT outbox.create_topic('{url}', '[{{"table": "{t}", "interactions": ["create"]}}, {{"table": "{t}", "interactions": ["truncate"]}}]')"#
     ));
-    let (alo, alo_topic) = destination(&e.broker, &url, "kafka-at-least-once", "full-resource");
-    let (_, be_topic) = destination(&e.broker, &url, "kafka-best-effort", "id-only");
+    let (alo, alo_topic) = pg.destination_on(&e.broker, &url).create();
+    let (_, be_topic) = pg.destination_on(&e.broker, &url).best_effort().content("id-only").create();
     pg.sql(&format!("INSERT INTO {t} VALUES (1); TRUNCATE {t}; INSERT INTO {t} VALUES (2)"));
     let expected = vec![change("1", "create"), (None, "truncate".to_string()), change("2", "create")];
     let msgs = arrived(&e.broker, &alo_topic, 3);
@@ -524,59 +501,10 @@ fn a_table_and_its_partition_cannot_share_a_topic_and_partitions_follow_renames(
     assert!(err.message.contains("one a partition of the other"), "{}", err.raw);
     assert_eq!(pg.count(&format!("SELECT count(*) FROM outbox.topic WHERE url = 'urn:{t}'")), 0);
     pg.sql(&format!(r#"SELECT outbox.create_topic('urn:{t}', '[{{"table": "{t}"}}]')"#));
-    let (_, kafka_topic) = destination(&e.broker, &format!("urn:{t}"), "kafka-at-least-once", "empty");
+    let (_, kafka_topic) = pg.destination_on(&e.broker, &format!("urn:{t}")).content("empty").create();
     pg.sql(&format!("INSERT INTO {t} VALUES (1)"));
     pg.sql(&format!("ALTER TABLE {t} RENAME TO {t}_r; INSERT INTO {t}_r VALUES (2)"));
     let tables: Vec<String> =
         arrived(&e.broker, &kafka_topic, 2).iter().map(|m| m.header("source-table").unwrap().to_string()).collect();
     assert_eq!(tables, [format!("public.{t}"), format!("public.{t}_r")]);
-}
-
-#[test]
-fn status_is_active_after_a_transient_client_error_once_nothing_waits() {
-    let e = env();
-    let pg = &e.pg;
-    let mut broker = Broker::start();
-    let t = unique("st");
-    let url = format!("urn:{t}");
-    pg.sql(&format!("CREATE TABLE {t} (id int PRIMARY KEY)"));
-    pg.sql(&format!(r#"SELECT outbox.create_topic('{url}', '[{{"table": "{t}"}}]')"#));
-    // The restarted broker has lost the producer's idempotence state: librdkafka
-    // retries until the delivery timeout, then the worker replaces the producer.
-    let (dest, kafka_topic) =
-        destination_with(&broker, &url, "kafka-at-least-once", "empty", r#", "deliveryTimeoutMs": 3000"#);
-    pg.sql(&format!("INSERT INTO {t} SELECT generate_series(1, 5)"));
-    arrived(&broker, &kafka_topic, 5);
-    wait_drained(&dest);
-    // The broker goes away while nothing is to be sent: the client reports it...
-    broker.stop();
-    let row = wait_for("a client error in status", WAIT, || {
-        let r = pg.status_row(&dest);
-        r["last_errors"].as_array().is_some_and(|a| !a.is_empty()).then_some(r)
-    });
-    // ...and the destination, which has nothing waiting, is not in error.
-    assert_eq!(row["status"], "active", "{row}");
-    assert_eq!(row["messages_in_process"], 0, "{row}");
-    // With events to send it is, and a failed attempt stays an error until a
-    // delivery succeeds: later client errors (a new producer failing to
-    // connect) do not hide it, also while nothing is in process.
-    pg.sql(&format!("INSERT INTO {t} SELECT generate_series(6, 10)"));
-    wait_for("status error with events in process", WAIT, || (pg.status_row(&dest)["status"] == "error").then_some(()));
-    wait_for("a failed attempt", WAIT, || {
-        (pg.status_row(&dest)["messages_delivery_attempts"].as_i64() >= Some(1)).then_some(())
-    });
-    let until = std::time::Instant::now() + Duration::from_secs(4);
-    while std::time::Instant::now() < until {
-        let r = pg.status_row(&dest);
-        assert_eq!(r["status"], "error", "{r}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    broker.resume();
-    broker.create_topic(&kafka_topic, 1);
-    let row = wait_for("10 delivered", WAIT, || {
-        let r = pg.status_row(&dest);
-        (r["messages_delivered"] == 10).then_some(r)
-    });
-    assert_eq!(row["status"], "active", "{row}");
-    assert_eq!(arrived(&broker, &kafka_topic, 5).len(), 5);
 }

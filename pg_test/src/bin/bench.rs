@@ -50,7 +50,8 @@
 //! Steady state: pgbench at a steady 1,000 transactions/s for
 //! `--steady-seconds` (default 180); the outbox table's size and tuples over time.
 
-use pg_outbox_test::{unique, Broker, Cluster, PG_BIN};
+use pg_outbox_test::{unique, Broker, Cluster, NewDestination, PG_BIN};
+use serde_json::json;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -149,21 +150,20 @@ fn settle(pg: &Cluster) {
 
 /// A table `name` (bigserial id, text payload), a topic over it and a
 /// destination producing to the Kafka topic `name`.
-fn watched(pg: &Cluster, broker: &Broker, name: &str, kind: &str, content: &str, extra: &str) {
+fn watched(pg: &Cluster, broker: &Broker, name: &str, kind: &str, content: &str, params: serde_json::Value) {
     broker.create_topic(name, 3);
     table_with_topic(pg, name);
-    destination(pg, name, kind, content, extra, &broker.bootstrap());
+    destination(pg, name, &broker.bootstrap()).kind(kind).content(content).params(params).create();
 }
 
 /// The table `name` and a topic `urn:name` over it, no destination yet.
 fn table_with_topic(pg: &Cluster, name: &str) {
-    pg.sql(&format!("CREATE TABLE {name} (id bigserial PRIMARY KEY, payload text)"));
-    pg.sql(&format!("SELECT outbox.create_topic('urn:{name}', '[{{\"table\": \"{name}\"}}]')"));
+    pg.watched_table(name, "id bigserial PRIMARY KEY, payload text");
 }
 
 /// The destination `name` (dashed) on topic `urn:name`, to the Kafka topic `name`.
-fn destination(pg: &Cluster, name: &str, kind: &str, content: &str, extra: &str, bootstrap: &str) {
-    pg.create_destination(&name.replace('_', "-"), &format!("urn:{name}"), kind, name, bootstrap, extra, content);
+fn destination<'a>(pg: &'a Cluster, name: &str, bootstrap: &str) -> NewDestination<'a> {
+    pg.destination(&name.replace('_', "-"), &format!("urn:{name}"), name).bootstrap(bootstrap)
 }
 
 /// Rows written into `table` so far (its id sequence; the tables are emptied
@@ -183,8 +183,8 @@ fn main() {
     );
     pg.sql("CREATE EXTENSION pg_outbox");
     pg.sql("CREATE TABLE bench_none (id bigserial PRIMARY KEY, payload text)");
-    watched(&pg, &broker, "bench_be", "kafka-best-effort", "full-resource", "");
-    watched(&pg, &broker, "bench_alo", "kafka-at-least-once", "full-resource", "");
+    watched(&pg, &broker, "bench_be", "kafka-best-effort", "full-resource", json!({}));
+    watched(&pg, &broker, "bench_alo", "kafka-at-least-once", "full-resource", json!({}));
     // The same, with a destination only while measured, to a broker that is down.
     table_with_topic(&pg, "bench_alo_down");
     table_with_topic(&pg, "bench_be_down");
@@ -278,7 +278,7 @@ enum Beside {
 /// destination until now) whose broker is down: nothing listens on its port,
 /// so librdkafka gets connection refused and retries now and then.
 fn destination_down(pg: &Cluster, table: &str, kind: &str) {
-    destination(pg, table, kind, "full-resource", "", &format!("127.0.0.1:{}", pg_outbox_test::free_port()));
+    destination(pg, table, &format!("127.0.0.1:{}", pg_outbox_test::free_port())).kind(kind).create();
 }
 
 /// Drop it again, with what it never delivered.
@@ -341,8 +341,8 @@ fn write_path(pg: &Cluster, broker: &Broker, seconds: u64, rounds: usize, sync: 
             for k in 0..variants.len() {
                 let i = (k + round) % variants.len();
                 let (table, name, beside) = variants[i];
-                // Every table emptied before each run (the ids go on): with
-                // ten variants, 100-row runs filled this VM's disk in one run.
+                // Every table emptied before each run (the ids go on): ten
+                // variants of 100-row runs would otherwise fill a small disk.
                 // Pending events stay in the outbox and are drained first.
                 pg.sql(
                     "TRUNCATE bench_none, bench_be, bench_alo, bench_plpgsql, bench_copy, bench_alo_down, \
@@ -476,7 +476,7 @@ fn drains(pg: &Cluster, broker: &mut Broker, events: u64) {
 /// returns events per second and the worker process's CPU (its main thread
 /// and librdkafka's, user + system) per event in microseconds.
 fn drain(pg: &Cluster, broker: &Broker, events: u64, name: &str, singles: bool) -> (f64, f64) {
-    watched(pg, broker, name, "kafka-at-least-once", "full-resource", r#", "deliveryTimeoutMs": 600000"#);
+    watched(pg, broker, name, "kafka-at-least-once", "full-resource", json!({"deliveryTimeoutMs": 600000}));
     let dest = name.replace('_', "-");
     broker.freeze();
     let started = Instant::now();
@@ -572,7 +572,7 @@ impl rdkafka::producer::ProducerContext for Acks {
 /// meanwhile).
 fn bare_producer(pg: &Cluster, broker: &Broker, events: u64, name: &str) -> (f64, f64) {
     use rdkafka::producer::{BaseRecord, Producer};
-    watched(pg, broker, name, "kafka-at-least-once", "full-resource", "");
+    watched(pg, broker, name, "kafka-at-least-once", "full-resource", json!({}));
     let producer = producer_like(pg, &name.replace('_', "-"));
     let payload = vec![b'x'; 707];
     let me = [std::process::id().to_string()];
@@ -675,7 +675,7 @@ fn report_latency(label: &str, seen: &[(i64, f64, f64)], sent: &std::collections
 fn latency(pg: &Cluster, broker: &Broker, seconds: u64) {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    watched(pg, broker, "lat", "kafka-at-least-once", "id-only", "");
+    watched(pg, broker, "lat", "kafka-at-least-once", "id-only", json!({}));
     let stop = Arc::new(AtomicBool::new(false));
     let reader = receipts(broker, "lat", stop.clone());
     // Warm up: the producer connected, the consumer fetching, before measuring.
@@ -749,7 +749,7 @@ fn bare_latency(pg: &Cluster, broker: &Broker, seconds: u64) {
 
 /// The outbox table over time at a steady 1,000 events/s.
 fn steady(pg: &Cluster, broker: &Broker, seconds: u64) {
-    watched(pg, broker, "steady", "kafka-at-least-once", "full-resource", "");
+    watched(pg, broker, "steady", "kafka-at-least-once", "full-resource", json!({}));
     settle(pg);
     let mut run = pgbench_at_rate(pg, "INSERT INTO steady (payload) VALUES (repeat('x', 200));\n", 1000, seconds);
     println!(

@@ -1,7 +1,9 @@
-//! Faults with their own cluster and broker: a broker outage, a worker crash,
-//! DROP EXTENSION, and CREATE EXTENSION without preloading.
+//! Faults, each test with its own cluster and broker: a broker outage beside a
+//! healthy destination, a killed and a terminated worker, fast and immediate
+//! shutdowns mid-stream.
 
-use pg_outbox_test::{consume, unique, wait_for, Broker, Cluster};
+use pg_outbox_test::{consume, unique, wait_for, Broker, Env};
+use serde_json::json;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -14,26 +16,19 @@ fn keys(bootstrap: &str, topic: &str, min: usize) -> BTreeSet<i64> {
         .collect()
 }
 
-/// CREATE EXTENSION, then a topic `urn:<name>` over table `<name>` and an
-/// at-least-once destination `<name>` producing to Kafka topic `<name>`.
-fn install(pg: &Cluster, broker: &Broker, name: &str, extra_params: &str, content: &str) {
-    pg.sql("CREATE EXTENSION pg_outbox");
-    pg.sql(&format!("SELECT outbox.create_topic('urn:{name}', '[{{\"table\": \"{name}\"}}]')"));
-    let url = format!("urn:{name}");
-    pg.create_destination(name, &url, "kafka-at-least-once", name, &broker.bootstrap(), extra_params, content);
-}
-
 #[test]
 fn broker_outage_keeps_events_queued_reports_errors_and_delivers_all_after() {
-    let mut broker = Broker::start();
-    let pg = Cluster::start(&unique("outage"), &["outbox.retry_max = 2000"]);
+    let Env { pg, mut broker } = Env::start(&unique("outage"), &["outbox.retry_max = 2000"]);
     broker.create_topic("orders", 2);
-    pg.sql("CREATE TABLE orders (id int PRIMARY KEY, note text)");
-    install(&pg, &broker, "orders", r#", "deliveryTimeoutMs": 5000"#, "full-resource");
+    pg.watched_table("orders", "id int PRIMARY KEY, note text");
+    pg.destination("orders", "urn:orders", "orders")
+        .bootstrap(&broker.bootstrap())
+        .params(json!({"deliveryTimeoutMs": 5000}))
+        .create();
     // A second destination of the same topic on another broker that stays up.
     let healthy = Broker::start();
     healthy.create_topic("orders", 1);
-    pg.create_destination("mirror", "urn:orders", "kafka-at-least-once", "orders", &healthy.bootstrap(), "", "id-only");
+    pg.destination("mirror", "urn:orders", "orders").bootstrap(&healthy.bootstrap()).content("id-only").create();
     pg.sql("INSERT INTO orders SELECT g, 'before' FROM generate_series(1, 20) g");
     assert_eq!(keys(&broker.bootstrap(), "orders", 20), (1..=20).collect());
     wait_for("the first 20 acknowledged", WAIT, || {
@@ -85,16 +80,13 @@ fn broker_outage_keeps_events_queued_reports_errors_and_delivers_all_after() {
 
 #[test]
 fn killed_worker_is_restarted_and_delivers_what_was_committed() {
-    let broker = Broker::start();
+    let Env { pg, broker } = Env::start(&unique("crash"), &[]);
     broker.create_topic("items", 1);
-    let pg = Cluster::start(&unique("crash"), &[]);
-    pg.sql("CREATE TABLE items (id int PRIMARY KEY)");
-    install(&pg, &broker, "items", "", "empty");
+    pg.watched_table("items", "id int PRIMARY KEY");
+    pg.destination("items", "urn:items", "items").bootstrap(&broker.bootstrap()).content("empty").create();
     pg.sql("INSERT INTO items SELECT generate_series(1, 500)");
-    let pid = wait_for("the worker", WAIT, || pg.worker_pid());
-    std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
     // The postmaster resets the cluster after a crashed child and restarts the worker.
-    pg.sql_wait_ready();
+    let pid = pg.kill_worker();
     pg.sql("INSERT INTO items SELECT generate_series(501, 1000)");
     let got = keys(&broker.bootstrap(), "items", 1000);
     assert_eq!(got, (1..=1000).collect::<BTreeSet<i64>>());
@@ -114,43 +106,11 @@ fn killed_worker_is_restarted_and_delivers_what_was_committed() {
 }
 
 #[test]
-fn drop_extension_removes_triggers_and_recreating_works() {
-    let broker = Broker::start();
-    broker.create_topic("things", 1);
-    let pg = Cluster::start(&unique("dropext"), &[]);
-    pg.sql("CREATE TABLE things (id int PRIMARY KEY)");
-    install(&pg, &broker, "things", "", "empty");
-    pg.sql("INSERT INTO things VALUES (1)");
-    assert_eq!(keys(&broker.bootstrap(), "things", 1), BTreeSet::from([1]));
-    pg.sql("DROP EXTENSION pg_outbox");
-    assert_eq!(pg.count("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'things'::regclass"), 0);
-    pg.sql("INSERT INTO things VALUES (2)"); // no trigger, no error
-    let worker = pg.worker_pid();
-    assert!(worker.is_some(), "the worker idles, it does not die");
-    install(&pg, &broker, "things", "", "empty");
-    pg.sql("INSERT INTO things VALUES (3)");
-    assert_eq!(keys(&broker.bootstrap(), "things", 2), BTreeSet::from([1, 3]));
-    pg.stop("fast");
-}
-
-#[test]
-fn create_extension_without_preloading_fails_with_a_hint() {
-    let pg = Cluster::start(&unique("nopreload"), &["shared_preload_libraries = ''"]);
-    let err = pg.try_sql("CREATE EXTENSION pg_outbox").expect_err("must fail");
-    assert_eq!(err.sqlstate, "55000", "{}", err.raw);
-    assert!(err.message.contains("shared_preload_libraries"), "{}", err.raw);
-    assert!(err.hint.unwrap().contains("shared_preload_libraries"));
-    assert_eq!(pg.count("SELECT count(*) FROM pg_namespace WHERE nspname = 'outbox'"), 0);
-    pg.stop("immediate");
-}
-
-#[test]
 fn fast_and_immediate_shutdowns_mid_stream_lose_nothing() {
-    let broker = Broker::start();
+    let Env { pg, broker } = Env::start(&unique("shutdown"), &[]);
     broker.create_topic("stream", 2);
-    let pg = Cluster::start(&unique("shutdown"), &[]);
-    pg.sql("CREATE TABLE stream (id int PRIMARY KEY)");
-    install(&pg, &broker, "stream", "", "empty");
+    pg.watched_table("stream", "id int PRIMARY KEY");
+    pg.destination("stream", "urn:stream", "stream").bootstrap(&broker.bootstrap()).content("empty").create();
     pg.sql("INSERT INTO stream SELECT generate_series(1, 3000)");
     pg.stop("fast"); // SIGTERM: the worker flushes what it can and exits
     pg.pg_ctl_start();
