@@ -232,9 +232,10 @@ BEGIN
         PERFORM outbox._fail('22023', format('unknown content "%s" for destination "%s"', coalesce(content, ''), id),
             'Use ''full-resource'', ''id-only'' or ''empty''.');
     END IF;
-    IF (SELECT count(*) FROM outbox.destination) >= 128 THEN
-        PERFORM outbox._fail('54000', format('cannot create destination "%s": at most 128 destinations', id),
-            'Drop destinations you no longer need; the worker keeps their counters in 128 shared-memory slots.');
+    IF (SELECT count(*) FROM outbox.destination) >= current_setting('outbox.max_destinations')::int THEN
+        PERFORM outbox._fail('54000', format('cannot create destination "%s": at most %s destinations (outbox.max_destinations)',
+                id, current_setting('outbox.max_destinations')),
+            'Drop destinations you no longer need, or raise outbox.max_destinations and restart the server.');
     END IF;
     v_params := outbox._check_parameters(id, kind, parameters);
     INSERT INTO outbox.destination (id, topic_url, kind, content, parameters)

@@ -21,6 +21,8 @@ pub static FHIR_BASE_URL: GucSetting<Option<CString>> =
 
 /// Shared memory for the best-effort queue, in kB (postmaster start).
 pub static BEST_EFFORT_QUEUE_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
+/// Status slots in shared memory, one per destination (about 1.7 kB each).
+pub static MAX_DESTINATIONS: GucSetting<i32> = GucSetting::<i32>::new(128);
 
 pub const DATABASE_DEFAULT: &str = "postgres";
 
@@ -50,6 +52,16 @@ pub fn register() {
         1024 * 1024,
         GucContext::Postmaster,
         GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.max_destinations",
+        c"Most destinations the server can have (status slots in shared memory).",
+        c"create_destination refuses more; changing it needs a restart.",
+        &MAX_DESTINATIONS,
+        1,
+        10_000,
+        GucContext::Postmaster,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"outbox.poll_interval",

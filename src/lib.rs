@@ -45,6 +45,7 @@ mod kafka;
 mod pipe;
 mod ring;
 mod rowjson;
+mod shmem;
 mod status;
 mod store;
 mod types;
@@ -79,7 +80,7 @@ pub extern "C-unwind" fn _PG_init() {
     config::register();
     PRELOADED.store(true, std::sync::atomic::Ordering::Relaxed);
     status::init_shmem();
-    ring::init();
+    shmem::init();
     worker::register();
     capture::install_hooks();
 }

@@ -6,6 +6,7 @@
 //! Record layout: `u32 length`, then the encoded event (see `BestEffortEvent`).
 
 use crate::config;
+use crate::shmem::{Held, Region};
 use pgrx::pg_sys;
 use std::ffi::CStr;
 
@@ -28,59 +29,17 @@ fn capacity_bytes() -> usize {
     config::BEST_EFFORT_QUEUE_KB.get() as usize * 1024
 }
 
-fn shmem_size() -> usize {
-    std::mem::size_of::<Header>() + capacity_bytes()
+/// The queue's shared memory: a header, then the ring's bytes.
+pub fn region() -> Region {
+    Region { name: NAME, size: || std::mem::size_of::<Header>() + capacity_bytes(), attach }
 }
 
-static mut PREV_REQUEST: pg_sys::shmem_request_hook_type = None;
-static mut PREV_STARTUP: pg_sys::shmem_startup_hook_type = None;
-
-/// Called from `_PG_init` under shared_preload_libraries.
-pub fn init() {
+unsafe fn attach(base: *mut u8, lock: *mut pg_sys::LWLock, found: bool) {
+    let header = base.cast::<Header>();
     unsafe {
-        #[cfg(feature = "pg14")]
-        request();
-        #[cfg(not(feature = "pg14"))]
-        {
-            PREV_REQUEST = pg_sys::shmem_request_hook;
-            pg_sys::shmem_request_hook = Some(on_request);
-        }
-        PREV_STARTUP = pg_sys::shmem_startup_hook;
-        pg_sys::shmem_startup_hook = Some(on_startup);
-    }
-}
-
-unsafe fn request() {
-    unsafe {
-        pg_sys::RequestAddinShmemSpace(shmem_size());
-        pg_sys::RequestNamedLWLockTranche(NAME.as_ptr(), 1);
-    }
-}
-
-#[cfg(not(feature = "pg14"))]
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn on_request() {
-    unsafe {
-        if let Some(prev) = PREV_REQUEST {
-            prev();
-        }
-        request();
-    }
-}
-
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn on_startup() {
-    unsafe {
-        if let Some(prev) = PREV_STARTUP {
-            prev();
-        }
-        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock; // AddinShmemInitLock
-        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-        let mut found = false;
-        let header = pg_sys::ShmemInitStruct(NAME.as_ptr(), shmem_size(), &mut found).cast::<Header>();
         if !found {
             header.write(Header {
-                lock: &raw mut (*pg_sys::GetNamedLWLockTranche(NAME.as_ptr())).lock,
+                lock,
                 capacity: capacity_bytes() as u64,
                 head: 0,
                 tail: 0,
@@ -90,28 +49,19 @@ unsafe extern "C-unwind" fn on_startup() {
             });
         }
         RING = header;
-        pg_sys::LWLockRelease(init_lock);
-    }
-}
-
-struct Guard(*mut pg_sys::LWLock);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        unsafe { pg_sys::LWLockRelease(self.0) };
     }
 }
 
 /// The ring, locked for this scope (None when not preloaded).
-fn locked() -> Option<(&'static mut Header, &'static mut [u8], Guard)> {
+fn locked() -> Option<(&'static mut Header, &'static mut [u8], Held)> {
     unsafe {
         let h = RING;
         if h.is_null() {
             return None;
         }
-        pg_sys::LWLockAcquire((*h).lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let held = Held::exclusive((*h).lock);
         let data = std::slice::from_raw_parts_mut(h.add(1).cast::<u8>(), (*h).capacity as usize);
-        Some((&mut *h, data, Guard((*h).lock)))
+        Some((&mut *h, data, held))
     }
 }
 

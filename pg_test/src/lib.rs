@@ -23,7 +23,24 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The PostgreSQL binaries the tests and the bench run: `$PG_OUTBOX_PG_BIN`
+/// (scripts/test.sh sets it per version), else Debian's PostgreSQL 15.
+pub const PG_BIN: PgBin = PgBin;
+
+pub struct PgBin;
+
+impl PgBin {
+    pub fn path(&self) -> &'static str {
+        static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        BIN.get_or_init(|| std::env::var("PG_OUTBOX_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()))
+    }
+}
+
+impl std::fmt::Display for PgBin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.path())
+    }
+}
 
 /// Where clusters, broker logs and pid files go.
 pub fn root() -> PathBuf {

@@ -24,12 +24,14 @@ pub use control::{
 };
 pub use slots::{
     add_lost, add_lost_slot, claim_slot, mark_stopped, record_error, record_outcome, retain_only, set_in_process,
-    set_latency, set_state, worker_started, SlotRef, State, MAX_DESTINATIONS,
+    set_latency, set_state, worker_started, SlotRef, State,
 };
 pub use time::{format_ts, format_ts_digits, now_us};
 
-/// Reserve and attach the shared memory (`_PG_init`, preloaded only).
+pub use slots::region as slots_region;
+
+/// Reserve and attach the control block (`_PG_init`, preloaded only); the
+/// slots are a `shmem` region.
 pub fn init_shmem() {
-    slots::init_shmem();
     control::init_shmem();
 }

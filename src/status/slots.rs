@@ -3,14 +3,14 @@
 //! worker claims a slot per destination it serves and writes it; writers
 //! count best-effort events lost at commit (also while no worker serves the
 //! destination); `outbox._destination_stats()` reads them all. Fixed-size
-//! records, since shared memory is sized once at server start. See
-//! docs/architecture.md.
+//! records, `outbox.max_destinations` of them, since shared memory is sized
+//! once at server start. See docs/architecture.md.
 
 use super::time::now_us;
-use pgrx::prelude::*;
-use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
+use crate::config;
+use crate::shmem::{Held, Region};
+use pgrx::pg_sys;
 
-pub const MAX_DESTINATIONS: usize = 128;
 pub const MAX_ERRORS: usize = 5;
 const ID_LEN: usize = 64;
 const ERR_LEN: usize = 300;
@@ -56,11 +56,6 @@ pub struct Slot {
     pub(super) errors: [ErrorEntry; MAX_ERRORS],
 }
 
-#[derive(Copy, Clone)]
-pub struct Slots {
-    slots: [Slot; MAX_DESTINATIONS],
-}
-
 const EMPTY_ERROR: ErrorEntry = ErrorEntry { at_us: 0, len: 0, msg: [0; ERR_LEN] };
 const EMPTY_SLOT: Slot = Slot {
     used: false,
@@ -79,18 +74,56 @@ const EMPTY_SLOT: Slot = Slot {
     errors: [EMPTY_ERROR; MAX_ERRORS],
 };
 
-impl Default for Slots {
-    fn default() -> Self {
-        Slots { slots: [EMPTY_SLOT; MAX_DESTINATIONS] }
+#[repr(C)]
+struct Header {
+    lock: *mut pg_sys::LWLock,
+    len: usize,
+}
+
+static mut HEADER: *mut Header = std::ptr::null_mut();
+
+fn count() -> usize {
+    config::MAX_DESTINATIONS.get() as usize
+}
+
+/// The slots' shared memory: a header, then `outbox.max_destinations` slots.
+pub fn region() -> Region {
+    Region {
+        name: c"pg_outbox_slots",
+        size: || std::mem::size_of::<Header>() + count() * std::mem::size_of::<Slot>(),
+        attach,
     }
 }
 
-unsafe impl PGRXSharedMemory for Slots {}
+unsafe fn attach(base: *mut u8, lock: *mut pg_sys::LWLock, found: bool) {
+    let header = base.cast::<Header>();
+    unsafe {
+        if !found {
+            header.write(Header { lock, len: count() });
+            let first = header.add(1).cast::<Slot>();
+            for i in 0..count() {
+                first.add(i).write(EMPTY_SLOT);
+            }
+        }
+        HEADER = header;
+    }
+}
 
-static SLOTS: PgLwLock<Slots> = unsafe { PgLwLock::new(c"pg_outbox_slots") };
+/// The slots, locked until dropped (none when not preloaded).
+struct Slots {
+    slots: &'static mut [Slot],
+    _held: Held,
+}
 
-pub(super) fn init_shmem() {
-    pg_shmem_init!(SLOTS);
+fn lock(exclusive: bool) -> Slots {
+    unsafe {
+        let h = HEADER;
+        if h.is_null() {
+            return Slots { slots: &mut [], _held: Held::shared(std::ptr::null_mut()) };
+        }
+        let held = if exclusive { Held::exclusive((*h).lock) } else { Held::shared((*h).lock) };
+        Slots { slots: std::slice::from_raw_parts_mut(h.add(1).cast::<Slot>(), (*h).len), _held: held }
+    }
 }
 
 fn copy_str<const N: usize>(dst: &mut [u8; N], s: &str) -> usize {
@@ -117,7 +150,7 @@ impl ErrorEntry {
 
 /// A copy of the slots in use (readers: one shared lock, held briefly).
 pub(super) fn used_slots() -> Vec<Slot> {
-    SLOTS.share().slots.iter().filter(|s| s.used).copied().collect()
+    lock(false).slots.iter().filter(|s| s.used).copied().collect()
 }
 
 /// The worker's handle on one destination's slot.
@@ -140,7 +173,7 @@ fn find_or_take(s: &mut Slots, id: &str) -> Option<usize> {
 /// The worker starts serving a destination (None: all slots in use). Counters
 /// that writers already kept for it (best-effort losses) carry over.
 pub fn claim_slot(id: &str) -> Option<SlotRef> {
-    let mut s = SLOTS.exclusive();
+    let mut s = lock(true);
     let i = find_or_take(&mut s, id)?;
     let slot = &mut s.slots[i];
     // A destination rebuilt after alter_destination keeps its start, like its
@@ -154,7 +187,7 @@ pub fn claim_slot(id: &str) -> Option<SlotRef> {
 
 /// The worker stops serving a destination; its counters stay visible.
 pub fn mark_stopped(r: SlotRef) {
-    let mut s = SLOTS.exclusive();
+    let s = lock(true);
     let slot = &mut s.slots[r.0];
     slot.state = State::Stopped as u8;
     slot.in_process = 0;
@@ -163,7 +196,7 @@ pub fn mark_stopped(r: SlotRef) {
 /// Worker start: every slot in use is stopped, with nothing in process,
 /// whatever a previous worker left there.
 pub fn worker_started() {
-    let mut s = SLOTS.exclusive();
+    let s = lock(true);
     for slot in s.slots.iter_mut().filter(|x| x.used) {
         slot.state = State::Stopped as u8;
         slot.in_process = 0;
@@ -175,7 +208,7 @@ pub fn worker_started() {
 /// stays: the writer may have seen a destination created after that read
 /// began, or dropped and created again meanwhile (the next read decides).
 pub fn retain_only(ids: &std::collections::HashSet<&str>, read_us: i64) {
-    let mut s = SLOTS.exclusive();
+    let s = lock(true);
     for slot in s.slots.iter_mut().filter(|x| x.used && !ids.contains(x.id())) {
         if slot.written_us < read_us {
             *slot = EMPTY_SLOT;
@@ -187,7 +220,7 @@ pub fn retain_only(ids: &std::collections::HashSet<&str>, read_us: i64) {
 }
 
 pub fn record_outcome(r: SlotRef, delivered: u64, failed: u64, in_process: u64) {
-    let mut s = SLOTS.exclusive();
+    let s = lock(true);
     let slot = &mut s.slots[r.0];
     slot.delivered += delivered;
     slot.failed_attempts += failed;
@@ -202,7 +235,7 @@ pub fn record_outcome(r: SlotRef, delivered: u64, failed: u64, in_process: u64) 
 /// Publish how many events each destination has in process (one lock for all).
 pub fn set_in_process(counts: impl Iterator<Item = (SlotRef, u64)>) {
     let counts: Vec<(SlotRef, u64)> = counts.collect();
-    let mut s = SLOTS.exclusive();
+    let s = lock(true);
     // A reconfigured destination's old producer shares the slot: add up.
     for (r, _) in &counts {
         s.slots[r.0].in_process = 0;
@@ -218,7 +251,7 @@ pub fn add_lost(id: &str, n: u64) {
     if !crate::preloaded() {
         return;
     }
-    let mut s = SLOTS.exclusive();
+    let mut s = lock(true);
     if let Some(i) = find_or_take(&mut s, id) {
         s.slots[i].lost += n;
         s.slots[i].written_us = now_us();
@@ -227,17 +260,17 @@ pub fn add_lost(id: &str, n: u64) {
 
 /// Count best-effort events lost (the worker: expired or refused).
 pub fn add_lost_slot(r: SlotRef, n: u64) {
-    SLOTS.exclusive().slots[r.0].lost += n;
+    lock(true).slots[r.0].lost += n;
 }
 
 pub fn set_latency(r: SlotRef, p50_us: i64, p99_us: i64, max_us: i64) {
-    SLOTS.exclusive().slots[r.0].latency_us = [p50_us, p99_us, max_us];
+    lock(true).slots[r.0].latency_us = [p50_us, p99_us, max_us];
 }
 
 /// A client error does not hide an error of an attempt: only a delivery
 /// clears that (`record_outcome`).
 pub fn set_state(r: SlotRef, state: State) {
-    let mut s = SLOTS.exclusive();
+    let s = lock(true);
     let slot = &mut s.slots[r.0];
     if !(state == State::ClientError && slot.state == State::Error as u8) {
         slot.state = state as u8;
@@ -245,7 +278,7 @@ pub fn set_state(r: SlotRef, state: State) {
 }
 
 pub fn record_error(r: SlotRef, message: &str) {
-    let mut s = SLOTS.exclusive();
+    let s = lock(true);
     let slot = &mut s.slots[r.0];
     if slot.n_errors > 0 {
         // The same error again (a broker that stays down): refresh its time only.

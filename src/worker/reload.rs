@@ -4,6 +4,7 @@
 
 use super::destination::{Destination, Mode};
 use super::{in_transaction, Worker};
+use crate::config;
 use crate::params::Params;
 use crate::status;
 use crate::store;
@@ -117,9 +118,9 @@ impl Worker {
         };
         let Some(slot) = status::claim_slot(&row.id) else {
             pgrx::warning!(
-                "pg_outbox: destination \"{}\" skipped: more than {} destinations",
+                "pg_outbox: destination \"{}\" skipped: all {} status slots (outbox.max_destinations) are in use",
                 row.id,
-                status::MAX_DESTINATIONS
+                config::MAX_DESTINATIONS.get()
             );
             return;
         };
