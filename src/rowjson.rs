@@ -69,11 +69,20 @@ thread_local! {
     static OUTPUTS: RefCell<HashMap<pg_sys::Oid, Rc<Output>>> = RefCell::new(HashMap::new());
 }
 
+/// The descriptor's columns. PostgreSQL 18 put compact attributes before
+/// them, reached through TupleDescAttr (a C inline, pgrx's cshim).
+unsafe fn attributes<'a>(desc: pg_sys::TupleDesc) -> impl Iterator<Item = &'a pg_sys::FormData_pg_attribute> {
+    let n = unsafe { (*desc).natts };
+    #[cfg(feature = "pg18")]
+    return (0..n).map(move |i| unsafe { &*pg_sys::TupleDescAttr(desc, i) });
+    #[cfg(not(feature = "pg18"))]
+    return unsafe { (*desc).attrs.as_slice(n as usize) }.iter();
+}
+
 /// The descriptor's columns as (name, type, dropped); the names borrow from
 /// `desc`, which must outlive `'a`.
 unsafe fn shape<'a>(desc: pg_sys::TupleDesc) -> impl Iterator<Item = (&'a [u8], pg_sys::Oid, bool)> {
-    let attrs = unsafe { (*desc).attrs.as_slice((*desc).natts as usize) };
-    attrs.iter().map(|a| {
+    unsafe { attributes(desc) }.map(|a| {
         let name = unsafe { std::ffi::CStr::from_ptr(a.attname.data.as_ptr()) }.to_bytes();
         (name, a.atttypid, a.attisdropped)
     })
@@ -294,7 +303,7 @@ pub unsafe fn column_text(
     desc: pg_sys::TupleDesc,
     attnum: i32,
 ) -> (Option<String>, pg_sys::Oid) {
-    let type_oid = unsafe { (*desc).attrs.as_slice((*desc).natts as usize)[attnum as usize - 1].atttypid };
+    let type_oid = unsafe { attributes(desc) }.nth(attnum as usize - 1).expect("a column of the descriptor").atttypid;
     if u32::from(type_oid) >= pg_sys::FirstNormalObjectId {
         let text = unsafe { pg_sys::SPI_getvalue(tuple, desc, attnum) };
         let text = (!text.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(text) }.to_string_lossy().into_owned());

