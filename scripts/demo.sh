@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # The main job, end to end, on a fresh machine:
-#   set up (idempotent) -> start a tansu broker and a throwaway Postgres 15 with
+#   set up (idempotent) -> start a tansu broker and a throwaway Postgres with
 #   pg_outbox preloaded -> create a table, a topic and an at-least-once
 #   destination -> write rows -> print the messages that arrived in Kafka and
 #   the destination's status.
 # KEEP=1 leaves Postgres and the broker running (stop them with
 # scripts/stop-all.sh). Ports: PG_PORT (default 15432), KAFKA_PORT (19092).
+# PG_VERSION=16, 17 or 18 runs it on that PostgreSQL (default 15).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
+. scripts/pg-versions.sh
+export PG_VERSION="${PG_VERSION:-15}"
 bash scripts/setup.sh
 
 DEMO=/tmp/pg_outbox/demo   # under /tmp: the postgres user must reach it
 PG_PORT="${PG_PORT:-15432}"
 KAFKA_PORT="${KAFKA_PORT:-19092}"
-BIN=/usr/lib/postgresql/15/bin
+BIN="$(pg_bin_of "$PG_VERSION")"
 bash scripts/stop-all.sh "$DEMO"
 rm -rf "$DEMO" && mkdir -p "$DEMO" && chmod 755 /tmp/pg_outbox && chown postgres "$DEMO"
 [ "${KEEP:-0}" = 1 ] || trap 'bash scripts/stop-all.sh "$DEMO"' EXIT
@@ -29,7 +32,7 @@ echo $! >"$DEMO/tansu-$KAFKA_PORT.pid"
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null && break; sleep 0.1; done
 "$HOME/.cargo/bin/tansu" topic create questionnaire-responses --partitions 3 --broker "tcp://127.0.0.1:$KAFKA_PORT" >/dev/null
 
-printf '\n== starting Postgres 15 on 127.0.0.1:%s with shared_preload_libraries = pg_outbox\n' "$PG_PORT"
+printf '\n== starting Postgres %s on 127.0.0.1:%s with shared_preload_libraries = pg_outbox\n' "$PG_VERSION" "$PG_PORT"
 sudo -n -u postgres "$BIN/initdb" -D "$DEMO/data" -A trust -U postgres >/dev/null
 cat >>"$DEMO/data/postgresql.conf" <<CONF
 shared_preload_libraries = 'pg_outbox'
@@ -38,7 +41,7 @@ port = $PG_PORT
 listen_addresses = '127.0.0.1'
 unix_socket_directories = '$DEMO'
 CONF
-sudo -n -u postgres "$BIN/pg_ctl" -D "$DEMO/data" -l "$DEMO/postgres.log" -w start >/dev/null
+sudo -n -u postgres env LD_LIBRARY_PATH="$(dirname "$BIN")/lib" "$BIN/pg_ctl" -D "$DEMO/data" -l "$DEMO/postgres.log" -w start >/dev/null
 PSQL=("$BIN/psql" -X -v ON_ERROR_STOP=1 -h "$DEMO" -p "$PG_PORT" -U postgres -d postgres)
 
 printf '\n== creating a topic and a destination, writing rows\n'
