@@ -1,7 +1,7 @@
-//! The extension's life on a server: the `outbox.max_destinations` limit,
+//! The extension's life on a server: the `outbox.max_destinations` limit and
 //! `ALTER EXTENSION pg_outbox UPDATE` from the previous release with events
-//! waiting, and `pg_dump` / `pg_restore` into a fresh cluster. Each test
-//! brings its own cluster (their settings and extension versions differ).
+//! waiting. Each test brings its own cluster (their settings and extension
+//! versions differ).
 
 use pg_outbox_test::{consume, wait_for, Broker, Cluster, Env, PG_BIN};
 use std::collections::BTreeSet;
