@@ -23,5 +23,7 @@ pg_config_of() {
 }
 
 pg_bin_of() {
-    dirname "$(pg_config_of "$1")"
+    local c
+    c="$(pg_config_of "$1")" || return
+    dirname "$c"
 }

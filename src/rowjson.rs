@@ -69,14 +69,19 @@ thread_local! {
     static OUTPUTS: RefCell<HashMap<pg_sys::Oid, Rc<Output>>> = RefCell::new(HashMap::new());
 }
 
-/// The descriptor's columns. PostgreSQL 18 put compact attributes before
-/// them, reached through TupleDescAttr (a C inline, pgrx's cshim).
-unsafe fn attributes<'a>(desc: pg_sys::TupleDesc) -> impl Iterator<Item = &'a pg_sys::FormData_pg_attribute> {
-    let n = unsafe { (*desc).natts };
+/// Column `i` (from 0) of the descriptor. PostgreSQL 18 put compact
+/// attributes before them, reached through TupleDescAttr (a C inline, pgrx's
+/// cshim).
+unsafe fn attribute<'a>(desc: pg_sys::TupleDesc, i: usize) -> &'a pg_sys::FormData_pg_attribute {
     #[cfg(feature = "pg18")]
-    return (0..n).map(move |i| unsafe { &*pg_sys::TupleDescAttr(desc, i) });
+    return unsafe { &*pg_sys::TupleDescAttr(desc, i as i32) };
     #[cfg(not(feature = "pg18"))]
-    return unsafe { (*desc).attrs.as_slice(n as usize) }.iter();
+    return unsafe { &(*desc).attrs.as_slice((*desc).natts as usize)[i] };
+}
+
+/// The descriptor's columns, in order.
+unsafe fn attributes<'a>(desc: pg_sys::TupleDesc) -> impl Iterator<Item = &'a pg_sys::FormData_pg_attribute> {
+    (0..unsafe { (*desc).natts } as usize).map(move |i| unsafe { attribute(desc, i) })
 }
 
 /// The descriptor's columns as (name, type, dropped); the names borrow from
@@ -303,7 +308,7 @@ pub unsafe fn column_text(
     desc: pg_sys::TupleDesc,
     attnum: i32,
 ) -> (Option<String>, pg_sys::Oid) {
-    let type_oid = unsafe { attributes(desc) }.nth(attnum as usize - 1).expect("a column of the descriptor").atttypid;
+    let type_oid = unsafe { attribute(desc, attnum as usize - 1) }.atttypid;
     if u32::from(type_oid) >= pg_sys::FirstNormalObjectId {
         let text = unsafe { pg_sys::SPI_getvalue(tuple, desc, attnum) };
         let text = (!text.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(text) }.to_string_lossy().into_owned());

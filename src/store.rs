@@ -63,30 +63,41 @@ pub fn destinations() -> SpiResult<Vec<DestinationRow>> {
                 resource_types: Default::default(),
             });
         }
-        let types = client.select(
-            // Events carry the name their table had when they were captured:
-            // its name now (also if no event trigger recorded a rename), the
-            // ones it had before, and those of tables no longer watched.
-            "SELECT t.url, n.name, tt.resource_type FROM outbox.topic_table tt \
-               JOIN outbox.topic t ON t.id = tt.topic_id \
-               CROSS JOIN LATERAL unnest(tt.table_name || tt.former_names || \
-                 (SELECT s.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace \
-                   WHERE tt.watched AND c.oid = tt.table_oid)) AS n (name) \
-              WHERE tt.resource_type IS NOT NULL AND n.name IS NOT NULL \
-              ORDER BY tt.watched, n.name = tt.table_name", // a name's current table last: it wins
-            None,
-            &[],
-        )?;
-        for row in types {
-            let url: String = row.get(1)?.unwrap_or_default();
-            let table: String = row.get(2)?.unwrap_or_default();
-            let resource_type: String = row.get(3)?.unwrap_or_default();
+        for (url, table, resource_type) in resource_types_in(&client)? {
             for d in out.iter_mut().filter(|d| d.topic_url == url) {
                 d.resource_types.insert(table.clone(), resource_type.clone());
             }
         }
         Ok(out)
     })
+}
+
+/// The FHIR resource type of each table name events may carry, per topic url:
+/// (url, table name, resource type).
+pub fn resource_types() -> SpiResult<Vec<(String, String, String)>> {
+    Spi::connect(|client| resource_types_in(&client))
+}
+
+fn resource_types_in(client: &pgrx::spi::SpiClient<'_>) -> SpiResult<Vec<(String, String, String)>> {
+    let rows = client.select(
+        // Events carry the name their table had when they were captured:
+        // its name now (also if no event trigger recorded a rename), the
+        // ones it had before, and those of tables no longer watched.
+        "SELECT t.url, n.name, tt.resource_type FROM outbox.topic_table tt \
+           JOIN outbox.topic t ON t.id = tt.topic_id \
+           CROSS JOIN LATERAL unnest(tt.table_name || tt.former_names || \
+             (SELECT s.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace \
+           WHERE tt.watched AND c.oid = tt.table_oid)) AS n (name) \
+          WHERE tt.resource_type IS NOT NULL AND n.name IS NOT NULL \
+          ORDER BY tt.watched, n.name = tt.table_name", // a name's current table last: it wins
+        None,
+        &[],
+    )?;
+    let mut out = Vec::new();
+    for row in rows {
+        out.push((row.get(1)?.unwrap_or_default(), row.get(2)?.unwrap_or_default(), row.get(3)?.unwrap_or_default()));
+    }
+    Ok(out)
 }
 
 /// What a claim saw: its events, and the transactions in progress then,

@@ -57,6 +57,7 @@ impl Worker {
             .filter(|d| d.ready(now) && !self.has_retiring(&d.id))
             .map(|d| d.id.clone())
             .collect();
+        let seen_generation = self.seen_generation;
         for id in ids {
             let Some(d) = self.destinations.get_mut(&id) else { continue };
             let Mode::AtLeastOnce(o) = &d.mode else { continue };
@@ -66,6 +67,18 @@ impl Worker {
             };
             match claim {
                 Ok(claim) => {
+                    if status::config_generation() != seen_generation {
+                        // A change committed since the last reload (a FHIR
+                        // table renamed, say) may be older than events of this
+                        // claim: their tables' resource types are read again.
+                        if let Some(Ok(types)) = in_transaction("reading resource types", store::resource_types) {
+                            d.resource_types = types
+                                .into_iter()
+                                .filter(|(url, _, _)| *url == d.topic_url)
+                                .map(|(_, table, resource_type)| (table, resource_type))
+                                .collect();
+                        }
+                    }
                     if let Some(more) = d.produce_claim(claim, now, &mut self.producers) {
                         self.busy = true;
                         self.more |= more;
