@@ -63,7 +63,7 @@ pub fn destinations() -> SpiResult<Vec<DestinationRow>> {
                 resource_types: Default::default(),
             });
         }
-        for (url, table, resource_type) in resource_types_in(&client)? {
+        for (url, table, resource_type) in resource_types_in(client)? {
             for d in out.iter_mut().filter(|d| d.topic_url == url) {
                 d.resource_types.insert(table.clone(), resource_type.clone());
             }
@@ -75,7 +75,7 @@ pub fn destinations() -> SpiResult<Vec<DestinationRow>> {
 /// The FHIR resource type of each table name events may carry, per topic url:
 /// (url, table name, resource type).
 pub fn resource_types() -> SpiResult<Vec<(String, String, String)>> {
-    Spi::connect(|client| resource_types_in(&client))
+    Spi::connect(|client| resource_types_in(client))
 }
 
 fn resource_types_in(client: &pgrx::spi::SpiClient<'_>) -> SpiResult<Vec<(String, String, String)>> {
