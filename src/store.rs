@@ -75,7 +75,7 @@ pub fn destinations() -> SpiResult<Vec<DestinationRow>> {
 /// The FHIR resource type of each table name events may carry, per topic url:
 /// (url, table name, resource type).
 pub fn resource_types() -> SpiResult<Vec<(String, String, String)>> {
-    Spi::connect(|client| resource_types_in(client))
+    Spi::connect(resource_types_in)
 }
 
 fn resource_types_in(client: &pgrx::spi::SpiClient<'_>) -> SpiResult<Vec<(String, String, String)>> {
