@@ -831,6 +831,15 @@ impl Stream {
     }
 }
 
+/// The keys (integers) of the messages of a Kafka topic: at least `min`
+/// messages, read until a second passes without a new one (or a minute).
+pub fn keys(bootstrap: &str, topic: &str, min: usize) -> std::collections::BTreeSet<i64> {
+    consume(bootstrap, topic, min, Duration::from_secs(60), Duration::from_millis(1000))
+        .iter()
+        .map(|m| m.key.as_deref().unwrap().parse().unwrap())
+        .collect()
+}
+
 /// Messages sorted by their event-number header (commit order per key).
 pub fn by_event_number(mut msgs: Vec<Received>) -> Vec<Received> {
     msgs.sort_by_key(|m| m.header("event-number").and_then(|v| v.parse::<i64>().ok()).unwrap_or(0));

@@ -2,19 +2,12 @@
 //! healthy destination, a killed and a terminated worker, fast and immediate
 //! shutdowns mid-stream.
 
-use pg_outbox_test::{consume, unique, wait_for, Broker, Env};
+use pg_outbox_test::{keys, unique, wait_for, Broker, Env};
 use serde_json::json;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn keys(bootstrap: &str, topic: &str, min: usize) -> BTreeSet<i64> {
-    consume(bootstrap, topic, min, WAIT, Duration::from_millis(1000))
-        .iter()
-        .map(|m| m.key.as_deref().unwrap().parse().unwrap())
-        .collect()
-}
 
 #[test]
 fn broker_outage_keeps_events_queued_reports_errors_and_delivers_all_after() {

@@ -3,18 +3,11 @@
 //! waiting. Each test brings its own cluster (their settings and extension
 //! versions differ).
 
-use pg_outbox_test::{consume, wait_for, Broker, Cluster, Env, PG_BIN};
+use pg_outbox_test::{keys, wait_for, Broker, Cluster, Env, PG_BIN};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn keys(bootstrap: &str, topic: &str, min: usize) -> BTreeSet<i64> {
-    consume(bootstrap, topic, min, WAIT, Duration::from_millis(1000))
-        .iter()
-        .map(|m| m.key.as_deref().unwrap().parse().unwrap())
-        .collect()
-}
 
 #[test]
 fn max_destinations_sizes_the_slots_and_its_limit_names_the_setting() {

@@ -4,23 +4,13 @@
 //! creating it again). The tests share one cluster and broker; those that
 //! drop the extension or start without it bring their own.
 
-use pg_outbox_test::{consume, unique, Cluster, Env};
+use pg_outbox_test::{keys, unique, Cluster, Env};
 use std::collections::BTreeSet;
 use std::sync::OnceLock;
-use std::time::Duration;
 
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| Env::start("sql_api", &[]))
-}
-
-const WAIT: Duration = Duration::from_secs(60);
-
-fn keys(bootstrap: &str, topic: &str, min: usize) -> BTreeSet<i64> {
-    consume(bootstrap, topic, min, WAIT, Duration::from_millis(1000))
-        .iter()
-        .map(|m| m.key.as_deref().unwrap().parse().unwrap())
-        .collect()
 }
 
 #[test]
