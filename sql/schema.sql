@@ -21,10 +21,12 @@ CREATE TABLE outbox.topic (
 -- the table are found in pg_trigger (function outbox._capture, first
 -- argument the topic id). A table the topic no longer watches (dropped, or
 -- left out by alter_topic) keeps its row, unwatched, so that events captured
--- from it before still go out in its shape (FHIR resources).
+-- from it before still go out in its shape (FHIR resources). Tables are
+-- regclass, not oid: pg_dump writes them as names and a restore reads them
+-- back as the restored tables.
 CREATE TABLE outbox.topic_table (
     topic_id      integer NOT NULL REFERENCES outbox.topic (id) ON DELETE CASCADE,
-    table_oid     oid NOT NULL,
+    table_oid     regclass NOT NULL,
     watched       boolean NOT NULL DEFAULT true,
     -- Schema-qualified, kept current by outbox._after_ddl(); the names it had
     -- before, which events captured earlier still carry.
@@ -42,7 +44,7 @@ CREATE TABLE outbox.topic_table (
 CREATE TABLE outbox.topic_entry (
     topic_id     integer NOT NULL,
     position     integer NOT NULL,
-    table_oid    oid NOT NULL,
+    table_oid    regclass NOT NULL,
     interactions text[] NOT NULL,
     criteria     text,
     -- FHIRPath criteria (Aidbox's fhirPathCriteria), evaluated by the trigger.
@@ -57,7 +59,7 @@ CREATE TABLE outbox.topic_entry (
 -- without a mapping a type's table is its lower-cased name (Aidbox's rule).
 CREATE TABLE outbox.resource_table (
     resource_type text PRIMARY KEY,
-    table_oid     oid NOT NULL,
+    table_oid     regclass NOT NULL,
     table_name    text NOT NULL
 );
 
@@ -138,6 +140,42 @@ CREATE TABLE outbox.dead_letter (
     dead_at        timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX dead_letter_destination_idx ON outbox.dead_letter (destination_id, id);
+
+-- pg_dump carries the configuration, the events not yet delivered (a restore
+-- sends them: at-least-once) and the dead letters; the capture triggers of
+-- the watched tables are the tables' own (dumped with them, and dropped with
+-- the extension: ALTER TRIGGER ... DEPENDS ON EXTENSION). Shared memory (the
+-- best-effort queue, the counters) is not carried.
+SELECT pg_catalog.pg_extension_config_dump('outbox.topic', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.topic_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.topic_table', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.topic_entry', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.resource_table', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.destination', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.event', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.event_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.dead_letter', '');
+
+-- Any write to the configuration reaches the worker and the writers at
+-- commit, also one that does not go through the API (a restore's COPY, a
+-- hand-made UPDATE); the API functions say so themselves as well.
+CREATE FUNCTION outbox._config_written()
+RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM outbox._changed_on_commit();
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER config_written AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON outbox.topic
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox._config_written();
+CREATE TRIGGER config_written AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON outbox.topic_table
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox._config_written();
+CREATE TRIGGER config_written AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON outbox.topic_entry
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox._config_written();
+CREATE TRIGGER config_written AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON outbox.resource_table
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox._config_written();
+CREATE TRIGGER config_written AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON outbox.destination
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox._config_written();
 
 CREATE FUNCTION outbox._fail(code text, message text, hint text DEFAULT NULL, detail text DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql AS $$

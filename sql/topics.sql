@@ -249,7 +249,6 @@ DECLARE
     v_fhirpath integer;
     v_when     text;
     v_name     text;
-    v_tgoid    oid;
 BEGIN
     FOR v_tt IN SELECT * FROM outbox.topic_table tt WHERE tt.topic_id = p_topic_id AND tt.watched ORDER BY tt.table_oid LOOP
         FOREACH v_i IN ARRAY ARRAY['create', 'update', 'delete', 'truncate'] LOOP
@@ -278,7 +277,7 @@ BEGIN
             EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s FOR EACH %s %s EXECUTE FUNCTION outbox._capture(%L)',
                 v_name, outbox._interaction_event(v_i), v_tt.table_oid::regclass, CASE v_i WHEN 'truncate' THEN 'STATEMENT' ELSE 'ROW' END,
                 CASE WHEN v_when IS NULL THEN '' ELSE 'WHEN (' || v_when || ')' END, p_topic_id::text);
-            SELECT g.oid INTO v_tgoid FROM pg_trigger g
+            PERFORM 1 FROM pg_trigger g
              WHERE g.tgrelid = v_tt.table_oid AND g.tgname = v_name
                AND g.tgfoid = 'outbox._capture()'::regprocedure AND g.tgnargs = 1
                AND outbox._trigger_topic(g.tgargs) = p_topic_id;
@@ -286,7 +285,8 @@ BEGIN
                 PERFORM outbox._fail('42P17', format('invalid criteria for table "%s" in topic "%s"', v_tt.table_name, p_url),
                     'The criteria must be single boolean SQL expressions.');
             END IF;
-            PERFORM outbox._trigger_depends_on_extension(v_tgoid);
+            -- Dropped with the extension; pg_dump carries the tie.
+            EXECUTE format('ALTER TRIGGER %I ON %s DEPENDS ON EXTENSION pg_outbox', v_name, v_tt.table_oid);
         END LOOP;
     END LOOP;
 END
@@ -552,10 +552,13 @@ BEGIN
             PERFORM outbox._entries_changed(r.topic_id);
             v_changed := true;
         END LOOP;
+        -- Only a drop removes a trigger. (pg_restore creates the capture
+        -- triggers last, after ALTER TABLE commands that find the restored
+        -- topics without them.)
         FOR r IN SELECT e.topic_id, e.table_oid, tt.table_name, t.url, i.interaction
                    FROM outbox.topic_entry e JOIN outbox.topic_table tt USING (topic_id, table_oid)
                    JOIN outbox.topic t ON t.id = e.topic_id, unnest(e.interactions) AS i (interaction)
-                  WHERE NOT EXISTS (SELECT 1 FROM pg_trigger g
+                  WHERE TG_EVENT = 'sql_drop' AND NOT EXISTS (SELECT 1 FROM pg_trigger g
                                      WHERE g.tgrelid = e.table_oid AND g.tgparentid = 0
                                        AND g.tgfoid = 'outbox._capture()'::regprocedure
                                        AND outbox._trigger_topic(g.tgargs) = e.topic_id

@@ -91,9 +91,12 @@ fn _require_preload_and_database() {
     }
 }
 
-/// Make a trigger the API created go away with the extension (DROP EXTENSION
-/// drops it without CASCADE, like the extension's own objects).
-#[pg_extern(volatile, parallel_unsafe)]
+/// Make a trigger the API created go away with the extension. Releases up
+/// to 0.2.0 call it from their SQL (which this library serves between the
+/// restart and `ALTER EXTENSION pg_outbox UPDATE`); later ones tie their
+/// triggers with `ALTER TRIGGER ... DEPENDS ON EXTENSION`, which pg_dump
+/// writes out: no SQL function for it any more.
+#[pg_extern(volatile, parallel_unsafe, sql = false)]
 fn _trigger_depends_on_extension(trigger_oid: pg_sys::Oid) {
     unsafe {
         let ext = pg_sys::get_extension_oid(c"pg_outbox".as_ptr(), false);

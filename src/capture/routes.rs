@@ -91,7 +91,7 @@ fn load_destinations(client: &SpiClient<'_>, routes: &mut HashMap<i32, Route>) -
 /// resource type and, per interaction, the entries' FHIRPath criteria.
 fn load_entries(client: &SpiClient<'_>, routes: &mut HashMap<i32, Route>) -> SpiResult<()> {
     let entries = client.select(
-        "SELECT e.topic_id, e.table_oid, tt.resource_type, e.interactions, e.fhirpath \
+        "SELECT e.topic_id, CAST(e.table_oid AS pg_catalog.oid), tt.resource_type, e.interactions, e.fhirpath \
            FROM outbox.topic_entry e JOIN outbox.topic_table tt \
              ON tt.topic_id OPERATOR(pg_catalog.=) e.topic_id AND tt.table_oid OPERATOR(pg_catalog.=) e.table_oid",
         None,
