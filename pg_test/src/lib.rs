@@ -300,6 +300,20 @@ impl Cluster {
         (String::from_utf8_lossy(&out.stdout).trim_end().to_string(), stderr)
     }
 
+    /// Run one of the server's client programs (`pg_dump`, `pg_restore`) on
+    /// this cluster as `postgres`, connected with `-h -p -U`; returns its
+    /// stderr (notices, warnings), panics if it fails.
+    pub fn client_program(&self, program: &str, args: &[&str]) -> String {
+        let out = run(as_postgres(&format!("{PG_BIN}/{program}"))
+            .arg("-h")
+            .arg(&self.dir)
+            .args(["-p", &self.port.to_string(), "-U", "postgres"])
+            .args(args));
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{program} {args:?} failed: {stderr}");
+        stderr
+    }
+
     /// Run SQL that must fail; returns the error.
     pub fn sql_err(&self, sql: &str) -> SqlError {
         match self.try_sql(sql) {

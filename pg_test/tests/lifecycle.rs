@@ -1,9 +1,10 @@
-//! The extension's life on a server: the `outbox.max_destinations` limit and
-//! `ALTER EXTENSION pg_outbox UPDATE` from the previous release with events
-//! waiting. Each test brings its own cluster (their settings and extension
-//! versions differ).
+//! The extension's life on a server: the `outbox.max_destinations` limit,
+//! `ALTER EXTENSION pg_outbox UPDATE` from each earlier release with events
+//! waiting, and pg_dump / pg_restore into a fresh cluster. Each test brings
+//! its own cluster (their settings and extension versions differ).
 
-use pg_outbox_test::{keys, wait_for, Broker, Cluster, Env, PG_BIN};
+use pg_outbox_test::{consume, keys, wait_for, Broker, Cluster, Env, PG_BIN};
+use serde_json::json;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -48,9 +49,9 @@ fn max_destinations_sizes_the_slots_and_its_limit_names_the_setting() {
 }
 
 /// The extension's objects, one line each (functions by definition, tables
-/// by column, indexes, constraints, views, event triggers, privileges, the
-/// tables pg_dump carries): an upgraded installation must print what a fresh
-/// one prints.
+/// by column, indexes, constraints, views, triggers, event triggers,
+/// privileges, the tables pg_dump carries): an upgraded installation must
+/// print what a fresh one prints.
 const CATALOG: &str = "SELECT replace(x, E'\\n', ' | ') FROM ( \
     SELECT 'function ' || p.oid::regprocedure || ' ' || pg_get_functiondef(p.oid) || ' acl ' || coalesce(p.proacl::text, '') \
       FROM pg_proc p WHERE p.pronamespace = 'outbox'::regnamespace \
@@ -66,6 +67,8 @@ const CATALOG: &str = "SELECT replace(x, E'\\n', ' | ') FROM ( \
       FROM pg_constraint WHERE connamespace = 'outbox'::regnamespace \
     UNION ALL SELECT 'view ' || c.relname || ' ' || pg_get_viewdef(c.oid) FROM pg_class c \
      WHERE c.relnamespace = 'outbox'::regnamespace AND c.relkind = 'v' \
+    UNION ALL SELECT 'trigger ' || pg_get_triggerdef(g.oid) FROM pg_trigger g JOIN pg_class c ON c.oid = g.tgrelid \
+     WHERE c.relnamespace = 'outbox'::regnamespace AND NOT g.tgisinternal \
     UNION ALL SELECT 'event trigger ' || evtname || ' ' || evtevent || ' ' || evtfoid::regproc || ' ' || coalesce(evttags::text, '') \
       FROM pg_event_trigger \
     UNION ALL SELECT 'dumped ' || coalesce(extconfig::regclass[]::text, '') || ' ' || coalesce(extcondition::text, '') \
@@ -88,14 +91,23 @@ fn install_release(version: &str) {
         .unwrap_or_else(|e| panic!("copy {}: {e}", script.display()));
 }
 
-#[test]
-fn alter_extension_update_from_0_1_0_keeps_pending_events_and_delivery_goes_on() {
-    install_release("0.1.0");
+/// The version this build installs (the extension's Cargo.toml).
+fn current_version() -> &'static str {
+    let manifest = include_str!("../../Cargo.toml");
+    manifest.lines().find_map(|l| l.strip_prefix("version = \"")?.strip_suffix('"')).expect("version in Cargo.toml")
+}
+
+/// Install release `from`, leave 50 events pending (the broker frozen),
+/// `ALTER EXTENSION pg_outbox UPDATE`: nothing is lost, delivery goes on, and
+/// the catalog is a fresh install's.
+fn update_from(from: &str) {
+    install_release(from);
+    let name = format!("upgrade_{}", from.replace('.', "_"));
     let broker = Broker::start();
-    let pg = Cluster::start("upgrade", &[]);
-    pg.sql("CREATE EXTENSION pg_outbox VERSION '0.1.0'");
+    let pg = Cluster::start(&name, &[]);
+    pg.sql(&format!("CREATE EXTENSION pg_outbox VERSION '{from}'"));
     let version = "SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox'";
-    assert_eq!(pg.sql(version), "0.1.0");
+    assert_eq!(pg.sql(version), from);
     let url = pg.watched_table("orders", "id int PRIMARY KEY, v text");
     let (dest, topic) = pg.destination_on(&broker, &url).create();
     pg.sql("INSERT INTO orders SELECT g, 'a' FROM generate_series(1, 50) g");
@@ -107,15 +119,17 @@ fn alter_extension_update_from_0_1_0_keeps_pending_events_and_delivery_goes_on()
     assert_eq!(pg.count(pending), 50);
 
     pg.sql("ALTER EXTENSION pg_outbox UPDATE");
-    assert_eq!(pg.sql(version), "0.2.0");
+    assert_eq!(pg.sql(version), current_version());
     assert_eq!(pg.count(pending), 50);
     broker.thaw();
     pg.sql("INSERT INTO orders SELECT g, 'c' FROM generate_series(101, 120) g");
     assert_eq!(keys(&broker.bootstrap(), &topic, 120), (1..=120).collect::<BTreeSet<i64>>());
     pg.wait_drained(&dest, WAIT);
+    // The capture triggers the old release made go with the extension.
+    assert_eq!(pg.count(TIED_TRIGGERS), 3);
 
-    // The update leaves what a fresh install of 0.2.0 has.
-    let fresh = Cluster::start("upgrade_fresh", &[]);
+    // The update leaves what a fresh install has.
+    let fresh = Cluster::start(&format!("{name}_fresh"), &[]);
     fresh.sql("CREATE EXTENSION pg_outbox");
     let (upgraded, fresh) = (catalog(&pg), catalog(&fresh));
     let only_upgraded: Vec<_> = upgraded.difference(&fresh).collect();
@@ -124,4 +138,109 @@ fn alter_extension_update_from_0_1_0_keeps_pending_events_and_delivery_goes_on()
         only_upgraded.is_empty() && only_fresh.is_empty(),
         "upgraded and fresh installs differ:\nonly upgraded: {only_upgraded:#?}\nonly fresh: {only_fresh:#?}"
     );
+}
+
+/// Capture triggers that `DROP EXTENSION` drops and pg_dump ties again
+/// (`ALTER TRIGGER ... DEPENDS ON EXTENSION`).
+const TIED_TRIGGERS: &str = "SELECT count(*) FROM pg_trigger g JOIN pg_depend d \
+    ON d.classid = 'pg_trigger'::regclass AND d.objid = g.oid AND d.deptype = 'x' \
+   AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pg_outbox') \
+ WHERE g.tgfoid = 'outbox._capture()'::regprocedure";
+
+#[test]
+fn alter_extension_update_from_0_1_0_keeps_pending_events_and_delivery_goes_on() {
+    update_from("0.1.0");
+}
+
+#[test]
+fn alter_extension_update_from_0_2_0_keeps_pending_events_and_delivery_goes_on() {
+    update_from("0.2.0");
+}
+
+/// pg_dump of a cluster with topics (SQL and FHIRPath criteria, a mapped
+/// FHIR resource table), an at-least-once and a best-effort destination and
+/// 20 events not yet delivered; pg_restore into a fresh cluster, without
+/// errors or warnings. The restored cluster delivers the pending events,
+/// captures new changes with the same criteria and shapes, ties the
+/// restored capture triggers to its extension, and hands out new topic and
+/// event ids after the restored ones.
+#[test]
+fn pg_dump_and_pg_restore_into_a_fresh_cluster_carry_topics_destinations_and_pending_events() {
+    let broker = Broker::start();
+    let a = Cluster::start("dump_source", &[]);
+    a.sql("CREATE EXTENSION pg_outbox");
+    // A topic made and dropped first: the restored topics are 2 and 3.
+    let _ = a.watched_table("scratch", "id int PRIMARY KEY");
+    a.sql("SELECT outbox.drop_topic('urn:scratch')");
+    a.sql("CREATE TABLE orders (id int PRIMARY KEY, v text)");
+    let entries = r#"[{"table": "orders", "interactions": ["create", "update"], "criteria": "NEW.v <> 'skip'"},
+                      {"table": "orders", "interactions": ["delete"]}]"#;
+    a.sql(&format!("SELECT outbox.create_topic('urn:orders', '{}')", entries.replace('\'', "''")));
+    let orders_topic = broker.new_topic("orders", 1);
+    a.destination("orders", "urn:orders", &orders_topic).bootstrap(&broker.bootstrap()).create();
+    let loose_topic = broker.new_topic("loose", 1);
+    a.destination("loose", "urn:orders", &loose_topic).bootstrap(&broker.bootstrap()).best_effort().create();
+    a.sql("CREATE TABLE obs_store (id int PRIMARY KEY, code text); SELECT outbox.map_resource('Observation', 'obs_store')");
+    let topic = json!({"resourceType": "AidboxSubscriptionTopic", "url": "urn:obs", "status": "active",
+                       "trigger": [{"resource": "Observation", "fhirPathCriteria": "code = 'bp'"}]});
+    a.sql(&format!("SELECT outbox.create_topic('{}'::jsonb)", topic.to_string().replace('\'', "''")));
+    let obs_topic = broker.new_topic("obs", 1);
+    a.destination("observations", "urn:obs", &obs_topic).bootstrap(&broker.bootstrap()).create();
+
+    a.sql("INSERT INTO orders SELECT g, 'a' FROM generate_series(1, 20) g; INSERT INTO orders VALUES (21, 'skip')");
+    a.sql("INSERT INTO obs_store VALUES (1, 'bp'), (2, 'hr')");
+    a.wait_drained("orders", WAIT);
+    a.wait_drained("observations", WAIT);
+    assert_eq!(keys(&broker.bootstrap(), &loose_topic, 20), (1..=20).collect::<BTreeSet<i64>>());
+    // The broker freezes: 19 orders and one observation stay pending.
+    broker.freeze();
+    a.sql("INSERT INTO orders SELECT g, 'b' FROM generate_series(22, 40) g; INSERT INTO obs_store VALUES (3, 'bp')");
+    assert_eq!(a.count("SELECT count(*) FROM outbox.pending"), 20);
+    let last_event = a.count("SELECT max(id) FROM outbox.pending");
+    let topic_ids = a.sql("SELECT string_agg(id || ' ' || url, ',' ORDER BY id) FROM outbox.topic");
+    let dump = a.dir.join("pg_outbox.dump");
+    a.client_program("pg_dump", &["-Fc", "-f", dump.to_str().unwrap(), "postgres"]);
+    a.stop("immediate");
+
+    let b = Cluster::start("dump_target", &[]);
+    // --verbose: pg_restore prints the server's warnings only then.
+    let restore =
+        b.client_program("pg_restore", &["--exit-on-error", "--verbose", "-d", "postgres", dump.to_str().unwrap()]);
+    let warnings: Vec<&str> = restore.lines().filter(|l| l.contains("WARNING")).collect();
+    assert!(warnings.is_empty(), "pg_restore printed: {warnings:#?}");
+    assert_eq!(b.sql("SELECT string_agg(id || ' ' || url, ',' ORDER BY id) FROM outbox.topic"), topic_ids);
+    assert_eq!(
+        b.sql("SELECT string_agg(table_name, ',' ORDER BY table_name) FROM outbox.topic_table WHERE watched"),
+        "public.obs_store,public.orders"
+    );
+    assert_eq!(b.count("SELECT count(*) FROM outbox.pending"), 20);
+    assert_eq!(b.count(TIED_TRIGGERS), 6, "insert, update and delete triggers on orders and obs_store");
+    assert_eq!(b.count("SELECT count(*) FROM outbox.destination"), 3);
+
+    broker.thaw();
+    b.sql("INSERT INTO orders VALUES (41, 'c'), (42, 'skip'); INSERT INTO obs_store VALUES (4, 'hr'), (5, 'bp')");
+    let mut expected: BTreeSet<i64> = (1..=41).collect();
+    expected.remove(&21);
+    assert_eq!(keys(&broker.bootstrap(), &orders_topic, 40), expected);
+    assert!(keys(&broker.bootstrap(), &loose_topic, 21).contains(&41), "the best-effort destination serves again");
+    b.wait_drained("orders", WAIT);
+    // The mapped resource table keeps its FHIR shape: the reference names it.
+    let obs = consume(&broker.bootstrap(), &obs_topic, 3, WAIT, Duration::from_millis(1000));
+    // (The frozen broker may still hold the source's copy of the pending one:
+    // at-least-once.)
+    let references: BTreeSet<String> = obs
+        .iter()
+        .map(|m| {
+            m.json()["entry"][0]["resource"]["notificationEvent"][0]["focus"]["reference"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(references, BTreeSet::from(["obs_store/1", "obs_store/3", "obs_store/5"].map(String::from)));
+    b.wait_drained("observations", WAIT);
+
+    // New topics and events take ids after the restored ones.
+    let _ = b.watched_table("later", "id int PRIMARY KEY");
+    let restored_max: i64 =
+        topic_ids.split(',').map(|t| t.split(' ').next().unwrap().parse::<i64>().unwrap()).max().unwrap();
+    assert_eq!(b.count("SELECT id FROM outbox.topic WHERE url = 'urn:later'"), restored_max + 1);
+    assert!(b.count("SELECT last_value FROM outbox.event_id_seq") > last_event);
 }
