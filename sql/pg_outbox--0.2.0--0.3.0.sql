@@ -109,7 +109,8 @@ DECLARE
     v_changed boolean := false;
 BEGIN
     BEGIN
-        IF NOT EXISTS (SELECT 1 FROM outbox.topic_table tt WHERE tt.watched) THEN
+        IF NOT EXISTS (SELECT 1 FROM outbox.topic_table tt WHERE tt.watched)
+           AND NOT EXISTS (SELECT 1 FROM outbox.resource_table) THEN
             RETURN;
         END IF;
         FOR r IN SELECT tt.topic_id, tt.table_oid, tt.table_name, t.url
@@ -121,6 +122,11 @@ BEGIN
             PERFORM outbox._unwatch(r.topic_id, r.table_oid);
             v_changed := true;
         END LOOP;
+        -- A resource type mapped to a dropped table is mapped no more (its
+        -- number could name another relation after a restore).
+        IF TG_EVENT = 'sql_drop' THEN
+            DELETE FROM outbox.resource_table m WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = m.table_oid);
+        END IF;
         FOR r IN SELECT tt.topic_id, tt.table_oid, tt.table_name, n.nspname || '.' || c.relname AS name,
                         format('%I.%I', n.nspname, c.relname) AS quoted
                    FROM outbox.topic_table tt JOIN pg_class c ON c.oid = tt.table_oid
@@ -194,3 +200,12 @@ BEGIN
 END
 $$;
 DROP FUNCTION outbox._trigger_depends_on_extension(oid);
+-- ... and the dependency that function recorded goes: a capture trigger of
+-- 0.3.0 has the one above only.
+DELETE FROM pg_catalog.pg_depend d
+ WHERE d.classid = 'pg_catalog.pg_trigger'::pg_catalog.regclass AND d.deptype = 'a'
+   AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass
+   AND d.refobjid = (SELECT e.oid FROM pg_catalog.pg_extension e WHERE e.extname = 'pg_outbox')
+   AND d.objid IN (SELECT g.oid FROM pg_catalog.pg_trigger g WHERE g.tgfoid = 'outbox._capture()'::pg_catalog.regprocedure);
+-- Mappings to tables dropped before (0.3.0 removes them at the drop).
+DELETE FROM outbox.resource_table r WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = r.table_oid);

@@ -526,7 +526,8 @@ DECLARE
     v_changed boolean := false;
 BEGIN
     BEGIN
-        IF NOT EXISTS (SELECT 1 FROM outbox.topic_table tt WHERE tt.watched) THEN
+        IF NOT EXISTS (SELECT 1 FROM outbox.topic_table tt WHERE tt.watched)
+           AND NOT EXISTS (SELECT 1 FROM outbox.resource_table) THEN
             RETURN;
         END IF;
         FOR r IN SELECT tt.topic_id, tt.table_oid, tt.table_name, t.url
@@ -538,6 +539,11 @@ BEGIN
             PERFORM outbox._unwatch(r.topic_id, r.table_oid);
             v_changed := true;
         END LOOP;
+        -- A resource type mapped to a dropped table is mapped no more (its
+        -- number could name another relation after a restore).
+        IF TG_EVENT = 'sql_drop' THEN
+            DELETE FROM outbox.resource_table m WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = m.table_oid);
+        END IF;
         FOR r IN SELECT tt.topic_id, tt.table_oid, tt.table_name, n.nspname || '.' || c.relname AS name,
                         format('%I.%I', n.nspname, c.relname) AS quoted
                    FROM outbox.topic_table tt JOIN pg_class c ON c.oid = tt.table_oid

@@ -288,6 +288,9 @@ fn resource_types_map_to_tables_the_admin_names() {
     assert_eq!(m["entry"][0]["resource"]["notificationEvent"][0]["focus"]["reference"], format!("{t}/1"));
     assert!(pg.sql("SELECT outbox.unmap_resource('Observation')") == "t");
     pg.sql(&format!("SELECT outbox.drop_topic(url => '{url}', cascade => true)"));
+    // A mapped table dropped takes its mapping along (no topic watches it).
+    pg.sql(&format!("SELECT outbox.map_resource('Observation', '{t}'); DROP TABLE {t}"));
+    assert_eq!(pg.count("SELECT count(*) FROM outbox.resource_table WHERE resource_type = 'Observation'"), 0);
 }
 
 /// A criteria the evaluator fails on at run time (rh-fhirpath 0.3.0 refuses

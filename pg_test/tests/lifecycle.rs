@@ -127,6 +127,7 @@ fn update_from(from: &str) {
     pg.wait_drained(&dest, WAIT);
     // The capture triggers the old release made go with the extension.
     assert_eq!(pg.count(TIED_TRIGGERS), 3);
+    assert_eq!(pg.count(&TIED_TRIGGERS.replace("'x'", "'a'")), 0, "the old dependency is gone");
 
     // The update leaves what a fresh install has.
     let fresh = Cluster::start(&format!("{name}_fresh"), &[]);
@@ -188,6 +189,14 @@ fn pg_dump_and_pg_restore_into_a_fresh_cluster_carry_topics_destinations_and_pen
     a.destination("observations", "urn:obs", &obs_topic).bootstrap(&broker.bootstrap()).create();
 
     a.sql("INSERT INTO orders SELECT g, 'a' FROM generate_series(1, 20) g; INSERT INTO orders VALUES (21, 'skip')");
+    // A dead letter (as the worker leaves one: an event Kafka refused).
+    a.sql(
+        "INSERT INTO outbox.dead_letter (id, destination_id, topic_id, table_name, interaction, key, row_data, \
+                                         created_at, attempts, error) \
+         SELECT nextval(pg_get_serial_sequence('outbox.event', 'id')), 'orders', t.id, 'public.orders', 'create', \
+                '99', '{\"id\": 99, \"v\": \"dead\"}', now(), 1, 'Broker: Message size too large' \
+           FROM outbox.topic t WHERE t.url = 'urn:orders'",
+    );
     a.sql("INSERT INTO obs_store VALUES (1, 'bp'), (2, 'hr')");
     a.wait_drained("orders", WAIT);
     a.wait_drained("observations", WAIT);
@@ -198,14 +207,29 @@ fn pg_dump_and_pg_restore_into_a_fresh_cluster_carry_topics_destinations_and_pen
     assert_eq!(a.count("SELECT count(*) FROM outbox.pending"), 20);
     let last_event = a.count("SELECT max(id) FROM outbox.pending");
     let topic_ids = a.sql("SELECT string_agg(id || ' ' || url, ',' ORDER BY id) FROM outbox.topic");
+    let configuration = |pg: &Cluster| {
+        pg.sql(
+            "SELECT (SELECT jsonb_agg(d ORDER BY d.id) FROM outbox.destination d) || \
+                    (SELECT jsonb_agg(to_jsonb(e) - 'table_oid' ORDER BY topic_id, position) FROM outbox.topic_entry e) || \
+                    (SELECT jsonb_agg(to_jsonb(r) - 'table_oid' ORDER BY resource_type) FROM outbox.resource_table r) || \
+                    (SELECT jsonb_agg(l ORDER BY l.id) FROM outbox.dead_letter l) || \
+                    (SELECT jsonb_agg(p ORDER BY p.id) FROM outbox.pending p) || \
+                    jsonb_build_array((SELECT last_value FROM outbox.event_id_seq), \
+                                      (SELECT last_value FROM outbox.topic_id_seq))",
+        )
+    };
+    let source_configuration = configuration(&a);
     let dump = a.dir.join("pg_outbox.dump");
     a.client_program("pg_dump", &["-Fc", "-f", dump.to_str().unwrap(), "postgres"]);
     a.stop("immediate");
 
     let b = Cluster::start("dump_target", &[]);
-    // --verbose: pg_restore prints the server's warnings only then.
-    let restore =
-        b.client_program("pg_restore", &["--exit-on-error", "--verbose", "-d", "postgres", dump.to_str().unwrap()]);
+    // As the README says (one transaction: the worker sees all of it at
+    // once); --verbose: pg_restore prints the server's warnings only then.
+    let restore = b.client_program(
+        "pg_restore",
+        &["--single-transaction", "--exit-on-error", "--verbose", "-d", "postgres", dump.to_str().unwrap()],
+    );
     let warnings: Vec<&str> = restore.lines().filter(|l| l.contains("WARNING")).collect();
     assert!(warnings.is_empty(), "pg_restore printed: {warnings:#?}");
     assert_eq!(b.sql("SELECT string_agg(id || ' ' || url, ',' ORDER BY id) FROM outbox.topic"), topic_ids);
@@ -214,14 +238,21 @@ fn pg_dump_and_pg_restore_into_a_fresh_cluster_carry_topics_destinations_and_pen
         "public.obs_store,public.orders"
     );
     assert_eq!(b.count("SELECT count(*) FROM outbox.pending"), 20);
-    assert_eq!(b.count(TIED_TRIGGERS), 6, "insert, update and delete triggers on orders and obs_store");
+    // Destinations, entries, mappings, dead letters, pending events and the
+    // sequences as they were (the tables' OIDs are checked by use, below).
+    assert_eq!(configuration(&b), source_configuration);
+    let capture_triggers = "SELECT count(*) FROM pg_trigger WHERE tgfoid = 'outbox._capture()'::regprocedure";
+    assert_eq!(b.count(capture_triggers), 6, "insert, update and delete triggers on orders and obs_store");
+    assert_eq!(b.count(TIED_TRIGGERS), 6);
     assert_eq!(b.count("SELECT count(*) FROM outbox.destination"), 3);
 
     broker.thaw();
     b.sql("INSERT INTO orders VALUES (41, 'c'), (42, 'skip'); INSERT INTO obs_store VALUES (4, 'hr'), (5, 'bp')");
-    let mut expected: BTreeSet<i64> = (1..=41).collect();
+    // The dead letter, retried, goes out from the restored cluster.
+    assert_eq!(b.count("SELECT outbox.retry_dead_letters('orders')"), 1);
+    let mut expected: BTreeSet<i64> = (1..=41).chain([99]).collect();
     expected.remove(&21);
-    assert_eq!(keys(&broker.bootstrap(), &orders_topic, 40), expected);
+    assert_eq!(keys(&broker.bootstrap(), &orders_topic, 41), expected);
     assert!(keys(&broker.bootstrap(), &loose_topic, 21).contains(&41), "the best-effort destination serves again");
     b.wait_drained("orders", WAIT);
     // The mapped resource table keeps its FHIR shape: the reference names it.
@@ -243,4 +274,9 @@ fn pg_dump_and_pg_restore_into_a_fresh_cluster_carry_topics_destinations_and_pen
         topic_ids.split(',').map(|t| t.split(' ').next().unwrap().parse::<i64>().unwrap()).max().unwrap();
     assert_eq!(b.count("SELECT id FROM outbox.topic WHERE url = 'urn:later'"), restored_max + 1);
     assert!(b.count("SELECT last_value FROM outbox.event_id_seq") > last_event);
+
+    // The restored triggers go with the extension; the tables stay.
+    b.sql("DROP EXTENSION pg_outbox");
+    assert_eq!(b.count("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'outbox\\_%'"), 0);
+    assert_eq!(b.count("SELECT count(*) FROM orders"), 42);
 }
