@@ -41,7 +41,7 @@ done
 
 printf '\n== benchmark, short mode (proves it runs; asserts nothing about speed)\n'
 PG_OUTBOX_TEST_ROOT="$TEST_ROOT/bench" \
-    cargo run -q -p pg_outbox_test --bin outbox-bench -- --seconds 1 --rounds 1 --drain 5000 --latency-seconds 2 --steady-seconds 4 ||
+    cargo run -q -p pg_outbox_test --bin outbox-bench -- --seconds 1 --rounds 1 --drain 5000 --latency-seconds 2 --steady-seconds 4 --cost 2000 ||
     status=1
 
 PGRX_DATA=/tmp/pg_outbox/pgrx

@@ -535,6 +535,11 @@ impl Broker {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// The broker's process id (0 while it is stopped).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// Start (again) on the same port.
     pub fn resume(&mut self) {
         assert!(self.child.is_none(), "broker already running");
@@ -889,6 +894,11 @@ impl Session {
 
     pub fn count(&mut self, sql: &str) -> i64 {
         self.sql(sql).trim().parse().unwrap_or_else(|_| panic!("not a number from {sql}"))
+    }
+
+    /// The psql process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 

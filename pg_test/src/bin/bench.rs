@@ -1,7 +1,8 @@
 //! Benchmarks that print figures (nothing here asserts speed).
 //!
 //! `outbox-bench [--seconds N] [--rounds R] [--async-commit] [--drain EVENTS]
-//!               [--latency-seconds S] [--steady-seconds S] [--batch-size N]`
+//!               [--latency-seconds S] [--steady-seconds S] [--batch-size N]
+//!               [--cost EVENTS]`
 //! (a part given 0 is skipped)
 //!
 //! Write path: pgbench, prepared statements, 2 clients, INSERT transactions per
@@ -49,6 +50,13 @@
 //!
 //! Steady state: pgbench at a steady 1,000 transactions/s for
 //! `--steady-seconds` (default 180); the outbox table's size and tuples over time.
+//!
+//! Cost: `--cost EVENTS` (default 200,000), CPU per delivered event of
+//! pg_outbox, a PL/pgSQL outbox with a poller and logical decoding, in a
+//! cluster of its own (see cost.rs).
+
+#[path = "bench/cost.rs"]
+mod cost;
 
 use pg_outbox_test::{unique, Broker, Cluster, NewDestination, PG_BIN};
 use serde_json::json;
@@ -248,6 +256,11 @@ fn main() {
     pg.stop("fast");
     // A full run leaves gigabytes of WAL and tables behind.
     let _ = std::fs::remove_dir_all(&pg.dir);
+    drop(broker);
+    let cost_events = arg("--cost", 200_000);
+    if cost_events > 0 {
+        cost::run(cost_events);
+    }
 }
 
 /// Not while autovacuum works through what the parts before left behind.
