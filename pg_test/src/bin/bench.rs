@@ -49,7 +49,8 @@
 //! send to acknowledgement.
 //!
 //! Steady state: pgbench at a steady 1,000 transactions/s for
-//! `--steady-seconds` (default 180); the outbox table's size and tuples over time.
+//! `--steady-seconds` (default 180), with a snapshot held open throughout; the
+//! outbox table's size and tuples over time.
 //!
 //! Cost: `--cost EVENTS` (default 200,000), CPU per delivered event of
 //! pg_outbox, a PL/pgSQL outbox with a poller and logical decoding, in a
@@ -764,9 +765,15 @@ fn bare_latency(pg: &Cluster, broker: &Broker, seconds: u64) {
 fn steady(pg: &Cluster, broker: &Broker, seconds: u64) {
     watched(pg, broker, "steady", "kafka-at-least-once", "full-resource", json!({}));
     settle(pg);
+    // A snapshot held for the whole run (a long report, a pg_dump): vacuum
+    // can remove no row deleted meanwhile.
+    let mut holder = pg.session();
+    holder.sql("BEGIN ISOLATION LEVEL REPEATABLE READ");
+    holder.sql("SELECT count(*) FROM outbox.destination");
     let mut run = pgbench_at_rate(pg, "INSERT INTO steady (payload) VALUES (repeat('x', 200));\n", 1000, seconds);
     println!(
-        "\nsteady state: pgbench -R 1000 -c 2 -T {seconds} into an at-least-once destination; outbox.event over time"
+        "\nsteady state: pgbench -R 1000 -c 2 -T {seconds} into an at-least-once destination, a snapshot held open \
+         throughout (REPEATABLE READ); outbox.event over time (size: table, indexes, TOAST)"
     );
     println!("{:>8} {:>12} {:>12} {:>12} {:>10}", "seconds", "size bytes", "live tuples", "dead tuples", "queued");
     let started = Instant::now();
@@ -784,4 +791,5 @@ fn steady(pg: &Cluster, broker: &Broker, seconds: u64) {
         }
         std::thread::sleep(every);
     }
+    holder.sql("COMMIT");
 }
