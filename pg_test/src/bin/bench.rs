@@ -585,7 +585,7 @@ impl rdkafka::producer::ProducerContext for Acks {
 /// this process's CPU per message in microseconds (nothing else of it runs
 /// meanwhile).
 fn bare_producer(pg: &Cluster, broker: &Broker, events: u64, name: &str) -> (f64, f64) {
-    use rdkafka::producer::{BaseRecord, Producer};
+    use rdkafka::producer::Producer;
     watched(pg, broker, name, "kafka-at-least-once", "full-resource", json!({}));
     let producer = producer_like(pg, &name.replace('_', "-"));
     let payload = vec![b'x'; 707];
@@ -593,18 +593,7 @@ fn bare_producer(pg: &Cluster, broker: &Broker, events: u64, name: &str) -> (f64
     let cpu = cpu_seconds(&me);
     let started = Instant::now();
     for i in 0..events {
-        let key = i.to_string();
-        let mut record = BaseRecord::to(name).key(&key).payload(&payload);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    record = r;
-                    producer.poll(Duration::from_millis(5));
-                }
-            }
-        }
-        producer.poll(Duration::ZERO);
+        cost::send(&producer, name, &i.to_string(), &payload);
     }
     producer.flush(Duration::from_secs(600)).expect("flush");
     let rate = events as f64 / started.elapsed().as_secs_f64();

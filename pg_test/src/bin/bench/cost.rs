@@ -256,7 +256,12 @@ fn producer(broker: &Broker) -> BaseProducer<Counted> {
 }
 
 /// Send, waiting for room in librdkafka's queue.
-fn send(producer: &BaseProducer<Counted>, topic: &str, key: &str, payload: &[u8]) {
+pub(super) fn send<C: ProducerContext<DeliveryOpaque = ()>>(
+    producer: &BaseProducer<C>,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+) {
     let mut record = BaseRecord::to(topic).key(key).payload(payload);
     loop {
         match producer.send(record) {
