@@ -25,6 +25,10 @@ SELECT d.id,
   LEFT JOIN (SELECT l.destination_id, count(*) AS dead
                FROM outbox.dead_letter l GROUP BY l.destination_id) dl ON dl.destination_id = d.id;
 
+-- Writers insert into the current partition of the outbox (sql/schema.sql),
+-- which the worker publishes in shared memory.
+ALTER TABLE outbox.event ALTER part SET DEFAULT outbox._current_part();
+
 -- Aidbox's $status, as FHIR Parameters. SECURITY DEFINER so a monitoring
 -- role granted EXECUTE needs no access to the configuration tables (which
 -- hold secrets); it shows counters and errors only.

@@ -87,9 +87,18 @@ CREATE INDEX destination_topic_url_idx ON outbox.destination (topic_url);
 -- trigger outbox._capture()'s enqueue side) know this layout. row_data is the row
 -- as row_to_json() gives it (columns in table order), only for full-resource.
 -- No primary key on id: ids come from the identity and every query goes by
--- (destination_id, id), which is unique and the replica identity (a FOR ALL
--- TABLES publication would otherwise refuse the worker's deletes): one index
--- per row, not two.
+-- (destination_id, id), unique in each partition and its replica identity
+-- (a FOR ALL TABLES publication would otherwise refuse the worker's deletes):
+-- one index per row, not two.
+--
+-- Partitioned by `part` into three tables that take turns (PgQ's rotation):
+-- writers insert into the current one (outbox._current_part(), in shared
+-- memory); the worker moves writers on to the next, empty one every
+-- outbox.rotation_interval, and empties a former one with TRUNCATE once
+-- every event in it was delivered. Delivered events are still deleted, but
+-- their dead rows (and index entries) go with the TRUNCATE, which no open
+-- snapshot holds back: the outbox stays bounded where VACUUM could not
+-- reclaim anything. See src/worker/rotate.rs.
 CREATE TABLE outbox.event (
     id             bigint GENERATED ALWAYS AS IDENTITY,
     destination_id text NOT NULL,
@@ -104,14 +113,20 @@ CREATE TABLE outbox.event (
     events         integer NOT NULL DEFAULT 1,
     ids            bigint[],
     keys           text[],
-    rows           json[]
-);
+    rows           json[],
+    part           smallint NOT NULL DEFAULT 0 -- outbox._current_part(): sql/finalize.sql
+) PARTITION BY LIST (part);
 -- Groups live until delivered, typically seconds, and are read whole:
 -- stored out of line, not compressed (which would spend the writer's CPU).
 ALTER TABLE outbox.event ALTER ids SET STORAGE EXTERNAL, ALTER keys SET STORAGE EXTERNAL,
     ALTER rows SET STORAGE EXTERNAL;
-CREATE UNIQUE INDEX event_destination_idx ON outbox.event (destination_id, id);
-ALTER TABLE outbox.event REPLICA IDENTITY USING INDEX event_destination_idx;
+CREATE UNIQUE INDEX event_destination_idx ON outbox.event (destination_id, id, part);
+CREATE TABLE outbox.event_0 PARTITION OF outbox.event FOR VALUES IN (0);
+CREATE TABLE outbox.event_1 PARTITION OF outbox.event FOR VALUES IN (1);
+CREATE TABLE outbox.event_2 PARTITION OF outbox.event FOR VALUES IN (2);
+ALTER TABLE outbox.event_0 REPLICA IDENTITY USING INDEX event_0_destination_id_id_part_idx;
+ALTER TABLE outbox.event_1 REPLICA IDENTITY USING INDEX event_1_destination_id_id_part_idx;
+ALTER TABLE outbox.event_2 REPLICA IDENTITY USING INDEX event_2_destination_id_id_part_idx;
 
 -- The events waiting for delivery, one row per event (groups unfolded).
 CREATE VIEW outbox.pending AS
@@ -152,7 +167,9 @@ SELECT pg_catalog.pg_extension_config_dump('outbox.topic_table', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.topic_entry', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.resource_table', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.destination', '');
-SELECT pg_catalog.pg_extension_config_dump('outbox.event', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.event_0', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.event_1', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.event_2', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.event_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.dead_letter', '');
 

@@ -21,6 +21,8 @@ pub static FHIR_BASE_URL: GucSetting<Option<CString>> =
 
 /// Shared memory for the best-effort queue, in kB (postmaster start).
 pub static BEST_EFFORT_QUEUE_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
+/// How often writers move on to the next outbox partition (src/worker/rotate.rs).
+pub static ROTATION_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 /// Status slots in shared memory, one per destination (about 1.7 kB each).
 pub static MAX_DESTINATIONS: GucSetting<i32> = GucSetting::<i32>::new(128);
 
@@ -82,6 +84,16 @@ pub fn register() {
         100_000,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.rotation_interval",
+        c"How often writers move on to the next of the outbox's three partitions.",
+        c"A former partition is emptied with TRUNCATE once all its events were delivered.",
+        &ROTATION_INTERVAL_MS,
+        100,
+        86_400_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
         c"outbox.retry_min",

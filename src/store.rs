@@ -34,6 +34,56 @@ pub fn delete_orphans() -> SpiResult<()> {
     )
 }
 
+/// The outbox's partitions, `outbox.event_0` .. (sql/schema.sql).
+pub const PARTS: u32 = 3;
+
+/// Each outbox partition's size in bytes (its heap: 0 once emptied); None
+/// before `ALTER EXTENSION pg_outbox UPDATE` made the outbox partitioned.
+pub fn part_sizes() -> SpiResult<Option<[i64; PARTS as usize]>> {
+    Spi::connect(|client| {
+        let row = client
+            .select(
+                "SELECT pg_catalog.pg_relation_size(pg_catalog.to_regclass('outbox.event_0')), \
+                        pg_catalog.pg_relation_size(pg_catalog.to_regclass('outbox.event_1')), \
+                        pg_catalog.pg_relation_size(pg_catalog.to_regclass('outbox.event_2'))",
+                None,
+                &[],
+            )?
+            .first();
+        match (row.get(1)?, row.get(2)?, row.get(3)?) {
+            (Some(a), Some(b), Some(c)) => Ok(Some([a, b, c])),
+            _ => Ok(None),
+        }
+    })
+}
+
+/// Empty outbox partition `part` with TRUNCATE if no event in it waits for
+/// delivery; true if it is empty now. Never waits: a transaction writing
+/// into it, or reading it, holds a lock on it until it ends, and then the
+/// partition is left for the next try.
+pub fn truncate_if_empty(part: u32) -> SpiResult<bool> {
+    let name = format!("outbox.event_{part}");
+    let Some(relid) = Spi::get_one::<pg_sys::Oid>(&format!("SELECT '{name}'::pg_catalog.regclass::pg_catalog.oid"))?
+    else {
+        return Ok(false);
+    };
+    if !unsafe { pg_sys::ConditionalLockRelationOid(relid, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE) } {
+        return Ok(false);
+    }
+    Spi::connect_mut(|client| {
+        // Not read-only: the statement takes a snapshot after the lock
+        // (the worker runs in READ COMMITTED), so it sees every event
+        // committed into the partition; none can be in progress.
+        let waiting: Option<bool> =
+            client.update(&format!("SELECT EXISTS (SELECT 1 FROM {name})"), None, &[])?.first().get(1)?;
+        if waiting != Some(false) {
+            return Ok(false);
+        }
+        client.update(&format!("TRUNCATE {name}"), None, &[])?;
+        Ok(true)
+    })
+}
+
 /// Every destination (but one whose kind or content the SQL API would have
 /// refused, with a WARNING: its events wait in the outbox).
 pub fn destinations() -> SpiResult<Vec<DestinationRow>> {

@@ -2,8 +2,9 @@
 //! the worker. The worker publishes its latch here; a committed
 //! configuration change bumps a generation that writers and the worker
 //! compare with what they cached; `outbox.retry_dead_letters` bumps another
-//! that makes the worker's next claims scan from the start; tests leave a
-//! fault for the worker's next pass. See docs/architecture.md.
+//! that makes the worker's next claims scan from the start; the worker
+//! names the outbox partition writers insert into; tests leave a fault for
+//! the worker's next pass. See docs/architecture.md.
 
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic};
@@ -20,6 +21,8 @@ pub struct Control {
     rescan_generation: AtomicU64,
     /// A fault the worker injects into its next pass (tests): 1 error, 2 panic.
     fault: AtomicU32,
+    /// The outbox partition writers insert into (see src/worker/rotate.rs).
+    part: AtomicU32,
 }
 
 unsafe impl PGRXSharedMemory for Control {}
@@ -64,6 +67,19 @@ pub fn request_rescan() {
 
 pub fn rescan_generation() -> u64 {
     CONTROL.get().rescan_generation.load(Ordering::Acquire)
+}
+
+/// The outbox partition writers insert into now (0 when not preloaded).
+pub fn current_part() -> u32 {
+    if !crate::preloaded() {
+        return 0;
+    }
+    CONTROL.get().part.load(Ordering::SeqCst)
+}
+
+/// Move writers on to outbox partition `part` (the worker).
+pub fn set_current_part(part: u32) {
+    CONTROL.get().part.store(part, Ordering::SeqCst);
 }
 
 /// Take the fault the worker should inject into this pass (0: none).

@@ -19,8 +19,8 @@ mod sql;
 mod time;
 
 pub use control::{
-    bump_config_generation, config_generation, publish_worker_latch, request_rescan, rescan_generation, take_fault,
-    wake_worker,
+    bump_config_generation, config_generation, current_part, publish_worker_latch, request_rescan, rescan_generation,
+    set_current_part, take_fault, wake_worker,
 };
 pub use slots::{
     add_lost, add_lost_slot, claim_slot, mark_stopped, record_error, record_outcome, retain_only, set_in_process,

@@ -29,6 +29,13 @@ fn _inject_worker_fault(kind: &str) {
     super::control::inject_fault(code);
 }
 
+/// The outbox partition an event inserted now goes to: outbox.event's
+/// `part` default (sql/finalize.sql).
+#[pg_extern(volatile, parallel_safe)]
+fn _current_part() -> i16 {
+    super::control::current_part() as i16
+}
+
 /// The worker's counters per destination, for outbox.destination_status.
 #[allow(clippy::type_complexity)]
 #[pg_extern(volatile, parallel_unsafe)]

@@ -13,7 +13,8 @@
 //! - `outbox`, `claim`, `txn`: the at-least-once side (outcomes recorded in
 //!   the outbox, claims, Kafka transactions);
 //! - `memory`: the best-effort side;
-//! - `reload`: the configuration; `reports`: delivery reports.
+//! - `reload`: the configuration; `reports`: delivery reports;
+//! - `rotate`: the outbox's partitions taking turns.
 
 mod claim;
 mod destination;
@@ -23,6 +24,7 @@ mod memory;
 mod outbox;
 mod reload;
 mod reports;
+mod rotate;
 mod txn;
 
 use crate::config;
@@ -105,6 +107,7 @@ struct Worker {
     /// The last pass left work it could do at once (a full claim or a full
     /// best-effort batch): the next wait neither pauses nor sleeps.
     more: bool,
+    rotation: rotate::Rotation,
 }
 
 #[pg_guard]
@@ -145,8 +148,11 @@ fn set_session_options() {
     // before autovacuum first analyzes a fresh outbox the planner would
     // rather collect and sort the whole backlog for every batch. And they are
     // planned for their parameters' values (see store::select_into), whatever
-    // plan_cache_mode the server sets.
+    // plan_cache_mode the server sets. Each statement takes its own snapshot
+    // (READ COMMITTED, whatever the server's default): the claims and the
+    // rotation (src/worker/rotate.rs) count on it.
     for (name, value) in [
+        (c"default_transaction_isolation", c"read committed"),
         (c"synchronous_commit", c"off"),
         (c"enable_sort", c"off"),
         (c"enable_bitmapscan", c"off"),
@@ -190,6 +196,7 @@ impl Worker {
             postmaster_died: false,
             busy: false,
             more: false,
+            rotation: Default::default(),
         }
     }
 
@@ -221,6 +228,7 @@ impl Worker {
         self.maybe_reload();
         self.claim_and_produce();
         self.drain_best_effort();
+        self.rotate();
         status::set_in_process(self.destinations.values().map(|d| (d.slot, d.in_process())));
     }
 

@@ -1,0 +1,103 @@
+-- pg_outbox 0.3.0 -> 0.4.0 (ALTER EXTENSION pg_outbox UPDATE; the library
+-- must be the 0.4.0 one, loaded by a restart: README.md, "Upgrading").
+-- The outbox becomes three partitions that take turns, emptied with
+-- TRUNCATE once delivered (sql/schema.sql): it stays bounded while a
+-- snapshot is held open. The events waiting move into the first partition,
+-- with their numbers; the identity goes on after the last one.
+\echo Use "ALTER EXTENSION pg_outbox UPDATE" to load this file. \quit
+
+DROP VIEW outbox.destination_status;
+DROP VIEW outbox.pending;
+ALTER TABLE outbox.event RENAME TO event_0_3_0;
+ALTER INDEX outbox.event_destination_idx RENAME TO event_0_3_0_destination_idx;
+ALTER SEQUENCE outbox.event_id_seq RENAME TO event_0_3_0_id_seq;
+
+CREATE TABLE outbox.event (
+    id             bigint GENERATED ALWAYS AS IDENTITY,
+    destination_id text NOT NULL,
+    topic_id       integer NOT NULL,
+    table_name     text NOT NULL,
+    interaction    text NOT NULL,
+    key            text,
+    row_data       json,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    attempts       integer NOT NULL DEFAULT 0,
+    last_error     text,
+    events         integer NOT NULL DEFAULT 1,
+    ids            bigint[],
+    keys           text[],
+    rows           json[],
+    part           smallint NOT NULL DEFAULT 0
+) PARTITION BY LIST (part);
+ALTER TABLE outbox.event ALTER ids SET STORAGE EXTERNAL, ALTER keys SET STORAGE EXTERNAL,
+    ALTER rows SET STORAGE EXTERNAL;
+CREATE UNIQUE INDEX event_destination_idx ON outbox.event (destination_id, id, part);
+CREATE TABLE outbox.event_0 PARTITION OF outbox.event FOR VALUES IN (0);
+CREATE TABLE outbox.event_1 PARTITION OF outbox.event FOR VALUES IN (1);
+CREATE TABLE outbox.event_2 PARTITION OF outbox.event FOR VALUES IN (2);
+ALTER TABLE outbox.event_0 REPLICA IDENTITY USING INDEX event_0_destination_id_id_part_idx;
+ALTER TABLE outbox.event_1 REPLICA IDENTITY USING INDEX event_1_destination_id_id_part_idx;
+ALTER TABLE outbox.event_2 REPLICA IDENTITY USING INDEX event_2_destination_id_id_part_idx;
+
+-- Writers wait on the old table's lock until the update commits, then
+-- insert into the new one (their cached plans are invalidated).
+LOCK TABLE outbox.event_0_3_0 IN EXCLUSIVE MODE;
+INSERT INTO outbox.event (id, destination_id, topic_id, table_name, interaction, key, row_data, created_at,
+                          attempts, last_error, events, ids, keys, rows, part)
+OVERRIDING SYSTEM VALUE
+SELECT id, destination_id, topic_id, table_name, interaction, key, row_data, created_at,
+       attempts, last_error, events, ids, keys, rows, 0
+  FROM outbox.event_0_3_0;
+SELECT pg_catalog.setval('outbox.event_id_seq', s.last_value, s.is_called) FROM outbox.event_0_3_0_id_seq s;
+ALTER EXTENSION pg_outbox DROP TABLE outbox.event_0_3_0;
+ALTER EXTENSION pg_outbox DROP SEQUENCE outbox.event_0_3_0_id_seq;
+DROP TABLE outbox.event_0_3_0;
+
+CREATE FUNCTION outbox._current_part() RETURNS smallint
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c AS 'MODULE_PATHNAME', '_current_part_wrapper';
+REVOKE ALL ON FUNCTION outbox._current_part() FROM PUBLIC;
+ALTER TABLE outbox.event ALTER part SET DEFAULT outbox._current_part();
+SELECT pg_catalog.pg_extension_config_dump('outbox.event_0', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.event_1', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.event_2', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.event_id_seq', '');
+
+-- The events waiting for delivery, one row per event (groups unfolded).
+CREATE VIEW outbox.pending AS
+SELECT e.id, e.destination_id, e.topic_id, e.table_name, e.interaction, e.key, e.row_data,
+       e.created_at, e.attempts, e.last_error
+  FROM outbox.event e WHERE e.ids IS NULL
+UNION ALL
+SELECT g.id, e.destination_id, e.topic_id, e.table_name, e.interaction, g.key, g.row_data,
+       e.created_at, e.attempts, e.last_error
+  FROM outbox.event e, unnest(e.ids, e.keys, e.rows) AS g (id, key, row_data)
+ WHERE e.ids IS NOT NULL;
+
+-- One row per destination: configuration joined with the worker's counters
+-- (shared memory) and the number of events still in the outbox.
+CREATE VIEW outbox.destination_status AS
+SELECT d.id,
+       d.topic_url AS topic,
+       d.kind,
+       coalesce(s.status, 'stopped') AS status,
+       s.start_timestamp,
+       coalesce(s.messages_delivered, 0) AS messages_delivered,
+       coalesce(s.messages_delivery_attempts, 0) AS messages_delivery_attempts,
+       coalesce(s.messages_in_process, 0) AS messages_in_process,
+       coalesce(q.queued, 0) AS messages_queued,
+       coalesce(s.messages_lost, 0) AS messages_lost,
+       coalesce(dl.dead, 0) AS messages_dead_lettered,
+       s.latency_p50_ms,
+       s.latency_p99_ms,
+       s.latency_max_ms,
+       coalesce(s.last_errors, '[]'::jsonb) AS last_errors
+  FROM outbox.destination d
+  LEFT JOIN outbox._destination_stats() s ON s.id = d.id
+  LEFT JOIN (SELECT e.destination_id, sum(e.events)::bigint AS queued
+               FROM outbox.event e GROUP BY e.destination_id) q ON q.destination_id = d.id
+  LEFT JOIN (SELECT l.destination_id, count(*) AS dead
+               FROM outbox.dead_letter l GROUP BY l.destination_id) dl ON dl.destination_id = d.id;
+
+REVOKE ALL ON outbox.event, outbox.event_0, outbox.event_1, outbox.event_2, outbox.pending,
+    outbox.destination_status FROM PUBLIC;
