@@ -84,8 +84,11 @@ fn install<'a>(pg: &'a Cluster, broker: &Broker, name: &str) -> NewDestination<'
 }
 
 /// An [`Env`] of its own with a table `stream` and a topic `urn:stream` over it.
+/// The outbox's partitions rotate every second (src/worker/rotate.rs), so
+/// every scenario also runs across rotations and TRUNCATEs.
 fn setup(name: &str, conf: &[&str]) -> Env {
-    let env = Env::start(&unique(name), conf);
+    let conf = [conf, &["outbox.rotation_interval = '1s'"]].concat();
+    let env = Env::start(&unique(name), &conf);
     env.pg.watched_table("stream", "id bigint PRIMARY KEY, pad text");
     env
 }

@@ -71,8 +71,8 @@ const CATALOG: &str = "SELECT replace(x, E'\\n', ' | ') FROM ( \
      WHERE c.relnamespace = 'outbox'::regnamespace AND NOT g.tgisinternal \
     UNION ALL SELECT 'event trigger ' || evtname || ' ' || evtevent || ' ' || evtfoid::regproc || ' ' || coalesce(evttags::text, '') \
       FROM pg_event_trigger \
-    UNION ALL SELECT 'dumped ' || coalesce(extconfig::regclass[]::text, '') || ' ' || coalesce(extcondition::text, '') \
-      FROM pg_extension WHERE extname = 'pg_outbox' \
+    UNION ALL SELECT 'dumped ' || u.t::regclass::text || ' ' || quote_literal(u.c) \
+      FROM pg_extension x, unnest(x.extconfig, x.extcondition) u (t, c) WHERE x.extname = 'pg_outbox' \
     UNION ALL SELECT 'schema acl ' || coalesce(nspacl::text, '') FROM pg_namespace WHERE nspname = 'outbox' \
   ) s (x) ORDER BY x";
 
@@ -156,6 +156,11 @@ fn alter_extension_update_from_0_1_0_keeps_pending_events_and_delivery_goes_on()
 #[test]
 fn alter_extension_update_from_0_2_0_keeps_pending_events_and_delivery_goes_on() {
     update_from("0.2.0");
+}
+
+#[test]
+fn alter_extension_update_from_0_3_0_keeps_pending_events_and_delivery_goes_on() {
+    update_from("0.3.0");
 }
 
 /// pg_dump of a cluster with topics (SQL and FHIRPath criteria, a mapped
