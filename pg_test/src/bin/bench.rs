@@ -762,16 +762,17 @@ fn steady(pg: &Cluster, broker: &Broker, seconds: u64) {
     let mut run = pgbench_at_rate(pg, "INSERT INTO steady (payload) VALUES (repeat('x', 200));\n", 1000, seconds);
     println!(
         "\nsteady state: pgbench -R 1000 -c 2 -T {seconds} into an at-least-once destination, a snapshot held open \
-         throughout (REPEATABLE READ); outbox.event over time (size: table, indexes, TOAST)"
+         throughout (REPEATABLE READ); outbox.event over time (its partitions: tables, indexes, TOAST)"
     );
     println!("{:>8} {:>12} {:>12} {:>12} {:>10}", "seconds", "size bytes", "live tuples", "dead tuples", "queued");
     let started = Instant::now();
     let every = Duration::from_secs((seconds / 10).max(1));
     loop {
         let sample = pg.sql(
-            "SELECT pg_total_relation_size('outbox.event') || ' ' || s.n_live_tup || ' ' || s.n_dead_tup \
+            "SELECT sum(pg_total_relation_size(s.relid)) || ' ' || sum(s.n_live_tup) || ' ' || sum(s.n_dead_tup) \
                     || ' ' || (SELECT count(*) FROM outbox.event) \
-               FROM pg_stat_user_tables s WHERE s.relid = 'outbox.event'::regclass",
+               FROM pg_stat_user_tables s \
+              WHERE s.relid IN (SELECT p.relid FROM pg_partition_tree('outbox.event') p WHERE p.isleaf)",
         );
         let v: Vec<&str> = sample.split_whitespace().collect();
         println!("{:>8} {:>12} {:>12} {:>12} {:>10}", started.elapsed().as_secs(), v[0], v[1], v[2], v[3]);
