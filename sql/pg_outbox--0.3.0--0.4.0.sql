@@ -6,11 +6,19 @@
 -- with their numbers; the identity goes on after the last one.
 \echo Use "ALTER EXTENSION pg_outbox UPDATE" to load this file. \quit
 
+-- Writers wait on the lock until the update commits, then insert into the
+-- new table (their cached plans are invalidated).
+LOCK TABLE outbox.event IN ACCESS EXCLUSIVE MODE;
 DROP VIEW outbox.destination_status;
 DROP VIEW outbox.pending;
-ALTER TABLE outbox.event RENAME TO event_0_3_0;
-ALTER INDEX outbox.event_destination_idx RENAME TO event_0_3_0_destination_idx;
-ALTER SEQUENCE outbox.event_id_seq RENAME TO event_0_3_0_id_seq;
+-- The events and the identity's position are held aside while the old table
+-- goes first (PostgreSQL 18 names NOT NULL constraints after the table, and
+-- the new table's names must be a fresh install's).
+CREATE TABLE outbox.event_0_3_0 AS SELECT * FROM outbox.event;
+CREATE TABLE outbox.event_0_3_0_id AS SELECT s.last_value, s.is_called FROM outbox.event_id_seq s;
+ALTER EXTENSION pg_outbox DROP SEQUENCE outbox.event_id_seq;
+ALTER EXTENSION pg_outbox DROP TABLE outbox.event;
+DROP TABLE outbox.event;
 
 CREATE TABLE outbox.event (
     id             bigint GENERATED ALWAYS AS IDENTITY,
@@ -39,19 +47,16 @@ ALTER TABLE outbox.event_0 REPLICA IDENTITY USING INDEX event_0_destination_id_i
 ALTER TABLE outbox.event_1 REPLICA IDENTITY USING INDEX event_1_destination_id_id_part_idx;
 ALTER TABLE outbox.event_2 REPLICA IDENTITY USING INDEX event_2_destination_id_id_part_idx;
 
--- Writers wait on the old table's lock until the update commits, then
--- insert into the new one (their cached plans are invalidated).
-LOCK TABLE outbox.event_0_3_0 IN EXCLUSIVE MODE;
 INSERT INTO outbox.event (id, destination_id, topic_id, table_name, interaction, key, row_data, created_at,
                           attempts, last_error, events, ids, keys, rows, part)
 OVERRIDING SYSTEM VALUE
 SELECT id, destination_id, topic_id, table_name, interaction, key, row_data, created_at,
        attempts, last_error, events, ids, keys, rows, 0
   FROM outbox.event_0_3_0;
-SELECT pg_catalog.setval('outbox.event_id_seq', s.last_value, s.is_called) FROM outbox.event_0_3_0_id_seq s;
+SELECT pg_catalog.setval('outbox.event_id_seq', s.last_value, s.is_called) FROM outbox.event_0_3_0_id s;
 ALTER EXTENSION pg_outbox DROP TABLE outbox.event_0_3_0;
-ALTER EXTENSION pg_outbox DROP SEQUENCE outbox.event_0_3_0_id_seq;
-DROP TABLE outbox.event_0_3_0;
+ALTER EXTENSION pg_outbox DROP TABLE outbox.event_0_3_0_id;
+DROP TABLE outbox.event_0_3_0, outbox.event_0_3_0_id;
 
 CREATE FUNCTION outbox._current_part() RETURNS smallint
 STRICT VOLATILE PARALLEL SAFE
