@@ -3,7 +3,7 @@
 //! emptied under a transaction that wrote into it or reads it, and no event
 //! is lost across rotations.
 
-use pg_outbox_test::{keys, unique, Broker, Cluster};
+use pg_outbox_test::{keys, unique, Cluster, Env};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,15 @@ const WAIT: Duration = Duration::from_secs(120);
 /// The relfilenode of each partition: TRUNCATE gives a partition a new one.
 fn filenodes(pg: &Cluster) -> Vec<String> {
     (0..3).map(|p| pg.sql(&format!("SELECT pg_relation_filenode('outbox.event_{p}')"))).collect()
+}
+
+/// A cluster rotating every second, a table `stream` watched by an
+/// at-least-once destination: (the environment, destination, Kafka topic).
+fn start(name: &str) -> (Env, String, String) {
+    let env = Env::start(&unique(name), &["outbox.rotation_interval = '1s'"]);
+    let url = env.pg.watched_table("stream", "id bigint PRIMARY KEY, pad text");
+    let (dest, topic) = env.pg.destination_on(&env.broker, &url).create();
+    (env, dest, topic)
 }
 
 /// Heap bytes of each partition.
@@ -37,11 +46,8 @@ fn write(pg: &Cluster, from: i64, to: i64, per: i64, pause: Duration) {
 /// truncated away, and every committed key arrives.
 #[test]
 fn partitions_rotate_and_empty_under_a_held_snapshot_and_lose_nothing() {
-    let broker = Broker::start();
-    let pg = Cluster::start(&unique("rot_snapshot"), &["outbox.rotation_interval = '1s'"]);
-    pg.sql("CREATE EXTENSION pg_outbox; CREATE TABLE other (x int)");
-    let url = pg.watched_table("stream", "id bigint PRIMARY KEY, pad text");
-    let (dest, topic) = pg.destination_on(&broker, &url).create();
+    let (Env { pg, broker }, dest, topic) = start("rot_snapshot");
+    pg.sql("CREATE TABLE other (x int)");
     let mut holder = pg.session();
     holder.sql("BEGIN ISOLATION LEVEL REPEATABLE READ");
     holder.sql("SELECT count(*) FROM other");
@@ -111,11 +117,7 @@ fn partitions_rotate_and_empty_under_a_held_snapshot_and_lose_nothing() {
 /// until it ends, delivery goes on meanwhile, and they are emptied after.
 #[test]
 fn a_reader_of_the_outbox_holds_truncation_off_but_not_delivery() {
-    let broker = Broker::start();
-    let pg = Cluster::start(&unique("rot_reader"), &["outbox.rotation_interval = '1s'"]);
-    pg.sql("CREATE EXTENSION pg_outbox");
-    let url = pg.watched_table("stream", "id bigint PRIMARY KEY, pad text");
-    let (dest, topic) = pg.destination_on(&broker, &url).create();
+    let (Env { pg, broker }, dest, topic) = start("rot_reader");
     // The partitions store a group's arrays as the parent says (out of line, uncompressed).
     let external =
         "SELECT count(*) FROM pg_attribute a JOIN pg_partition_tree('outbox.event') p ON p.relid = a.attrelid \
