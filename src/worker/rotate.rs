@@ -1,7 +1,7 @@
 //! The outbox's partitions take turns (PgQ's rotation, sql/schema.sql):
 //! writers insert into the current one, named in shared memory. Every
-//! `outbox.rotation_interval` the worker moves them on to the next one, if
-//! that one is empty; a former one is emptied with TRUNCATE as soon as
+//! `outbox.rotation_interval` the worker moves them on to the next empty
+//! one (passing over one a long transaction holds); a former one is emptied with TRUNCATE as soon as
 //! every event in it was delivered (deleted) and no transaction holds it
 //! (`store::truncate_if_empty`). Deleted events leave dead rows that VACUUM
 //! may not reclaim while any snapshot is older than them; TRUNCATE takes
@@ -49,14 +49,18 @@ impl Worker {
         let due = now.saturating_duration_since(self.rotation.switched_at) >= interval;
         let current = status::current_part() % PARTS;
         let next = in_transaction("rotating the outbox", || -> pgrx::spi::SpiResult<Option<u32>> {
+            // Delivery waits while this does: it never waits long for a lock.
+            pgrx::Spi::run("SET LOCAL lock_timeout = '1s'")?;
             let Some(mut sizes) = store::part_sizes()? else { return Ok(None) };
             for part in (0..PARTS).filter(|p| *p != current) {
                 if sizes[part as usize] > 0 && store::truncate_if_empty(part)? {
                     sizes[part as usize] = 0;
                 }
             }
-            let next = (current + 1) % PARTS;
-            Ok((due && sizes[current as usize] > 0 && sizes[next as usize] == 0).then_some(next))
+            // The first empty one after the current: a partition held by a
+            // long transaction is passed over, the other two take turns.
+            let next = (1..PARTS).map(|step| (current + step) % PARTS).find(|p| sizes[*p as usize] == 0);
+            Ok(next.filter(|_| due && sizes[current as usize] > 0))
         });
         match next {
             // After the commit: writers find the partition emptied.
