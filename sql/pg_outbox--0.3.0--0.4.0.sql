@@ -9,6 +9,13 @@
 -- Writers wait on the lock until the update commits, then insert into the
 -- new table (their cached plans are invalidated).
 LOCK TABLE outbox.event IN ACCESS EXCLUSIVE MODE;
+-- What was granted on the relations re-created here (to a monitoring role,
+-- say), to grant again once they are.
+CREATE TABLE outbox.acl_0_3_0 AS
+SELECT c.relname::text AS relname, a.grantee, a.privilege_type, a.is_grantable
+  FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+ WHERE c.oid IN ('outbox.event'::regclass, 'outbox.pending'::regclass, 'outbox.destination_status'::regclass)
+   AND a.grantee <> c.relowner;
 DROP VIEW outbox.destination_status;
 DROP VIEW outbox.pending;
 -- The events and the identity's position are held aside while the old table
@@ -106,3 +113,30 @@ SELECT d.id,
 
 REVOKE ALL ON outbox.event, outbox.event_0, outbox.event_1, outbox.event_2, outbox.pending,
     outbox.destination_status FROM PUBLIC;
+
+-- The grants carried over. They are the user's, not the extension's: the
+-- initial privileges pg_dump compares with (pg_init_privs, which a GRANT in
+-- an extension script changes) stay a fresh install's, so a dump still
+-- carries them.
+DO $$
+DECLARE
+    r regclass;
+    v_init aclitem[];
+    g record;
+BEGIN
+    FOREACH r IN ARRAY ARRAY['outbox.event', 'outbox.pending', 'outbox.destination_status']::regclass[] LOOP
+        SELECT i.initprivs INTO v_init FROM pg_catalog.pg_init_privs i
+         WHERE i.classoid = 'pg_catalog.pg_class'::regclass AND i.objoid = r AND i.objsubid = 0;
+        FOR g IN SELECT * FROM outbox.acl_0_3_0 a WHERE pg_catalog.format('outbox.%I', a.relname)::regclass = r LOOP
+            EXECUTE pg_catalog.format('GRANT %s ON %s TO %s%s', g.privilege_type, r,
+                CASE WHEN g.grantee = 0 THEN 'PUBLIC'
+                     ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(g.grantee)) END,
+                CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+        END LOOP;
+        UPDATE pg_catalog.pg_init_privs i SET initprivs = v_init
+         WHERE i.classoid = 'pg_catalog.pg_class'::regclass AND i.objoid = r AND i.objsubid = 0;
+    END LOOP;
+END
+$$;
+ALTER EXTENSION pg_outbox DROP TABLE outbox.acl_0_3_0;
+DROP TABLE outbox.acl_0_3_0;

@@ -50,18 +50,21 @@ fn max_destinations_sizes_the_slots_and_its_limit_names_the_setting() {
 
 /// The extension's objects, one line each (functions by definition, tables
 /// by column, indexes, constraints, views, triggers, event triggers,
-/// privileges, the tables pg_dump carries): an upgraded installation must
+/// privileges, replica identities, the tables pg_dump carries, the
+/// extension's members with their initial privileges): an upgraded installation must
 /// print what a fresh one prints.
 const CATALOG: &str = "SELECT replace(x, E'\\n', ' | ') FROM ( \
     SELECT 'function ' || p.oid::regprocedure || ' ' || pg_get_functiondef(p.oid) || ' acl ' || coalesce(p.proacl::text, '') \
       FROM pg_proc p WHERE p.pronamespace = 'outbox'::regnamespace \
-    UNION ALL SELECT 'relation ' || c.relname || ' ' || c.relkind::text || ' acl ' || coalesce(c.relacl::text, '') || ' ' || \
+    UNION ALL SELECT 'relation ' || c.relname || ' ' || c.relkind::text || ' identity ' || c.relreplident::text || \
+           ' acl ' || coalesce(c.relacl::text, '') || ' ' || \
            coalesce((SELECT string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod) || ' ' || a.attnotnull \
                          || ' ' || a.attstorage::text || ' ' || coalesce(pg_get_expr(d.adbin, d.adrelid), ''), ', ' ORDER BY a.attname) \
                        FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
                       WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), '') \
       FROM pg_class c WHERE c.relnamespace = 'outbox'::regnamespace AND c.relkind <> 'i' \
-    UNION ALL SELECT 'index ' || pg_get_indexdef(i.indexrelid) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid \
+    UNION ALL SELECT 'index ' || pg_get_indexdef(i.indexrelid) || ' identity ' || i.indisreplident \
+      FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid \
      WHERE c.relnamespace = 'outbox'::regnamespace \
     UNION ALL SELECT 'constraint ' || conrelid::regclass || ' ' || conname || ' ' || pg_get_constraintdef(oid) \
       FROM pg_constraint WHERE connamespace = 'outbox'::regnamespace \
@@ -74,6 +77,11 @@ const CATALOG: &str = "SELECT replace(x, E'\\n', ' | ') FROM ( \
     UNION ALL SELECT 'dumped ' || u.t::regclass::text || ' ' || quote_literal(u.c) \
       FROM pg_extension x, unnest(x.extconfig, x.extcondition) u (t, c) WHERE x.extname = 'pg_outbox' \
     UNION ALL SELECT 'schema acl ' || coalesce(nspacl::text, '') FROM pg_namespace WHERE nspname = 'outbox' \
+    UNION ALL SELECT 'member ' || pg_describe_object(m.classid, m.objid, m.objsubid) || ' initial acl ' || \
+           coalesce((SELECT string_agg(i.objsubid || ' ' || i.initprivs::text, ', ' ORDER BY i.objsubid) FROM pg_init_privs i \
+                      WHERE i.classoid = m.classid AND i.objoid = m.objid), '') \
+      FROM pg_depend m WHERE m.refclassid = 'pg_extension'::regclass AND m.deptype = 'e' \
+       AND m.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pg_outbox') \
   ) s (x) ORDER BY x";
 
 fn catalog(pg: &Cluster) -> BTreeSet<String> {
@@ -117,10 +125,21 @@ fn update_from(from: &str) {
     pg.sql("INSERT INTO orders SELECT g, 'b' FROM generate_series(51, 100) g");
     let pending = "SELECT count(*) FROM outbox.pending";
     assert_eq!(pg.count(pending), 50);
+    // A monitoring role, as the README grants it; a session that asked for
+    // the status before the update asks again after it.
+    pg.sql(MONITOR);
+    let mut monitor = pg.session();
+    let status = format!("SELECT outbox.status('{dest}')->>'resourceType'");
+    assert_eq!(monitor.sql(&status), "Parameters");
 
     pg.sql("ALTER EXTENSION pg_outbox UPDATE");
     assert_eq!(pg.sql(version), current_version());
     assert_eq!(pg.count(pending), 50);
+    assert_eq!(monitor.sql(&status), "Parameters");
+    let granted =
+        "SELECT count(*) FROM unnest(ARRAY['outbox.destination_status', 'outbox.pending', 'outbox.event']) r \
+                    WHERE has_table_privilege('monitor', r, 'SELECT')";
+    assert_eq!(pg.count(granted), 3, "the grants survive the update");
     broker.thaw();
     pg.sql("INSERT INTO orders SELECT g, 'c' FROM generate_series(101, 120) g");
     assert_eq!(keys(&broker.bootstrap(), &topic, 120), (1..=120).collect::<BTreeSet<i64>>());
@@ -132,6 +151,7 @@ fn update_from(from: &str) {
     // The update leaves what a fresh install has.
     let fresh = Cluster::start(&format!("{name}_fresh"), &[]);
     fresh.sql("CREATE EXTENSION pg_outbox");
+    fresh.sql(MONITOR);
     let (upgraded, fresh) = (catalog(&pg), catalog(&fresh));
     let only_upgraded: Vec<_> = upgraded.difference(&fresh).collect();
     let only_fresh: Vec<_> = fresh.difference(&upgraded).collect();
@@ -140,6 +160,12 @@ fn update_from(from: &str) {
         "upgraded and fresh installs differ:\nonly upgraded: {only_upgraded:#?}\nonly fresh: {only_fresh:#?}"
     );
 }
+
+/// A role that reads the status and the outbox (granted after the install,
+/// so the grants are the user's: not the extension's initial privileges).
+const MONITOR: &str = "CREATE ROLE monitor; \
+    GRANT SELECT ON outbox.destination_status, outbox.pending, outbox.event TO monitor; \
+    GRANT EXECUTE ON FUNCTION outbox._destination_stats(), outbox.status(text) TO monitor";
 
 /// Capture triggers that `DROP EXTENSION` drops and pg_dump ties again
 /// (`ALTER TRIGGER ... DEPENDS ON EXTENSION`).
