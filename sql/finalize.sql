@@ -6,7 +6,7 @@ CREATE VIEW outbox.destination_status AS
 SELECT d.id,
        d.topic_url AS topic,
        d.kind,
-       coalesce(s.status, 'stopped') AS status,
+       CASE WHEN d.paused_at IS NOT NULL THEN 'paused' ELSE coalesce(s.status, 'stopped') END AS status,
        s.start_timestamp,
        coalesce(s.messages_delivered, 0) AS messages_delivered,
        coalesce(s.messages_delivery_attempts, 0) AS messages_delivery_attempts,

@@ -3,7 +3,8 @@
 -- The outbox becomes three partitions that take turns, emptied with
 -- TRUNCATE once delivered (sql/schema.sql): it stays bounded while a
 -- snapshot is held open. The events waiting move into the first partition,
--- with their numbers; the identity goes on after the last one.
+-- with their numbers; the identity goes on after the last one. Destinations
+-- can be paused.
 \echo Use "ALTER EXTENSION pg_outbox UPDATE" to load this file. \quit
 
 -- Writers wait on the lock until the update commits, then insert into the
@@ -75,6 +76,32 @@ SELECT pg_catalog.pg_extension_config_dump('outbox.event_1', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.event_2', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.event_id_seq', '');
 
+-- Pausing a destination (pause_destination, resume_destination).
+ALTER TABLE outbox.destination ADD COLUMN paused_at timestamptz;
+-- Stop delivering to a destination until resume_destination(): its
+-- at-least-once events wait in the outbox, best-effort ones count as lost.
+-- What was handed to Kafka already finishes. True if it was delivering,
+-- false if it was paused already.
+CREATE FUNCTION outbox.pause_destination(id text)
+RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM outbox._require_destination(id);
+    UPDATE outbox.destination d SET paused_at = now() WHERE d.id = pause_destination.id AND d.paused_at IS NULL;
+    RETURN FOUND;
+END
+$$;
+
+-- Deliver again, from the oldest event waiting. True if it was paused.
+CREATE FUNCTION outbox.resume_destination(id text)
+RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM outbox._require_destination(id);
+    UPDATE outbox.destination d SET paused_at = NULL WHERE d.id = resume_destination.id AND d.paused_at IS NOT NULL;
+    RETURN FOUND;
+END
+$$;
+REVOKE ALL ON FUNCTION outbox.pause_destination(text), outbox.resume_destination(text) FROM PUBLIC;
+
 -- The events waiting for delivery, one row per event (groups unfolded).
 CREATE VIEW outbox.pending AS
 SELECT e.id, e.destination_id, e.topic_id, e.table_name, e.interaction, e.key, e.row_data,
@@ -92,7 +119,7 @@ CREATE VIEW outbox.destination_status AS
 SELECT d.id,
        d.topic_url AS topic,
        d.kind,
-       coalesce(s.status, 'stopped') AS status,
+       CASE WHEN d.paused_at IS NOT NULL THEN 'paused' ELSE coalesce(s.status, 'stopped') END AS status,
        s.start_timestamp,
        coalesce(s.messages_delivered, 0) AS messages_delivered,
        coalesce(s.messages_delivery_attempts, 0) AS messages_delivery_attempts,

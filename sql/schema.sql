@@ -70,7 +70,9 @@ CREATE TABLE outbox.destination (
     kind       text NOT NULL,
     content    text NOT NULL,
     parameters jsonb NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
+    created_at timestamptz NOT NULL DEFAULT now(),
+    -- Set by pause_destination(), cleared by resume_destination().
+    paused_at  timestamptz
 );
 CREATE INDEX destination_topic_url_idx ON outbox.destination (topic_url);
 
@@ -398,6 +400,29 @@ BEGIN
         PERFORM outbox._fail('42704', format('destination "%s" does not exist', coalesce(destination_id, '')),
             'SELECT id FROM outbox.destination lists the destinations.');
     END IF;
+END
+$$;
+
+-- Stop delivering to a destination until resume_destination(): its
+-- at-least-once events wait in the outbox, best-effort ones count as lost.
+-- What was handed to Kafka already finishes. True if it was delivering,
+-- false if it was paused already.
+CREATE FUNCTION outbox.pause_destination(id text)
+RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM outbox._require_destination(id);
+    UPDATE outbox.destination d SET paused_at = now() WHERE d.id = pause_destination.id AND d.paused_at IS NULL;
+    RETURN FOUND;
+END
+$$;
+
+-- Deliver again, from the oldest event waiting. True if it was paused.
+CREATE FUNCTION outbox.resume_destination(id text)
+RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM outbox._require_destination(id);
+    UPDATE outbox.destination d SET paused_at = NULL WHERE d.id = resume_destination.id AND d.paused_at IS NOT NULL;
+    RETURN FOUND;
 END
 $$;
 

@@ -16,6 +16,8 @@ pub struct DestinationRow {
     pub topic_url: String,
     pub content: Content,
     pub parameters: String,
+    /// pause_destination(): nothing is delivered until resume_destination().
+    pub paused: bool,
     /// FHIR resource type by watched table (schema-qualified), for the
     /// topic's tables in Aidbox's layout.
     pub resource_types: std::collections::HashMap<String, String>,
@@ -89,7 +91,11 @@ pub fn truncate_if_empty(part: u32) -> SpiResult<bool> {
 pub fn destinations() -> SpiResult<Vec<DestinationRow>> {
     Spi::connect(|client| {
         let rows = client.select(
-            "SELECT id, topic_url, content, parameters::text, kind FROM outbox.destination ORDER BY id",
+            // paused_at by name: the SQL of 0.3.0 (served until ALTER
+            // EXTENSION UPDATE) has no such column.
+            "SELECT id, topic_url, content, parameters::text, kind, \
+                    coalesce(pg_catalog.to_jsonb(d) -> 'paused_at' <> 'null'::jsonb, false) \
+               FROM outbox.destination d ORDER BY id",
             None,
             &[],
         )?;
@@ -110,6 +116,7 @@ pub fn destinations() -> SpiResult<Vec<DestinationRow>> {
                 content,
                 parameters: row.get(4)?.unwrap_or_default(),
                 kind,
+                paused: row.get(6)?.unwrap_or(false),
                 resource_types: Default::default(),
             });
         }

@@ -54,7 +54,7 @@ impl Worker {
         let ids: Vec<String> = self
             .destinations
             .values()
-            .filter(|d| d.ready(now) && !self.has_retiring(&d.id))
+            .filter(|d| !d.paused && d.ready(now) && !self.has_retiring(&d.id))
             .map(|d| d.id.clone())
             .collect();
         let seen_generation = self.seen_generation;

@@ -32,6 +32,9 @@ pub(super) struct Destination {
     pub params: Params,
     /// FHIR resource type by table, for the topic's tables in Aidbox's layout.
     pub resource_types: HashMap<String, String>,
+    /// Paused (pause_destination): at-least-once events are not claimed,
+    /// best-effort ones are counted lost; what is in flight finishes.
+    pub paused: bool,
     pub slot: SlotRef,
     pub link: Link,
     pub flights: Flights,
@@ -106,6 +109,7 @@ impl Destination {
             parameters_text: row.parameters,
             params,
             resource_types: row.resource_types,
+            paused: row.paused,
             slot,
             link: Link::default(),
             flights: Flights::default(),

@@ -204,6 +204,12 @@ impl Worker {
         if !matches!(d.mode, Mode::BestEffort(_)) {
             return;
         }
+        if d.paused {
+            if let Some(m) = d.memory() {
+                m.lose("the destination is paused".into());
+            }
+            return;
+        }
         let waiting = d.link.producer.is_none() && d.health.retry_at.is_some_and(|t| t > Instant::now());
         if waiting || !d.ensure_producer(&mut self.producers) {
             if let Some(m) = d.memory() {

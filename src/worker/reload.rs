@@ -91,10 +91,12 @@ impl Worker {
             .map(|row| row.id.clone())
             .collect();
         // FHIR tables renamed, or a topic's tables changed: only how
-        // messages are built changes, the producer stays.
+        // messages are built changes, the producer stays; so it does
+        // through a pause.
         for row in &rows {
             if let Some(d) = self.destinations.get_mut(&row.id) {
                 d.resource_types = row.resource_types.clone();
+                d.paused = row.paused;
             }
         }
         self.retire(&changed);
