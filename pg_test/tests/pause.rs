@@ -29,6 +29,8 @@ fn a_paused_at_least_once_destination_keeps_its_events_and_delivers_them_in_orde
     pg.sql("INSERT INTO orders SELECT g, 0 FROM generate_series(21, 50) g");
     pg.sql("UPDATE orders SET v = 1 WHERE id <= 10");
     pg.kill_worker();
+    // The restarted worker serves the destination (and keeps it paused).
+    wait_for("the restarted worker", WAIT, || (!pg.status_row(&dest)["start_timestamp"].is_null()).then_some(()));
     pg.sql("UPDATE orders SET v = 2 WHERE id <= 5");
     let early = consume(&broker.bootstrap(), &topic, 21, Duration::from_secs(4), Duration::from_secs(4));
     assert_eq!(early.len(), 20, "nothing is delivered while paused");
@@ -77,7 +79,18 @@ fn a_paused_best_effort_destination_counts_its_events_lost_and_delivers_after_re
         })
     };
     pg.sql(&format!("SELECT outbox.pause_destination('{dest}')"));
-    let paused = probe_until("the pause to be served", &|r| r["messages_lost"].as_i64().unwrap() > 0);
+    probe_until("the pause to be served", &|r| r["messages_lost"].as_i64().unwrap() > 0);
+    // The last probes' outcomes are counted: the counters stay still.
+    let mut paused = pg.status_row(&dest);
+    loop {
+        std::thread::sleep(Duration::from_millis(1000));
+        let now = pg.status_row(&dest);
+        let same = |c: &str| now[c] == paused[c];
+        if same("messages_lost") && same("messages_delivered") {
+            break;
+        }
+        paused = now;
+    }
     pg.sql("INSERT INTO clicks SELECT g FROM generate_series(1001, 1010) g");
     let lost = paused["messages_lost"].as_i64().unwrap() + 10;
     let row = wait_for("10 more lost", WAIT, || {

@@ -245,7 +245,8 @@ impl Destination {
 
     /// The earliest moment this destination needs the worker awake.
     pub fn next_due(&mut self) -> Option<Instant> {
-        let retry = self.health.retry_at.filter(|_| self.flights.is_empty());
+        // A paused destination retries nothing: it claims nothing.
+        let retry = self.health.retry_at.filter(|_| self.flights.is_empty() && !self.paused);
         let max_block = Duration::from_millis(self.params.max_block_ms as u64);
         let blocked = self.mode.memory().and_then(Memory::oldest).map(|since| since + max_block);
         let step = match &self.mode {

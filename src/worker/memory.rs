@@ -46,6 +46,14 @@ impl Memory {
         }
     }
 
+    /// Drop what waits for buffer space, counted lost.
+    fn lose_waiting(&mut self, reason: &str) {
+        let n = self.blocked.len() as u64;
+        self.blocked.clear();
+        self.blocked_bytes = 0;
+        self.lose_many(n, reason);
+    }
+
     /// Events waiting for buffer space.
     pub fn waiting(&self) -> usize {
         self.blocked.len()
@@ -190,6 +198,13 @@ impl Worker {
     fn send_blocked(&mut self) {
         let now = Instant::now();
         for d in self.destinations.values_mut().filter(|d| d.mode.memory().is_some_and(|m| m.waiting() > 0)) {
+            if d.paused {
+                // Not handed to librdkafka yet: lost, as what comes now.
+                if let Some(m) = d.memory() {
+                    m.lose_waiting("the destination is paused");
+                }
+                continue;
+            }
             let backing_off = d.health.retry_at.is_some_and(|t| t > now);
             if d.link.producer.is_none() && !backing_off {
                 d.ensure_producer(&mut self.producers);
@@ -226,6 +241,7 @@ impl Worker {
             row: ev.row,
             timestamp: types::share(&mut shared[2], &status::format_ts(ev.timestamp_us)),
             born_us: ev.committed_us,
+            traceparent: ev.traceparent.as_deref().map(Rc::from),
         };
         d.send_best_effort(event);
     }
