@@ -116,7 +116,10 @@ CREATE TABLE outbox.event (
     ids            bigint[],
     keys           text[],
     rows           json[],
-    part           smallint NOT NULL DEFAULT 0 -- outbox._current_part(): sql/finalize.sql
+    part           smallint NOT NULL DEFAULT 0, -- outbox._current_part(): sql/finalize.sql
+    -- The writer's outbox.traceparent when its statement's events were
+    -- written (the Kafka header traceparent); a group's events share it.
+    traceparent    text DEFAULT NULLIF(pg_catalog.current_setting('outbox.traceparent', true), '')
 ) PARTITION BY LIST (part);
 -- Groups live until delivered, typically seconds, and are read whole:
 -- stored out of line, not compressed (which would spend the writer's CPU).
@@ -154,7 +157,8 @@ CREATE TABLE outbox.dead_letter (
     created_at     timestamptz NOT NULL,
     attempts       integer NOT NULL,
     error          text NOT NULL,
-    dead_at        timestamptz NOT NULL DEFAULT now()
+    dead_at        timestamptz NOT NULL DEFAULT now(),
+    traceparent    text
 );
 CREATE INDEX dead_letter_destination_idx ON outbox.dead_letter (destination_id, id);
 
@@ -403,28 +407,34 @@ BEGIN
 END
 $$;
 
+-- Pause or resume (below). Only a change is written: the write signals
+-- writers and the worker.
+CREATE FUNCTION outbox._set_paused(id text, paused boolean)
+RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM outbox._require_destination(id);
+    PERFORM 1 FROM outbox.destination d
+      WHERE d.id = _set_paused.id AND (d.paused_at IS NOT NULL) <> _set_paused.paused FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    UPDATE outbox.destination d SET paused_at = CASE WHEN _set_paused.paused THEN now() END
+     WHERE d.id = _set_paused.id;
+    RETURN true;
+END
+$$;
+
 -- Stop delivering to a destination until resume_destination(): its
 -- at-least-once events wait in the outbox, best-effort ones count as lost.
 -- What was handed to Kafka already finishes. True if it was delivering,
 -- false if it was paused already.
 CREATE FUNCTION outbox.pause_destination(id text)
-RETURNS boolean LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM outbox._require_destination(id);
-    UPDATE outbox.destination d SET paused_at = now() WHERE d.id = pause_destination.id AND d.paused_at IS NULL;
-    RETURN FOUND;
-END
-$$;
+RETURNS boolean LANGUAGE sql AS $$ SELECT outbox._set_paused(id, true) $$;
 
 -- Deliver again, from the oldest event waiting. True if it was paused.
 CREATE FUNCTION outbox.resume_destination(id text)
-RETURNS boolean LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM outbox._require_destination(id);
-    UPDATE outbox.destination d SET paused_at = NULL WHERE d.id = resume_destination.id AND d.paused_at IS NOT NULL;
-    RETURN FOUND;
-END
-$$;
+RETURNS boolean LANGUAGE sql AS $$ SELECT outbox._set_paused(id, false) $$;
+
 
 -- Put dead letters back into the outbox (same event numbers); all of the
 -- destination's, or those listed. Returns how many.
@@ -439,9 +449,11 @@ BEGIN
          WHERE l.destination_id = retry_dead_letters.destination_id
            AND (ids IS NULL OR l.id = ANY (ids))
         RETURNING l.*)
-    INSERT INTO outbox.event (id, destination_id, topic_id, table_name, interaction, key, row_data, created_at, attempts, last_error)
+    INSERT INTO outbox.event (id, destination_id, topic_id, table_name, interaction, key, row_data, created_at, attempts,
+                              last_error, traceparent)
     OVERRIDING SYSTEM VALUE
-    SELECT m.id, m.destination_id, m.topic_id, m.table_name, m.interaction, m.key, m.row_data, m.created_at, m.attempts, m.error
+    SELECT m.id, m.destination_id, m.topic_id, m.table_name, m.interaction, m.key, m.row_data, m.created_at, m.attempts,
+           m.error, m.traceparent
       FROM moved m;
     GET DIAGNOSTICS n = ROW_COUNT;
     PERFORM outbox._wake_on_commit();

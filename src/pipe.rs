@@ -43,6 +43,7 @@ struct Entry {
     key: Option<Range<usize>>,
     interaction: Range<usize>,
     table: Range<usize>,
+    traceparent: Option<Range<usize>>,
 }
 
 impl Batch {
@@ -54,7 +55,8 @@ impl Batch {
         let key = ev.key.as_deref().map(|k| self.put(k.as_bytes()));
         let interaction = self.put(ev.interaction.as_bytes());
         let table = self.put(ev.table.as_bytes());
-        self.messages.push(Entry { id: ev.id, value, key, interaction, table });
+        let traceparent = ev.traceparent.as_deref().map(|t| self.put(t.as_bytes()));
+        self.messages.push(Entry { id: ev.id, value, key, interaction, table, traceparent });
     }
 
     fn put(&mut self, bytes: &[u8]) -> Range<usize> {
@@ -70,6 +72,7 @@ impl Batch {
             key: e.key.clone().map(|k| &self.bytes[k]),
             interaction: &self.bytes[e.interaction.clone()],
             table: &self.bytes[e.table.clone()],
+            traceparent: e.traceparent.clone().map(|t| &self.bytes[t]),
         }
     }
 }

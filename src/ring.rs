@@ -154,6 +154,8 @@ pub struct BestEffortEvent {
     pub interaction: String,
     pub key: Option<String>,
     pub row: Option<String>,
+    /// The writing session's `outbox.traceparent`.
+    pub traceparent: Option<String>,
     /// Transaction start, microseconds since 2000-01-01 (Postgres epoch).
     pub timestamp_us: i64,
     /// When the transaction committed (0: not yet), set by `stamp_commit`.
@@ -197,8 +199,9 @@ impl BestEffortEvent {
         interaction: &str,
         key: Option<&str>,
         row: Option<&str>,
+        traceparent: Option<&str>,
     ) -> Vec<u8> {
-        let strs = [Some(destination_id), Some(table), Some(interaction), key, row];
+        let strs = [Some(destination_id), Some(table), Some(interaction), key, row, traceparent];
         let mut out = Vec::with_capacity(24 + strs.iter().map(|s| 4 + s.map_or(0, str::len)).sum::<usize>());
         out.extend_from_slice(&0u64.to_le_bytes());
         out.extend_from_slice(&timestamp_us.to_le_bytes());
@@ -223,6 +226,7 @@ impl BestEffortEvent {
             interaction: get_str(buf, &mut pos)??,
             key: get_str(buf, &mut pos)?,
             row: get_str(buf, &mut pos)?,
+            traceparent: get_str(buf, &mut pos)?,
         })
     }
 }

@@ -86,6 +86,28 @@ pub fn truncate_if_empty(part: u32) -> SpiResult<bool> {
     })
 }
 
+thread_local! {
+    /// Whether `outbox.event` has the `traceparent` column (0.4.0's SQL;
+    /// the library serves 0.3.0's until ALTER EXTENSION UPDATE). Read with
+    /// the configuration.
+    static TRACEPARENT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Look whether `outbox.event` has the `traceparent` column.
+pub fn read_layout() -> SpiResult<()> {
+    let has = Spi::get_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute \
+                         WHERE attrelid = pg_catalog.to_regclass('outbox.event') \
+                           AND attname = 'traceparent' AND NOT attisdropped)",
+    )?;
+    TRACEPARENT.with(|t| t.set(has.unwrap_or(false)));
+    Ok(())
+}
+
+fn traceparent_stored() -> bool {
+    TRACEPARENT.with(std::cell::Cell::get)
+}
+
 /// Every destination (but one whose kind or content the SQL API would have
 /// refused, with a WARNING: its events wait in the outbox).
 pub fn destinations() -> SpiResult<Vec<DestinationRow>> {
@@ -220,7 +242,7 @@ pub fn claim(destination_id: &str, after: i64, skip: &[i64], limit: i64, rows: i
 }
 
 /// The types of the claim's columns, in the order its SELECT lists them.
-const CLAIM_COLUMNS: [pg_sys::Oid; 12] = {
+const CLAIM_COLUMNS: [pg_sys::Oid; 13] = {
     use pg_sys::{BOOLOID, INT8ARRAYOID, INT8OID, TEXTARRAYOID, TEXTOID, TIMESTAMPTZOID};
     [
         INT8OID,
@@ -235,6 +257,7 @@ const CLAIM_COLUMNS: [pg_sys::Oid; 12] = {
         TEXTARRAYOID,
         TIMESTAMPTZOID,
         BOOLOID,
+        TEXTOID,
     ]
 };
 
@@ -411,12 +434,13 @@ fn claim_sql(one_pass: bool) -> String {
     format!(
         "(SELECT e.id, e.table_name, e.interaction, e.key, e.row_data::text, e.created_at, \
                  NULL::text, {arrays}, \
-                 CASE WHEN $6 THEN pg_catalog.pg_xact_commit_timestamp(e.xmin) END, e.ids IS NOT NULL \
+                 CASE WHEN $6 THEN pg_catalog.pg_xact_commit_timestamp(e.xmin) END, e.ids IS NOT NULL, {trace} \
             FROM outbox.event e \
            WHERE e.destination_id = $1 AND e.id > $2 AND e.id <> ALL($3) {last}) \
          UNION ALL \
          SELECT NULL, NULL, NULL, NULL, NULL, NULL, pg_catalog.pg_current_snapshot()::text, NULL, NULL, \
-                NULL, NULL, NULL"
+                NULL, NULL, NULL, NULL",
+        trace = if traceparent_stored() { "e.traceparent" } else { "NULL::text" }
     )
 }
 
@@ -488,6 +512,7 @@ impl<'a> ClaimReader<'a> {
             _ => self.stamp.insert((ms, Rc::from(crate::status::format_ts(created_us)))).1.clone(),
         };
         let born_us = get_ts(11).unwrap_or(created_us);
+        let traceparent: Option<Rc<str>> = get::<&str>(values, nulls, 13).map(Rc::from);
         let event = |id, group, key, row| Event {
             id,
             group,
@@ -497,6 +522,7 @@ impl<'a> ClaimReader<'a> {
             row,
             timestamp: timestamp.clone(),
             born_us,
+            traceparent: traceparent.clone(),
         };
         let Some(ids) = get::<Vec<i64>>(values, nulls, 8) else {
             self.out.events.push(event(id, 0, get(values, nulls, 4), get(values, nulls, 5)));
@@ -520,17 +546,22 @@ pub fn split(destination_id: &str, groups: &[i64], drop: &[i64]) -> SpiResult<()
     if groups.is_empty() {
         return Ok(());
     }
+    // The group's trace context goes with its events (else the column's
+    // default would give them the worker's, none).
+    let (column, value) = if traceparent_stored() { (", traceparent", ", g.traceparent") } else { ("", "") };
     Spi::connect_mut(|client| {
         client.update(
-            "WITH g AS (DELETE FROM outbox.event WHERE destination_id = $1 AND id = ANY($2) AND ids IS NOT NULL \
-                        RETURNING *) \
-             INSERT INTO outbox.event (id, destination_id, topic_id, table_name, interaction, key, row_data, \
-                                       created_at, attempts, last_error) \
-             OVERRIDING SYSTEM VALUE \
-             SELECT u.id, g.destination_id, g.topic_id, g.table_name, g.interaction, u.key, u.row_data, \
-                    g.created_at, g.attempts, g.last_error \
-               FROM g, unnest(g.ids, g.keys, g.rows) AS u (id, key, row_data) \
-              WHERE u.id <> ALL($3)",
+            &format!(
+                "WITH g AS (DELETE FROM outbox.event WHERE destination_id = $1 AND id = ANY($2) AND ids IS NOT NULL \
+                            RETURNING *) \
+                 INSERT INTO outbox.event (id, destination_id, topic_id, table_name, interaction, key, row_data, \
+                                           created_at, attempts, last_error{column}) \
+                 OVERRIDING SYSTEM VALUE \
+                 SELECT u.id, g.destination_id, g.topic_id, g.table_name, g.interaction, u.key, u.row_data, \
+                        g.created_at, g.attempts, g.last_error{value} \
+                   FROM g, unnest(g.ids, g.keys, g.rows) AS u (id, key, row_data) \
+                  WHERE u.id <> ALL($3)"
+            ),
             None,
             &[destination_id.into(), groups.to_vec().into(), drop.to_vec().into()],
         )?;
@@ -577,13 +608,17 @@ pub fn dead_letter(destination_id: &str, id: i64, group: i64, error: &str) -> Sp
     if group != 0 {
         split(destination_id, &[group], &[])?;
     }
+    let column = if traceparent_stored() { ", traceparent" } else { "" };
     Spi::connect_mut(|client| {
         client.update(
-            "WITH moved AS (DELETE FROM outbox.event WHERE destination_id = $1 AND id = $2 RETURNING *) \
-             INSERT INTO outbox.dead_letter (id, destination_id, topic_id, table_name, interaction, key, row_data, \
-                                             created_at, attempts, error) \
-             SELECT id, destination_id, topic_id, table_name, interaction, key, row_data, created_at, attempts + 1, $3 \
-               FROM moved",
+            &format!(
+                "WITH moved AS (DELETE FROM outbox.event WHERE destination_id = $1 AND id = $2 RETURNING *) \
+                 INSERT INTO outbox.dead_letter (id, destination_id, topic_id, table_name, interaction, key, \
+                                                 row_data, created_at, attempts, error{column}) \
+                 SELECT id, destination_id, topic_id, table_name, interaction, key, row_data, created_at, \
+                        attempts + 1, $3{column} \
+                   FROM moved"
+            ),
             None,
             &[destination_id.into(), id.into(), error.into()],
         )?;

@@ -68,6 +68,8 @@ pub struct Event {
     /// Where the latency the status reports starts (Postgres µs): the commit
     /// when known, else the transaction start.
     pub born_us: i64,
+    /// The writer's `outbox.traceparent`: the Kafka header `traceparent`.
+    pub traceparent: Option<Rc<str>>,
 }
 
 /// `s` as a shared string: `last` again if it holds the same text (the

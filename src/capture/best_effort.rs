@@ -23,12 +23,13 @@ pub(super) fn buffer(
     let subid = unsafe { pg_sys::GetCurrentSubTransactionId() };
     let timestamp_us = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
     let limit = ring::max_event_bytes();
+    let traceparent = crate::config::traceparent();
     STATE.with(|s| {
         let mut s = s.borrow_mut();
         ensure_callbacks(&mut s);
         for (dest, content) in destinations {
             let row = if *content == Content::FullResource { row } else { None };
-            let ev = BestEffortEvent::encode(timestamp_us, dest, table, interaction, key, row);
+            let ev = BestEffortEvent::encode(timestamp_us, dest, table, interaction, key, row, traceparent.as_deref());
             // More than the whole queue could take: drop now rather than hold it.
             if s.pending_bytes + ev.len() + 4 > limit {
                 s.dropped.push((subid, dest.clone()));

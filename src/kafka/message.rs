@@ -157,6 +157,7 @@ pub fn send(
         key: ev.key.as_deref().map(str::as_bytes),
         interaction: ev.interaction.as_bytes(),
         table: ev.table.as_bytes(),
+        traceparent: ev.traceparent.as_deref().map(str::as_bytes),
     };
     produce(producer, kafka_topic, target.topic_url, target.destination_id, &message)
 }
@@ -168,6 +169,8 @@ pub(crate) struct Message<'a> {
     pub key: Option<&'a [u8]>,
     pub interaction: &'a [u8],
     pub table: &'a [u8],
+    /// W3C trace context, the header `traceparent` (if the writer set one).
+    pub traceparent: Option<&'a [u8]>,
 }
 
 /// Produce one message. Kafka headers: enough to deduplicate and route
@@ -217,16 +220,19 @@ pub(crate) fn produce(
         header(c"destination-id", destination_id.as_bytes()),
         header(c"interaction", m.interaction),
         header(c"source-table", m.table),
-        // The key, if there is one, or nothing (END ends the list).
+        // The trace context and the key, if there are (END ends the list).
+        rd_kafka_vu_t { vtype: V::RD_KAFKA_VTYPE_END, u: U { i: 0 } },
         rd_kafka_vu_t { vtype: V::RD_KAFKA_VTYPE_END, u: U { i: 0 } },
     ];
-    let count = match m.key {
-        Some(k) => {
-            vus[9] = rd_kafka_vu_t { vtype: V::RD_KAFKA_VTYPE_KEY, u: mem(k) };
-            10
-        }
-        None => 9,
-    };
+    let mut count = 9;
+    if let Some(t) = m.traceparent {
+        vus[count] = header(c"traceparent", t);
+        count += 1;
+    }
+    if let Some(k) = m.key {
+        vus[count] = rd_kafka_vu_t { vtype: V::RD_KAFKA_VTYPE_KEY, u: mem(k) };
+        count += 1;
+    }
     let error = unsafe { rdkafka::bindings::rd_kafka_produceva(producer.client().native_ptr(), vus.as_ptr(), count) };
     if error.is_null() {
         return Ok(());

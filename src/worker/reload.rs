@@ -30,6 +30,7 @@ impl Worker {
             let Some(extension) = store::extension_oid()? else {
                 return Ok(None);
             };
+            store::read_layout()?;
             store::destinations().map(|rows| Some((extension, rows)))
         });
         self.last_reload = Some(Instant::now());
