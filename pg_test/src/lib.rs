@@ -239,20 +239,32 @@ impl Cluster {
         ]));
     }
 
-    /// A power cut: SIGKILL the postmaster and all its children. The stale
-    /// lock files are removed once they are gone (a killed postmaster stays
-    /// a zombie under this container's init, which would look alive).
+    /// A power cut: SIGKILL the postmaster and all its children. The
+    /// postmaster is stopped first so that it cannot fork a child between
+    /// the two kills (one that outlived it held the shared memory and the
+    /// restart failed). The stale lock files are removed once all are gone
+    /// (a killed postmaster stays a zombie under this container's init,
+    /// which would look alive).
     pub fn kill_hard(&self) {
         let pm = self.postmaster_pid();
-        run(Command::new("pkill").args(["-9", "-P", &pm.to_string()]));
-        run(Command::new("kill").args(["-9", &pm.to_string()]));
-        wait_for("the postmaster to die", Duration::from_secs(30), || {
+        let gone = |pid: &str| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            status.is_empty() || status.contains("State:\tZ")
+        };
+        run(Command::new("kill").args(["-STOP", &pm.to_string()]));
+        wait_for("the postmaster to stop", Duration::from_secs(30), || {
             let status = std::fs::read_to_string(format!("/proc/{pm}/status")).unwrap_or_default();
-            (status.is_empty() || status.contains("State:\tZ")).then_some(())
+            status.contains("State:\tT").then_some(())
         });
-        wait_for("its children to die", Duration::from_secs(30), || {
-            let out = run(Command::new("pgrep").args(["-P", &pm.to_string()]));
-            String::from_utf8_lossy(&out.stdout).trim().is_empty().then_some(())
+        let out = run(Command::new("pgrep").args(["-P", &pm.to_string()]));
+        let children: Vec<String> =
+            String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect();
+        for pid in &children {
+            run(Command::new("kill").args(["-9", pid]));
+        }
+        run(Command::new("kill").args(["-9", &pm.to_string()]));
+        wait_for("the postmaster and its children to die", Duration::from_secs(30), || {
+            (gone(&pm.to_string()) && children.iter().all(|c| gone(c))).then_some(())
         });
         let _ = std::fs::remove_file(self.data().join("postmaster.pid"));
         let _ = std::fs::remove_file(self.dir.join(format!(".s.PGSQL.{}.lock", self.port)));
