@@ -17,9 +17,14 @@ SELECT d.id,
        s.latency_p50_ms,
        s.latency_p99_ms,
        s.latency_max_ms,
-       coalesce(s.last_errors, '[]'::jsonb) AS last_errors
+       coalesce(s.last_errors, '[]'::jsonb) AS last_errors,
+       b.status AS backfill_status,
+       b.rows_done AS backfill_rows_done,
+       b.rows_total AS backfill_rows_total
   FROM outbox.destination d
   LEFT JOIN outbox._destination_stats() s ON s.id = d.id
+  LEFT JOIN LATERAL (SELECT x.status, x.rows_done, x.rows_total FROM outbox.backfill x
+                      WHERE x.destination_id = d.id ORDER BY x.id DESC LIMIT 1) b ON true
   LEFT JOIN (SELECT e.destination_id, sum(e.events)::bigint AS queued
                FROM outbox.event e GROUP BY e.destination_id) q ON q.destination_id = d.id
   LEFT JOIN (SELECT l.destination_id, count(*) AS dead

@@ -60,6 +60,7 @@ use pg_outbox_params::{oauth, params};
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/topics.sql", name = "topics");
+extension_sql_file!("../sql/backfill.sql", name = "backfill");
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 /// True when this library was loaded through `shared_preload_libraries`.

@@ -18,6 +18,8 @@ pub struct DestinationRow {
     pub parameters: String,
     /// pause_destination(): nothing is delivered until resume_destination().
     pub paused: bool,
+    /// The backfill under way (outbox.backfill), if any.
+    pub backfill: Option<i64>,
     /// FHIR resource type by watched table (schema-qualified), for the
     /// topic's tables in Aidbox's layout.
     pub resource_types: std::collections::HashMap<String, String>,
@@ -86,26 +88,65 @@ pub fn truncate_if_empty(part: u32) -> SpiResult<bool> {
     })
 }
 
-thread_local! {
-    /// Whether `outbox.event` has the `traceparent` column (0.4.0's SQL;
-    /// the library serves 0.3.0's until ALTER EXTENSION UPDATE). Read with
-    /// the configuration.
-    static TRACEPARENT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+/// What of 0.4.0's SQL is installed: the library serves 0.3.0's until
+/// ALTER EXTENSION UPDATE. Read with the configuration.
+#[derive(Clone, Copy, Default)]
+pub struct Layout {
+    /// `outbox.event.traceparent` and `outbox.dead_letter.traceparent`.
+    pub traceparent: bool,
+    /// `outbox.destination.paused_at`.
+    pub paused_at: bool,
+    /// `outbox.backfill`.
+    pub backfill: bool,
 }
 
-/// Look whether `outbox.event` has the `traceparent` column.
-pub fn read_layout() -> SpiResult<()> {
-    let has = Spi::get_one::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute \
-                         WHERE attrelid = pg_catalog.to_regclass('outbox.event') \
-                           AND attname = 'traceparent' AND NOT attisdropped)",
-    )?;
-    TRACEPARENT.with(|t| t.set(has.unwrap_or(false)));
-    Ok(())
+thread_local! {
+    static LAYOUT: std::cell::Cell<Layout> = const {
+        std::cell::Cell::new(Layout { traceparent: false, paused_at: false, backfill: false })
+    };
+}
+
+/// Look which of 0.4.0's columns and tables are there.
+pub fn read_layout() -> SpiResult<Layout> {
+    let column = |table: &str, column: &str| {
+        format!(
+            "EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = pg_catalog.to_regclass('{table}') \
+                       AND attname = '{column}' AND NOT attisdropped)"
+        )
+    };
+    let found = Spi::get_three::<bool, bool, bool>(&format!(
+        "SELECT {}, {}, pg_catalog.to_regclass('outbox.backfill') IS NOT NULL",
+        column("outbox.event", "traceparent"),
+        column("outbox.destination", "paused_at"),
+    ))?;
+    let layout = Layout {
+        traceparent: found.0.unwrap_or(false),
+        paused_at: found.1.unwrap_or(false),
+        backfill: found.2.unwrap_or(false),
+    };
+    LAYOUT.with(|l| l.set(layout));
+    Ok(layout)
 }
 
 fn traceparent_stored() -> bool {
-    TRACEPARENT.with(std::cell::Cell::get)
+    LAYOUT.with(|l| l.get().traceparent)
+}
+
+/// The backfills under way: (destination, backfill id), oldest first.
+fn backfills_in(client: &pgrx::spi::SpiClient<'_>) -> SpiResult<Vec<(String, i64)>> {
+    if !LAYOUT.with(|l| l.get().backfill) {
+        return Ok(Vec::new());
+    }
+    client
+        .select("SELECT destination_id, id FROM outbox.backfill WHERE status = 'running' ORDER BY id", None, &[])?
+        .map(|row| Ok((row.get::<String>(1)?.unwrap_or_default(), row.get::<i64>(2)?.unwrap_or_default())))
+        .collect()
+}
+
+/// One batch of backfill `id` (outbox._backfill_step): rows sent, 0 when
+/// it is over, -1 when its destination has a batch's worth waiting.
+pub fn backfill_step(id: i64) -> SpiResult<i32> {
+    Ok(Spi::get_one_with_args::<i32>("SELECT outbox._backfill_step($1)", &[id.into()])?.unwrap_or(0))
 }
 
 /// Every destination (but one whose kind or content the SQL API would have
@@ -113,11 +154,10 @@ fn traceparent_stored() -> bool {
 pub fn destinations() -> SpiResult<Vec<DestinationRow>> {
     Spi::connect(|client| {
         let rows = client.select(
-            // paused_at by name: the SQL of 0.3.0 (served until ALTER
-            // EXTENSION UPDATE) has no such column.
-            "SELECT id, topic_url, content, parameters::text, kind, \
-                    coalesce(pg_catalog.to_jsonb(d) -> 'paused_at' <> 'null'::jsonb, false) \
-               FROM outbox.destination d ORDER BY id",
+            &format!(
+                "SELECT id, topic_url, content, parameters::text, kind, {} FROM outbox.destination d ORDER BY id",
+                if LAYOUT.with(|l| l.get().paused_at) { "paused_at IS NOT NULL" } else { "false" }
+            ),
             None,
             &[],
         )?;
@@ -139,8 +179,14 @@ pub fn destinations() -> SpiResult<Vec<DestinationRow>> {
                 parameters: row.get(4)?.unwrap_or_default(),
                 kind,
                 paused: row.get(6)?.unwrap_or(false),
+                backfill: None,
                 resource_types: Default::default(),
             });
+        }
+        for (destination, id) in backfills_in(client)? {
+            if let Some(d) = out.iter_mut().find(|d| d.id == destination) {
+                d.backfill = Some(id);
+            }
         }
         for (url, table, resource_type) in resource_types_in(client)? {
             for d in out.iter_mut().filter(|d| d.topic_url == url) {

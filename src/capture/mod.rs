@@ -152,20 +152,40 @@ fn _capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, All
         return Ok(None); // no destination (yet)
     };
     let target = target::of(topic_id, &route, td.tg_relation);
-    let table = &*target.name;
     let (tuple, interaction) = match op {
         pg_sys::TRIGGER_EVENT_INSERT => (td.tg_trigtuple, 0),
         pg_sys::TRIGGER_EVENT_UPDATE => (td.tg_newtuple, 1),
         pg_sys::TRIGGER_EVENT_DELETE => (td.tg_trigtuple, 2),
         _ => {
             // TRUNCATE: no row, no key.
-            enqueue(&route, topic_id, table, "truncate", None, None);
+            enqueue(&route, topic_id, &target.name, "truncate", None, None, None);
             return Ok(None);
         }
     };
+    let old = (op == pg_sys::TRIGGER_EVENT_UPDATE).then_some(td.tg_trigtuple);
+    unsafe { capture_row(&route, topic_id, td.tg_relation, &target, interaction, tuple, old, None) };
+    Ok(None)
+}
+
+/// Capture one row change of `rel` (interaction: index in ROW_INTERACTIONS;
+/// `old`: the row before an update): its FHIRPath criteria, its key and
+/// resource, then the event for the topic's destinations, or only for
+/// destination `only`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn capture_row(
+    route: &Route,
+    topic_id: i32,
+    rel: pg_sys::Relation,
+    target: &Target,
+    interaction: usize,
+    tuple: pg_sys::HeapTuple,
+    old: Option<pg_sys::HeapTuple>,
+    only: Option<&str>,
+) {
+    let table = &*target.name;
     let watched = route.tables.get(&target.watched);
     let fhir_type = watched.and_then(|w| w.resource_type.as_deref());
-    let (relid, desc) = unsafe { ((*td.tg_relation).rd_id, (*td.tg_relation).rd_att) };
+    let (relid, desc) = unsafe { ((*rel).rd_id, (*rel).rd_att) };
     // The changed row as a resource (JSON text): Aidbox's for FHIR tables, else the row.
     let text_of = |t: pg_sys::HeapTuple| -> String {
         match fhir_type {
@@ -177,15 +197,52 @@ fn _capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, All
     let fhirpath = watched.and_then(|w| w.fhirpath[interaction].needed());
     let mut text = (route.needs_row || fhirpath.is_some()).then(|| text_of(tuple));
     if let Some(fhirpath) = fhirpath {
-        let other = (op == pg_sys::TRIGGER_EVENT_UPDATE).then(|| text_of(td.tg_trigtuple));
+        let op =
+            [pg_sys::TRIGGER_EVENT_INSERT, pg_sys::TRIGGER_EVENT_UPDATE, pg_sys::TRIGGER_EVENT_DELETE][interaction];
+        let other = old.map(text_of);
         if !criteria::holds(fhirpath, op, text.as_deref().unwrap_or("{}"), other.as_deref(), topic_id, table) {
-            return Ok(None);
+            return;
         }
     }
     let row = if route.needs_row { text.take() } else { None };
     let key = unsafe { tuple::row_key(tuple, desc, &target.key) };
-    enqueue(&route, topic_id, table, ROW_INTERACTIONS[interaction], key, row);
-    Ok(None)
+    enqueue(route, topic_id, table, ROW_INTERACTIONS[interaction], key, row, only);
+}
+
+/// A backfilled row (outbox._backfill_step): `row`, a row of a table of
+/// topic `topic_id`, as the create event of destination `destination`.
+/// False if the destination or the table is no longer the topic's.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _backfill_emit(destination: &str, topic_id: i32, row: pgrx::AnyElement) -> bool {
+    routes::refresh();
+    let Some(route) = STATE.with(|s| s.borrow().routes.as_ref().and_then(|r| r.get(&topic_id).cloned())) else {
+        return false;
+    };
+    if !route.at_least_once.iter().any(|d| d == destination) {
+        return false;
+    }
+    unsafe {
+        let relid = pg_sys::typeidTypeRelid(row.oid());
+        if !route.tables.contains_key(&relid) {
+            return false;
+        }
+        let rel = pg_sys::RelationIdGetRelation(relid);
+        if rel.is_null() {
+            return false;
+        }
+        // The row as a heap tuple of the table (a composite datum is one).
+        let header = pg_sys::pg_detoast_datum(row.datum().cast_mut_ptr()) as pg_sys::HeapTupleHeader;
+        let mut tuple = pg_sys::HeapTupleData {
+            t_len: pgrx::varlena::varsize_any(header.cast()) as u32,
+            t_tableOid: relid,
+            t_data: header,
+            ..Default::default()
+        };
+        let target = target::of(topic_id, &route, rel);
+        capture_row(&route, topic_id, rel, &target, 0, &mut tuple, None, Some(destination));
+        pg_sys::RelationClose(rel);
+    }
+    true
 }
 
 /// Keep the change for the topic's destinations: best-effort ones until
@@ -197,12 +254,13 @@ fn enqueue(
     interaction: &'static str,
     key: Option<String>,
     row: Option<String>,
+    only: Option<&str>,
 ) {
-    if !route.best_effort.is_empty() {
+    if !route.best_effort.is_empty() && only.is_none() {
         best_effort::buffer(&route.best_effort, table, interaction, key.as_deref(), row.as_deref());
     }
     if !route.at_least_once.is_empty() {
-        outbox::queue(route, topic_id, table, interaction, key, row);
+        outbox::queue(route, topic_id, table, interaction, key, row, only);
     }
 }
 

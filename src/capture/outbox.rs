@@ -90,8 +90,8 @@ fn groups(queued: &[Queued]) -> Vec<Vec<usize>> {
     rows
 }
 
-/// Queue one event per at-least-once destination of the topic; write the
-/// queue out when it is large enough.
+/// Queue one event per at-least-once destination of the topic (or for
+/// `only` of them); write the queue out when it is large enough.
 pub(super) fn queue(
     route: &Route,
     topic_id: i32,
@@ -99,12 +99,16 @@ pub(super) fn queue(
     interaction: &'static str,
     key: Option<String>,
     row: Option<String>,
+    only: Option<&str>,
 ) {
     let subid = unsafe { pg_sys::GetCurrentSubTransactionId() };
     let (due, committing) = STATE.with(|s| {
         let mut s = s.borrow_mut();
         ensure_callbacks(&mut s);
         for (destination, with_row) in route.at_least_once.iter().zip(&route.at_least_once_rows) {
+            if only.is_some_and(|o| o != destination) {
+                continue;
+            }
             let q = Queued {
                 subid,
                 destination: destination.clone(),

@@ -3,6 +3,7 @@
 //! and what its kind keeps apart (`Mode`: the outbox side of an
 //! at-least-once destination, the memory side of a best-effort one).
 
+use super::backfill::Backfill;
 use super::flight::{Flight, Flights};
 use super::health::{Health, Latency};
 use super::memory::Memory;
@@ -35,6 +36,8 @@ pub(super) struct Destination {
     /// Paused (pause_destination): at-least-once events are not claimed,
     /// best-effort ones are counted lost; what is in flight finishes.
     pub paused: bool,
+    /// A backfill under way (at-least-once only).
+    pub backfill: Option<Backfill>,
     pub slot: SlotRef,
     pub link: Link,
     pub flights: Flights,
@@ -110,6 +113,7 @@ impl Destination {
             params,
             resource_types: row.resource_types,
             paused: row.paused,
+            backfill: row.backfill.map(Backfill::new),
             slot,
             link: Link::default(),
             flights: Flights::default(),
@@ -253,7 +257,8 @@ impl Destination {
             Mode::AtLeastOnce(o) => o.txn.step_due(&self.params, &self.link, &self.flights),
             Mode::BestEffort(_) => None,
         };
-        [self.oldest_deadline(), retry, blocked, self.retiring_until, self.latency.due(), step]
+        let backfill = self.backfill.filter(|_| !self.paused).map(|b| b.due);
+        [self.oldest_deadline(), retry, blocked, self.retiring_until, self.latency.due(), step, backfill]
             .into_iter()
             .flatten()
             .min()

@@ -14,8 +14,10 @@
 //!   the outbox, claims, Kafka transactions);
 //! - `memory`: the best-effort side;
 //! - `reload`: the configuration; `reports`: delivery reports;
-//! - `rotate`: the outbox's partitions taking turns.
+//! - `rotate`: the outbox's partitions taking turns; `backfill`: batches
+//!   of outbox.backfill().
 
+mod backfill;
 mod claim;
 mod destination;
 mod flight;
@@ -227,6 +229,7 @@ impl Worker {
         // events captured after it are built.
         self.maybe_reload();
         self.claim_and_produce();
+        self.backfill();
         self.drain_best_effort();
         self.rotate();
         status::set_in_process(self.destinations.values().map(|d| (d.slot, d.in_process())));

@@ -2,6 +2,7 @@
 //! since the last read. A changed destination retires its old incarnation,
 //! which finishes what it has in flight while the new one starts.
 
+use super::backfill::Backfill;
 use super::destination::{Destination, Mode};
 use super::{in_transaction, Worker};
 use crate::config;
@@ -98,6 +99,9 @@ impl Worker {
             if let Some(d) = self.destinations.get_mut(&row.id) {
                 d.resource_types = row.resource_types.clone();
                 d.paused = row.paused;
+                if d.backfill.map(|b| b.id) != row.backfill {
+                    d.backfill = row.backfill.map(Backfill::new);
+                }
             }
         }
         self.retire(&changed);
