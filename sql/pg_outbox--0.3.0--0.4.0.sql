@@ -148,6 +148,187 @@ SELECT g.id, e.destination_id, e.topic_id, e.table_name, e.interaction, g.key, g
 
 -- One row per destination: configuration joined with the worker's counters
 -- (shared memory) and the number of events still in the outbox.
+-- Retention and replay (outbox.delivered, outbox.replay()).
+ALTER TABLE outbox.destination ADD COLUMN retention interval;
+CREATE TABLE outbox.delivered (
+    id             bigint NOT NULL,
+    destination_id text NOT NULL,
+    topic_id       integer NOT NULL,
+    table_name     text NOT NULL,
+    interaction    text NOT NULL,
+    key            text,
+    row_data       json,
+    created_at     timestamptz NOT NULL,
+    events         integer NOT NULL,
+    ids            bigint[],
+    keys           text[],
+    rows           json[],
+    traceparent    text,
+    delivered_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX delivered_destination_idx ON outbox.delivered (destination_id, created_at);
+
+DROP FUNCTION outbox.create_destination(text, text, text, jsonb, text);
+CREATE FUNCTION outbox.create_destination(id text, topic text, kind text, parameters jsonb,
+                                          content text DEFAULT 'full-resource', retention interval DEFAULT NULL)
+RETURNS text LANGUAGE plpgsql SET log_min_error_statement = panic AS $$
+DECLARE
+    v_params jsonb;
+BEGIN
+    IF id IS NULL OR id !~ '^[A-Za-z0-9.-]{1,64}$' THEN
+        PERFORM outbox._fail('22023', format('invalid destination id "%s"', coalesce(id, '')),
+            'An id is 1 to 64 letters, digits, "-" or "." (a FHIR id), e.g. ''orders-kafka''.');
+    END IF;
+    IF EXISTS (SELECT 1 FROM outbox.destination d WHERE d.id = create_destination.id) THEN
+        PERFORM outbox._fail('42710', format('destination "%s" already exists', id),
+            'Drop it first with outbox.drop_destination(), or choose another id.');
+    END IF;
+    IF topic IS NULL OR NOT EXISTS (SELECT 1 FROM outbox.topic t WHERE t.url = create_destination.topic) THEN
+        PERFORM outbox._fail('42704', format('topic "%s" does not exist', coalesce(topic, '')),
+            'Create it first with outbox.create_topic(); SELECT url FROM outbox.topic lists the topics.');
+    END IF;
+    IF kind IS NULL OR kind NOT IN ('kafka-at-least-once', 'kafka-best-effort') THEN
+        PERFORM outbox._fail('22023', format('unknown destination kind "%s" for destination "%s"', coalesce(kind, ''), id),
+            'Use ''kafka-at-least-once'' (stored with the change, never lost) or ''kafka-best-effort'' (in memory, cheaper, may be lost).');
+    END IF;
+    IF content IS NULL OR content NOT IN ('full-resource', 'id-only', 'empty') THEN
+        PERFORM outbox._fail('22023', format('unknown content "%s" for destination "%s"', coalesce(content, ''), id),
+            'Use ''full-resource'', ''id-only'' or ''empty''.');
+    END IF;
+    IF (SELECT count(*) FROM outbox.destination) >= coalesce(current_setting('outbox.max_destinations', true), '128')::int THEN
+        PERFORM outbox._fail('54000', format('cannot create destination "%s": at most %s destinations (outbox.max_destinations)',
+                id, coalesce(current_setting('outbox.max_destinations', true), '128')),
+            'Drop destinations you no longer need, or raise outbox.max_destinations and restart the server.');
+    END IF;
+    v_params := outbox._check_parameters(id, kind, parameters);
+    PERFORM outbox._check_retention(id, kind, retention);
+    INSERT INTO outbox.destination (id, topic_url, kind, content, parameters, retention)
+    VALUES (create_destination.id, create_destination.topic, create_destination.kind,
+            create_destination.content, v_params, nullif(retention, interval '0'));
+    PERFORM outbox._changed_on_commit();
+    RETURN id;
+END
+$$;
+
+DROP FUNCTION outbox.alter_destination(text, jsonb, text);
+CREATE FUNCTION outbox.alter_destination(id text, parameters jsonb DEFAULT NULL, content text DEFAULT NULL,
+                                         retention interval DEFAULT NULL)
+RETURNS text LANGUAGE plpgsql SET log_min_error_statement = panic AS $$
+DECLARE
+    d outbox.destination;
+    v_patch jsonb;
+    v_params jsonb;
+BEGIN
+    PERFORM outbox._require_destination(id);
+    SELECT * INTO d FROM outbox.destination x WHERE x.id = alter_destination.id FOR UPDATE;
+    IF content IS NOT NULL AND content NOT IN ('full-resource', 'id-only', 'empty') THEN
+        PERFORM outbox._fail('22023', format('unknown content "%s" for destination "%s"', content, id),
+            'Use ''full-resource'', ''id-only'' or ''empty''.');
+    END IF;
+    v_params := d.parameters;
+    IF parameters IS NOT NULL THEN
+        IF jsonb_typeof(parameters) = 'array' THEN
+            v_patch := outbox._normalize_parameters(id, parameters);
+        ELSIF jsonb_typeof(parameters) = 'object' THEN
+            v_patch := parameters;
+        ELSE
+            PERFORM outbox._fail('22023', format('parameters of destination "%s" must be a JSON object', id),
+                'Give the parameters to change, e.g. ''{"compressionType": "zstd"}''; null removes one.');
+        END IF;
+        v_params := v_params || v_patch;
+        v_params := v_params - ARRAY(SELECT k FROM jsonb_each(v_patch) AS p(k, v) WHERE v = 'null'::jsonb);
+    END IF;
+    v_params := outbox._check_parameters(id, d.kind, v_params);
+    PERFORM outbox._check_retention(id, d.kind, retention);
+    UPDATE outbox.destination x
+       SET parameters = v_params, content = coalesce(alter_destination.content, x.content),
+           retention = CASE WHEN alter_destination.retention IS NULL THEN x.retention
+                            ELSE nullif(alter_destination.retention, interval '0') END
+     WHERE x.id = alter_destination.id;
+    IF retention = interval '0' THEN
+        DELETE FROM outbox.delivered r WHERE r.destination_id = alter_destination.id;
+    END IF;
+    PERFORM outbox._changed_on_commit();
+    RETURN id;
+END
+$$;
+
+CREATE FUNCTION outbox._check_retention(id text, kind text, retention interval)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF retention IS NULL OR retention = interval '0' THEN
+        RETURN;
+    END IF;
+    IF retention < interval '0' THEN
+        PERFORM outbox._fail('22023', format('retention of destination "%s" must be positive, not %s', id, retention),
+            'How long delivered events are kept for outbox.replay(), e.g. ''7 days''; ''0'' keeps none.');
+    END IF;
+    IF kind <> 'kafka-at-least-once' THEN
+        PERFORM outbox._fail('0A000', format('destination "%s" is best-effort: it keeps no events to replay', id),
+            'Retention keeps delivered events of an at-least-once destination, which stores them in the outbox; a best-effort destination keeps them in memory only.');
+    END IF;
+END
+$$;
+
+CREATE FUNCTION outbox.replay(destination text, since timestamptz)
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint;
+BEGIN
+    PERFORM outbox._require_destination(destination);
+    IF since IS NULL THEN
+        PERFORM outbox._fail('22004', 'replay needs a time to start from',
+            'Events whose change happened at "since" or later are sent again, e.g. since => now() - interval ''1 hour''.');
+    END IF;
+    IF (SELECT d.retention FROM outbox.destination d WHERE d.id = replay.destination) IS NULL THEN
+        PERFORM outbox._fail('55000', format('destination "%s" keeps no delivered events', destination),
+            'Give it a retention first: outbox.alter_destination(''' || destination || ''', retention => ''7 days''); events delivered from then on can be replayed.');
+    END IF;
+    WITH moved AS (
+        DELETE FROM outbox.delivered r
+         WHERE r.destination_id = replay.destination AND r.created_at >= since
+        RETURNING r.*),
+    back AS (
+        INSERT INTO outbox.event (id, destination_id, topic_id, table_name, interaction, key, row_data, created_at,
+                                  events, ids, keys, rows, traceparent)
+        OVERRIDING SYSTEM VALUE
+        SELECT m.id, m.destination_id, m.topic_id, m.table_name, m.interaction, m.key, m.row_data, m.created_at,
+               m.events, m.ids, m.keys, m.rows, m.traceparent
+          FROM moved m
+        RETURNING events)
+    SELECT coalesce(sum(b.events), 0) INTO n FROM back b;
+    PERFORM outbox._wake_on_commit();
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION outbox.drop_destination(id text)
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    v_discarded bigint;
+    v_dead      bigint;
+BEGIN
+    DELETE FROM outbox.destination d WHERE d.id = drop_destination.id;
+    IF NOT FOUND THEN
+        PERFORM outbox._fail('42704', format('destination "%s" does not exist', coalesce(id, '')),
+            'SELECT id FROM outbox.destination lists the destinations.');
+    END IF;
+    WITH gone AS (DELETE FROM outbox.event e WHERE e.destination_id = drop_destination.id RETURNING e.events)
+    SELECT coalesce(sum(g.events), 0) INTO v_discarded FROM gone g;
+    DELETE FROM outbox.dead_letter l WHERE l.destination_id = drop_destination.id;
+    GET DIAGNOSTICS v_dead = ROW_COUNT;
+    DELETE FROM outbox.delivered r WHERE r.destination_id = drop_destination.id;
+    v_discarded := v_discarded + v_dead;
+    PERFORM outbox._changed_on_commit();
+    RETURN v_discarded;
+END
+$$;
+
+REVOKE ALL ON outbox.delivered FROM PUBLIC;
+REVOKE ALL ON FUNCTION outbox.create_destination(text, text, text, jsonb, text, interval),
+    outbox.alter_destination(text, jsonb, text, interval), outbox._check_retention(text, text, interval),
+    outbox.replay(text, timestamptz) FROM PUBLIC;
+
 -- Backfill (sql/backfill.sql): outbox.backfill() and its batches.
 -- One row per backfill. Its progress is committed with the events of each
 -- batch: after a crash the worker goes on from last_key, sending nothing

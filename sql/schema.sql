@@ -72,7 +72,10 @@ CREATE TABLE outbox.destination (
     parameters jsonb NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
     -- Set by pause_destination(), cleared by resume_destination().
-    paused_at  timestamptz
+    paused_at  timestamptz,
+    -- Delivered events are kept this long (outbox.delivered) for replay();
+    -- NULL: deleted once delivered.
+    retention  interval
 );
 CREATE INDEX destination_topic_url_idx ON outbox.destination (topic_url);
 
@@ -161,6 +164,29 @@ CREATE TABLE outbox.dead_letter (
     traceparent    text
 );
 CREATE INDEX dead_letter_destination_idx ON outbox.dead_letter (destination_id, id);
+
+-- Delivered events of destinations with a retention, for outbox.replay():
+-- moved here from the outbox by the worker when Kafka acknowledged them
+-- (groups stay groups), deleted by the worker once older than the
+-- destination's retention (by created_at, the change's time). Not dumped:
+-- a replay buffer, not state.
+CREATE TABLE outbox.delivered (
+    id             bigint NOT NULL,
+    destination_id text NOT NULL,
+    topic_id       integer NOT NULL,
+    table_name     text NOT NULL,
+    interaction    text NOT NULL,
+    key            text,
+    row_data       json,
+    created_at     timestamptz NOT NULL,
+    events         integer NOT NULL,
+    ids            bigint[],
+    keys           text[],
+    rows           json[],
+    traceparent    text,
+    delivered_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX delivered_destination_idx ON outbox.delivered (destination_id, created_at);
 
 -- pg_dump carries the configuration, the events not yet delivered (a restore
 -- sends them: at-least-once) and the dead letters; the capture triggers of
@@ -268,7 +294,7 @@ $$;
 -- log_min_error_statement = panic: a failing call's statement text (which may
 -- hold a password or a key) is not copied into the server log.
 CREATE FUNCTION outbox.create_destination(id text, topic text, kind text, parameters jsonb,
-                                          content text DEFAULT 'full-resource')
+                                          content text DEFAULT 'full-resource', retention interval DEFAULT NULL)
 RETURNS text LANGUAGE plpgsql SET log_min_error_statement = panic AS $$
 DECLARE
     v_params jsonb;
@@ -299,9 +325,10 @@ BEGIN
             'Drop destinations you no longer need, or raise outbox.max_destinations and restart the server.');
     END IF;
     v_params := outbox._check_parameters(id, kind, parameters);
-    INSERT INTO outbox.destination (id, topic_url, kind, content, parameters)
+    PERFORM outbox._check_retention(id, kind, retention);
+    INSERT INTO outbox.destination (id, topic_url, kind, content, parameters, retention)
     VALUES (create_destination.id, create_destination.topic, create_destination.kind,
-            create_destination.content, v_params);
+            create_destination.content, v_params, nullif(retention, interval '0'));
     PERFORM outbox._changed_on_commit();
     RETURN id;
 END
@@ -349,8 +376,10 @@ END
 $$;
 
 -- Change a destination's parameters (a JSON merge patch: given keys replace,
--- null removes) and/or its content. The worker rebuilds that producer.
-CREATE FUNCTION outbox.alter_destination(id text, parameters jsonb DEFAULT NULL, content text DEFAULT NULL)
+-- null removes), its content and/or its retention ('0': none, which
+-- deletes what it kept). The worker rebuilds that producer.
+CREATE FUNCTION outbox.alter_destination(id text, parameters jsonb DEFAULT NULL, content text DEFAULT NULL,
+                                         retention interval DEFAULT NULL)
 RETURNS text LANGUAGE plpgsql SET log_min_error_statement = panic AS $$
 DECLARE
     d outbox.destination;
@@ -377,11 +406,71 @@ BEGIN
         v_params := v_params - ARRAY(SELECT k FROM jsonb_each(v_patch) AS p(k, v) WHERE v = 'null'::jsonb);
     END IF;
     v_params := outbox._check_parameters(id, d.kind, v_params);
+    PERFORM outbox._check_retention(id, d.kind, retention);
     UPDATE outbox.destination x
-       SET parameters = v_params, content = coalesce(alter_destination.content, x.content)
+       SET parameters = v_params, content = coalesce(alter_destination.content, x.content),
+           retention = CASE WHEN alter_destination.retention IS NULL THEN x.retention
+                            ELSE nullif(alter_destination.retention, interval '0') END
      WHERE x.id = alter_destination.id;
+    IF retention = interval '0' THEN
+        DELETE FROM outbox.delivered r WHERE r.destination_id = alter_destination.id;
+    END IF;
     PERFORM outbox._changed_on_commit();
     RETURN id;
+END
+$$;
+
+-- 22023 unless `retention` is NULL, '0' (none) or positive; 0A000 for a
+-- best-effort destination, which stores nothing.
+CREATE FUNCTION outbox._check_retention(id text, kind text, retention interval)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF retention IS NULL OR retention = interval '0' THEN
+        RETURN;
+    END IF;
+    IF retention < interval '0' THEN
+        PERFORM outbox._fail('22023', format('retention of destination "%s" must be positive, not %s', id, retention),
+            'How long delivered events are kept for outbox.replay(), e.g. ''7 days''; ''0'' keeps none.');
+    END IF;
+    IF kind <> 'kafka-at-least-once' THEN
+        PERFORM outbox._fail('0A000', format('destination "%s" is best-effort: it keeps no events to replay', id),
+            'Retention keeps delivered events of an at-least-once destination, which stores them in the outbox; a best-effort destination keeps them in memory only.');
+    END IF;
+END
+$$;
+
+-- Send again the delivered events kept (retention) of the destination
+-- whose change happened at `since` or later, with their event numbers, as
+-- the outbox sends any event. How many.
+CREATE FUNCTION outbox.replay(destination text, since timestamptz)
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint;
+BEGIN
+    PERFORM outbox._require_destination(destination);
+    IF since IS NULL THEN
+        PERFORM outbox._fail('22004', 'replay needs a time to start from',
+            'Events whose change happened at "since" or later are sent again, e.g. since => now() - interval ''1 hour''.');
+    END IF;
+    IF (SELECT d.retention FROM outbox.destination d WHERE d.id = replay.destination) IS NULL THEN
+        PERFORM outbox._fail('55000', format('destination "%s" keeps no delivered events', destination),
+            'Give it a retention first: outbox.alter_destination(''' || destination || ''', retention => ''7 days''); events delivered from then on can be replayed.');
+    END IF;
+    WITH moved AS (
+        DELETE FROM outbox.delivered r
+         WHERE r.destination_id = replay.destination AND r.created_at >= since
+        RETURNING r.*),
+    back AS (
+        INSERT INTO outbox.event (id, destination_id, topic_id, table_name, interaction, key, row_data, created_at,
+                                  events, ids, keys, rows, traceparent)
+        OVERRIDING SYSTEM VALUE
+        SELECT m.id, m.destination_id, m.topic_id, m.table_name, m.interaction, m.key, m.row_data, m.created_at,
+               m.events, m.ids, m.keys, m.rows, m.traceparent
+          FROM moved m
+        RETURNING events)
+    SELECT coalesce(sum(b.events), 0) INTO n FROM back b;
+    PERFORM outbox._wake_on_commit();
+    RETURN n;
 END
 $$;
 
@@ -491,6 +580,7 @@ BEGIN
     SELECT coalesce(sum(g.events), 0) INTO v_discarded FROM gone g;
     DELETE FROM outbox.dead_letter l WHERE l.destination_id = drop_destination.id;
     GET DIAGNOSTICS v_dead = ROW_COUNT;
+    DELETE FROM outbox.delivered r WHERE r.destination_id = drop_destination.id;
     v_discarded := v_discarded + v_dead;
     PERFORM outbox._changed_on_commit();
     RETURN v_discarded;

@@ -18,6 +18,8 @@ pub struct DestinationRow {
     pub parameters: String,
     /// pause_destination(): nothing is delivered until resume_destination().
     pub paused: bool,
+    /// It has a retention: delivered events go to outbox.delivered.
+    pub retain: bool,
     /// The backfill under way (outbox.backfill), if any.
     pub backfill: Option<i64>,
     /// FHIR resource type by watched table (schema-qualified), for the
@@ -98,11 +100,13 @@ pub struct Layout {
     pub paused_at: bool,
     /// `outbox.backfill`.
     pub backfill: bool,
+    /// `outbox.destination.retention` (and `outbox.delivered`).
+    pub retention: bool,
 }
 
 thread_local! {
     static LAYOUT: std::cell::Cell<Layout> = const {
-        std::cell::Cell::new(Layout { traceparent: false, paused_at: false, backfill: false })
+        std::cell::Cell::new(Layout { traceparent: false, paused_at: false, backfill: false, retention: false })
     };
 }
 
@@ -114,16 +118,15 @@ pub fn read_layout() -> SpiResult<Layout> {
                        AND attname = '{column}' AND NOT attisdropped)"
         )
     };
-    let found = Spi::get_three::<bool, bool, bool>(&format!(
-        "SELECT {}, {}, pg_catalog.to_regclass('outbox.backfill') IS NOT NULL",
+    let found = Spi::get_one::<Vec<bool>>(&format!(
+        "SELECT ARRAY[{}, {}, pg_catalog.to_regclass('outbox.backfill') IS NOT NULL, {}]",
         column("outbox.event", "traceparent"),
         column("outbox.destination", "paused_at"),
-    ))?;
-    let layout = Layout {
-        traceparent: found.0.unwrap_or(false),
-        paused_at: found.1.unwrap_or(false),
-        backfill: found.2.unwrap_or(false),
-    };
+        column("outbox.destination", "retention"),
+    ))?
+    .unwrap_or_default();
+    let has = |i: usize| found.get(i).copied().unwrap_or(false);
+    let layout = Layout { traceparent: has(0), paused_at: has(1), backfill: has(2), retention: has(3) };
     LAYOUT.with(|l| l.set(layout));
     Ok(layout)
 }
@@ -152,11 +155,13 @@ pub fn backfill_step(id: i64) -> SpiResult<i32> {
 /// Every destination (but one whose kind or content the SQL API would have
 /// refused, with a WARNING: its events wait in the outbox).
 pub fn destinations() -> SpiResult<Vec<DestinationRow>> {
+    let layout = LAYOUT.with(std::cell::Cell::get);
     Spi::connect(|client| {
         let rows = client.select(
             &format!(
-                "SELECT id, topic_url, content, parameters::text, kind, {} FROM outbox.destination d ORDER BY id",
-                if LAYOUT.with(|l| l.get().paused_at) { "paused_at IS NOT NULL" } else { "false" }
+                "SELECT id, topic_url, content, parameters::text, kind, {}, {} FROM outbox.destination d ORDER BY id",
+                if layout.paused_at { "paused_at IS NOT NULL" } else { "false" },
+                if layout.retention { "retention IS NOT NULL" } else { "false" }
             ),
             None,
             &[],
@@ -179,6 +184,7 @@ pub fn destinations() -> SpiResult<Vec<DestinationRow>> {
                 parameters: row.get(4)?.unwrap_or_default(),
                 kind,
                 paused: row.get(6)?.unwrap_or(false),
+                retain: row.get(7)?.unwrap_or(false),
                 backfill: None,
                 resource_types: Default::default(),
             });
@@ -626,15 +632,31 @@ fn span(ids: &[i64]) -> (i64, i64) {
 /// ids only, not the events of whole groups: Postgres estimates every
 /// element of them when it plans the DELETE, which with a group's events
 /// listed was a tenth of the worker's time on 100-row statements.
-pub fn acknowledge(destination_id: &str, ids: &[i64], whole: &[i64]) -> SpiResult<()> {
+///
+/// `retain`: the destination has a retention, they move to outbox.delivered.
+pub fn acknowledge(destination_id: &str, ids: &[i64], whole: &[i64], retain: bool) -> SpiResult<()> {
     if ids.is_empty() && whole.is_empty() {
         return Ok(());
     }
     let rows: Vec<i64> = ids.iter().chain(whole).copied().collect();
+    const DELETE: &str = "DELETE FROM outbox.event WHERE destination_id = $1 AND id BETWEEN $3 AND $4 \
+                            AND CASE WHEN ids IS NULL THEN id = ANY($2) ELSE id = ANY($5) END";
+    let keep;
+    let statement = if retain {
+        keep = format!(
+            "WITH gone AS ({DELETE} RETURNING *) \
+             INSERT INTO outbox.delivered (id, destination_id, topic_id, table_name, interaction, key, row_data, \
+                                           created_at, events, ids, keys, rows, traceparent) \
+             SELECT id, destination_id, topic_id, table_name, interaction, key, row_data, created_at, events, ids, \
+                    keys, rows, traceparent FROM gone"
+        );
+        keep.as_str()
+    } else {
+        DELETE
+    };
     Spi::connect_mut(|client| {
         client.update(
-            "DELETE FROM outbox.event WHERE destination_id = $1 AND id BETWEEN $3 AND $4 \
-                AND CASE WHEN ids IS NULL THEN id = ANY($2) ELSE id = ANY($5) END",
+            statement,
             None,
             &[
                 destination_id.into(),
@@ -646,6 +668,15 @@ pub fn acknowledge(destination_id: &str, ids: &[i64], whole: &[i64]) -> SpiResul
         )?;
         Ok(())
     })
+}
+
+/// Delete the delivered events kept longer than their destination's
+/// retention (and those of destinations that keep none).
+pub fn prune_delivered() -> SpiResult<()> {
+    Spi::run(
+        "DELETE FROM outbox.delivered r USING outbox.destination d \
+          WHERE d.id = r.destination_id AND r.created_at < now() - coalesce(d.retention, interval '0')",
+    )
 }
 
 /// Kafka will never take this event: move it to outbox.dead_letter (out of

@@ -36,6 +36,8 @@ pub(super) struct Destination {
     /// Paused (pause_destination): at-least-once events are not claimed,
     /// best-effort ones are counted lost; what is in flight finishes.
     pub paused: bool,
+    /// Delivered events are kept (a retention, for outbox.replay).
+    pub retain: bool,
     /// A backfill under way (at-least-once only).
     pub backfill: Option<Backfill>,
     pub slot: SlotRef,
@@ -113,6 +115,7 @@ impl Destination {
             params,
             resource_types: row.resource_types,
             paused: row.paused,
+            retain: row.retain,
             backfill: row.backfill.map(Backfill::new),
             slot,
             link: Link::default(),

@@ -204,13 +204,15 @@ impl Recorded {
 
     /// Write them: acknowledgements and failures in one transaction, dead
     /// letters in another (a dead letter that cannot be recorded must not
-    /// undo the acknowledgements). Whether each committed.
-    fn store(&self, id: &str) -> (bool, bool) {
+    /// undo the acknowledgements). Whether each committed. `retain`: the
+    /// destination keeps what was delivered (outbox.delivered), so a split
+    /// group's delivered events are split out too, to be kept with the rest.
+    fn store(&self, id: &str, retain: bool) -> (bool, bool) {
         let failed_ids: Vec<i64> = self.o.failed.iter().map(|(id, _, _)| *id).collect();
         let failed_groups: Vec<i64> = self.o.failed.iter().map(|(_, group, _)| *group).filter(|g| *g != 0).collect();
         let done = in_transaction("recording deliveries", || -> pgrx::spi::SpiResult<()> {
-            store::split(id, &self.split, &self.split_acked)?;
-            store::acknowledge(id, &self.o.acked, &self.o.whole)?;
+            store::split(id, &self.split, if retain { &[] } else { &self.split_acked })?;
+            store::acknowledge(id, &self.o.acked, &self.o.whole, retain)?;
             store::record_failure(id, &failed_ids, &failed_groups, &self.first_error())
         });
         let moved = self.o.poisoned.is_empty()
@@ -257,7 +259,7 @@ impl Destination {
             // Events left behind: the next claim scans from the start.
             o.cursor.watch = None;
         }
-        let (recorded, moved) = r.store(&self.id);
+        let (recorded, moved) = r.store(&self.id, self.retain);
         if !moved {
             self.health.back_off();
         }

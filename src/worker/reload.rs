@@ -99,6 +99,7 @@ impl Worker {
             if let Some(d) = self.destinations.get_mut(&row.id) {
                 d.resource_types = row.resource_types.clone();
                 d.paused = row.paused;
+                d.retain = row.retain;
                 if d.backfill.map(|b| b.id) != row.backfill {
                     d.backfill = row.backfill.map(Backfill::new);
                 }

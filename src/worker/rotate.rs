@@ -13,6 +13,9 @@
 //! a lock that makes the TRUNCATE wait for the next try (or, if it comes
 //! after the TRUNCATE, its events are simply in that partition, which then
 //! is not empty).
+//!
+//! Delivered events kept for replay (outbox.delivered, a destination's
+//! retention) are pruned here too, every PRUNE_EVERY.
 
 use super::{in_transaction, Worker};
 use crate::config;
@@ -22,17 +25,20 @@ use std::time::{Duration, Instant};
 
 /// How often the worker looks at the partitions.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How often delivered events past their retention are deleted.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
 pub(super) struct Rotation {
     /// When writers were last moved on (or the worker started).
     switched_at: Instant,
     next_check: Instant,
+    next_prune: Instant,
 }
 
 impl Default for Rotation {
     fn default() -> Rotation {
         let now = Instant::now();
-        Rotation { switched_at: now, next_check: now }
+        Rotation { switched_at: now, next_check: now, next_prune: now }
     }
 }
 
@@ -41,6 +47,10 @@ impl Worker {
     /// interval has passed, move writers on to the next partition.
     pub(super) fn rotate(&mut self) {
         let now = Instant::now();
+        if self.extension_present && now >= self.rotation.next_prune && self.destinations.values().any(|d| d.retain) {
+            self.rotation.next_prune = now + PRUNE_EVERY;
+            let _ = in_transaction("deleting delivered events past their retention", store::prune_delivered);
+        }
         if !self.extension_present || now < self.rotation.next_check {
             return;
         }
