@@ -236,6 +236,34 @@ fn transactional_destination_delivers_a_group_larger_than_its_queue_once_in_orde
     pg.sql(&format!("SELECT outbox.drop_destination('{dest}')"));
 }
 
+/// A transactional destination paused: its events wait, an alter_destination
+/// meanwhile (a new producer) keeps the pause, and on resume they go out in
+/// order in Kafka transactions, with the writer's trace context as a header.
+#[test]
+fn a_paused_transactional_destination_keeps_the_pause_through_an_alter_and_delivers_in_order_on_resume() {
+    let pg = &env().pg;
+    let (mock, t, dest) = transactional_destination(pg, "txn_pause", json!({}));
+    pg.sql(&format!("SELECT outbox.pause_destination('{dest}')"));
+    let trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    pg.sql(&format!(
+        "BEGIN; SET LOCAL outbox.traceparent = '{trace}'; INSERT INTO {t} SELECT generate_series(1, 50); COMMIT"
+    ));
+    pg.sql(&format!("SELECT outbox.alter_destination('{dest}', parameters => '{{\"requestTimeoutMs\": 20000}}')"));
+    let settings = [("isolation.level", "read_committed")];
+    let early =
+        consume_with(&mock.bootstrap_servers(), &t, 1, Duration::from_secs(4), Duration::from_secs(4), &settings);
+    assert!(early.is_empty(), "{} delivered while paused", early.len());
+    let row = pg.status_row(&dest);
+    assert_eq!((row["status"].as_str(), row["messages_queued"].as_i64()), (Some("paused"), Some(50)), "{row}");
+    pg.sql(&format!("SELECT outbox.resume_destination('{dest}')"));
+    let msgs = consume_with(&mock.bootstrap_servers(), &t, 50, WAIT, Duration::from_millis(500), &settings);
+    let got: Vec<i64> = msgs.iter().map(|m| m.key.as_deref().unwrap().parse().unwrap()).collect();
+    assert_eq!(got, (1..=50).collect::<Vec<i64>>());
+    assert!(msgs.iter().all(|m| m.header("traceparent") == Some(trace)), "{:?}", msgs[0].headers);
+    wait_for("delivered", WAIT, || (pg.status_row(&dest)["messages_queued"] == 0).then_some(()));
+    pg.sql(&format!("SELECT outbox.drop_destination('{dest}')"));
+}
+
 #[test]
 fn transactional_destination_delivers_each_batch_as_one_kafka_transaction() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
