@@ -359,20 +359,20 @@ CREATE INDEX backfill_destination_idx ON outbox.backfill (destination_id, id);
 SELECT pg_catalog.pg_extension_config_dump('outbox.backfill', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.backfill_id_seq', '');
 
--- The primary key of `tbl`: quoted column names and types, in index order;
--- NULL without one.
+-- The primary key of `tbl`: quoted column names and types, in index order
+-- (INCLUDE columns left out); NULL without one.
 CREATE FUNCTION outbox._backfill_key(tbl regclass, OUT columns text[], OUT types text[])
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT array_agg(quote_ident(a.attname) ORDER BY k.n), array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.n)
       FROM pg_index i, unnest(i.indkey) WITH ORDINALITY AS k (attnum, n), pg_attribute a
-     WHERE i.indrelid = tbl AND i.indisprimary AND a.attrelid = tbl AND a.attnum = k.attnum
+     WHERE i.indrelid = tbl AND i.indisprimary AND k.n <= i.indnkeyatts AND a.attrelid = tbl AND a.attnum = k.attnum
 $$;
 
 -- The SQL criteria of the topic's create entries for `tbl`, joined by OR
 -- (as its capture trigger's WHEN clause), 'true' when one entry has none;
 -- NULL when no entry covers create.
 CREATE FUNCTION outbox._backfill_criteria(p_topic_id integer, tbl regclass)
-RETURNS text LANGUAGE sql STABLE AS $$
+RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT CASE WHEN count(*) = 0 THEN NULL
                 WHEN count(*) FILTER (WHERE e.criteria IS NULL) > 0 THEN 'true'
                 ELSE string_agg('(' || e.criteria || E'\n)', ' OR ' ORDER BY e.position) END
@@ -381,10 +381,15 @@ RETURNS text LANGUAGE sql STABLE AS $$
 $$;
 
 -- The rows of `tbl` to send, aliased NEW (the criteria and the predicate
--- name it so): what follows SELECT ... FROM.
+-- name it so): what follows SELECT ... FROM. The table's own rows, as its
+-- trigger sees them (a partitioned table's partitions' rows are its own,
+-- an inheritance child's are not). The predicate's own line: a comment in
+-- it ends there.
 CREATE FUNCTION outbox._backfill_source(tbl regclass, criteria text, predicate text)
-RETURNS text LANGUAGE sql STABLE AS $$
-    SELECT format('%s AS new WHERE (%s) AND (%s)', tbl, criteria, coalesce(predicate, 'true'))
+RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT format('%s%s AS new WHERE (%s) AND (%s)',
+                  CASE WHEN (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) = 'p' THEN '' ELSE 'ONLY ' END,
+                  tbl, criteria, coalesce(E'\n' || predicate || E'\n', 'true'))
 $$;
 
 -- Start sending the rows of the destination's topic to it (superusers
@@ -392,7 +397,7 @@ $$;
 -- backfill's id; its progress shows in outbox.destination_status and
 -- outbox.backfill.
 CREATE FUNCTION outbox.backfill(destination text, "where" text DEFAULT NULL, batch integer DEFAULT 1000)
-RETURNS bigint LANGUAGE plpgsql AS $$
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     d        outbox.destination;
     v_topic  integer;
@@ -402,6 +407,7 @@ DECLARE
     v_crit   text;
     tt       outbox.topic_table;
     v_id     bigint;
+    c        refcursor;
 BEGIN
     -- First, and without the extension's functions: a role granted EXECUTE
     -- on this one may have no right to them.
@@ -435,12 +441,16 @@ BEGIN
                 'A backfill sends rows in key order and resumes after the last key it sent: add a primary key to the table.');
         END IF;
         BEGIN
-            -- USING: one statement only.
-            EXECUTE 'SELECT count(*) FROM ' || outbox._backfill_source(tt.table_oid, v_crit, "where") || ' AND $1'
-               INTO v_n USING true;
-        EXCEPTION WHEN OTHERS THEN
-            PERFORM outbox._fail(SQLSTATE, format('invalid backfill predicate for table "%s": %s', tt.table_name, SQLERRM),
-                'The predicate is one boolean SQL expression over each row of every table of the topic, named NEW, e.g. ''NEW.id > 100''.');
+            -- A cursor: one statement only (EXECUTE would run them all).
+            OPEN c FOR EXECUTE 'SELECT count(*) FROM ' || outbox._backfill_source(tt.table_oid, v_crit, "where");
+            FETCH c INTO v_n;
+            CLOSE c;
+        EXCEPTION
+            WHEN query_canceled THEN
+                RAISE;
+            WHEN OTHERS THEN
+                PERFORM outbox._fail(SQLSTATE, format('invalid backfill predicate for table "%s": %s', tt.table_name, SQLERRM),
+                    'The predicate is one boolean SQL expression over each row of every table of the topic, named NEW, e.g. ''NEW.id > 100'' (search_path is pg_catalog: qualify your own functions).');
         END;
         v_tables := v_tables || tt.table_oid;
         v_total := v_total + v_n;
@@ -475,29 +485,50 @@ END
 $$;
 
 -- One batch of backfill `p_id`, run by the worker in a transaction of its
--- own: the rows sent (0 when it is over, -1 when the destination's outbox
--- still holds a batch's worth, so that live changes never queue behind
--- more than that). An error of the rows (a key dropped, a predicate no
--- longer valid) ends it as failed; a lock conflict is retried.
+-- own: the rows sent (at least 1 while it goes on, 0 when it is over), or
+-- -1 when the destination's outbox still holds a batch's worth, so that
+-- live changes never queue behind more than that (checked first, without
+-- writing: the worker asks every 20 ms). The batch ends at a key read
+-- first, without locks, and locks the rows up to it: the next one starts
+-- after that key, whatever a locked row's key became meanwhile. An error
+-- of the rows (a key dropped, a predicate no longer valid) ends it as
+-- failed; a lock held by a writer for more than 100 ms is retried.
 CREATE FUNCTION outbox._backfill_step(p_id bigint)
-RETURNS integer LANGUAGE plpgsql AS $$
+RETURNS integer LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     b       outbox.backfill;
     v_topic integer;
     v_tbl   regclass;
     v_crit  text;
     v_key   record;
-    v_after text;
+    v_cols  text;
+    v_text  text;
+    v_after text := '';
+    v_upto  text;
+    v_src   text;
     v_n     integer;
-    v_last  text[];
+    v_next  text[];
 BEGIN
-    SELECT * INTO b FROM outbox.backfill x WHERE x.id = p_id AND x.status = 'running' FOR UPDATE;
+    SELECT * INTO b FROM outbox.backfill x WHERE x.id = p_id AND x.status = 'running';
     IF NOT FOUND THEN
         RETURN 0;
     END IF;
     IF (SELECT coalesce(sum(e.events), 0) FROM (SELECT e.events FROM outbox.event e
           WHERE e.destination_id = b.destination_id LIMIT b.batch) e) >= b.batch THEN
         RETURN -1;
+    END IF;
+    -- Never wait long for a writer's row (nor make it wait); durable before
+    -- its events can go out (else a crash could undo a batch Kafka has, and
+    -- the rows would go again with other numbers); keys as text in one form.
+    PERFORM set_config('lock_timeout', '100ms', true);
+    PERFORM set_config('synchronous_commit', 'on', true);
+    PERFORM set_config('DateStyle', 'ISO, YMD', true);
+    PERFORM set_config('IntervalStyle', 'postgres', true);
+    PERFORM set_config('TimeZone', 'UTC', true);
+    PERFORM set_config('extra_float_digits', '3', true);
+    SELECT * INTO b FROM outbox.backfill x WHERE x.id = p_id AND x.status = 'running' FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 0;
     END IF;
     SELECT t.id INTO v_topic FROM outbox.destination d JOIN outbox.topic t ON t.url = d.topic_url
      WHERE d.id = b.destination_id;
@@ -524,20 +555,23 @@ BEGIN
         IF b.last_key IS NOT NULL AND cardinality(b.last_key) <> cardinality(v_key.columns) THEN
             PERFORM outbox._fail('0A000', format('the primary key of table "%s" changed during the backfill', v_tbl));
         END IF;
-        SELECT CASE WHEN b.last_key IS NULL THEN '' ELSE
-                   format(' AND (%s) > (%s)', string_agg('new.' || c, ', ' ORDER BY n),
-                          string_agg(format('$3[%s]::%s', n, v_key.types[n::integer]), ', ' ORDER BY n)) END
-          INTO v_after FROM unnest(v_key.columns) WITH ORDINALITY AS k (c, n);
-        -- One statement: its events enter the outbox with one INSERT, in key
-        -- order. (The keys are aggregated as text: an array of arrays is 2-D.)
-        EXECUTE format(
-            'SELECT count(b.sent)::integer, ((array_agg(b.k::text))[count(*)::integer])::text[] FROM ('
-            '  SELECT b.k, outbox._backfill_emit($1, $2, b.new) AS sent FROM ('
-            '    SELECT ARRAY[%s] AS k, new FROM %s%s ORDER BY %s LIMIT %s FOR SHARE OF new) b) b',
-            (SELECT string_agg('new.' || c || '::text', ', ') FROM unnest(v_key.columns) AS c),
-            outbox._backfill_source(v_tbl, v_crit, b.predicate), v_after,
-            (SELECT string_agg('new.' || c, ', ') FROM unnest(v_key.columns) AS c), b.batch)
-          INTO v_n, v_last USING b.destination_id, v_topic, b.last_key;
+        -- (k1, k2) in key order; the key as text[]; rows after $1, up to $2.
+        v_cols := (SELECT string_agg('new.' || c, ', ' ORDER BY n) FROM unnest(v_key.columns) WITH ORDINALITY AS k (c, n));
+        v_text := (SELECT 'ARRAY[' || string_agg('new.' || c || '::text', ', ' ORDER BY n) || ']'
+                     FROM unnest(v_key.columns) WITH ORDINALITY AS k (c, n));
+        IF b.last_key IS NOT NULL THEN
+            v_after := format(' AND (%s) > (%s)', v_cols, (SELECT string_agg(format('$1[%s]::%s', n, v_key.types[n::integer]), ', ' ORDER BY n)
+                                                              FROM generate_subscripts(v_key.columns, 1) AS n));
+        END IF;
+        v_upto := format(' AND ($2 IS NULL OR (%s) <= (%s))', v_cols,
+                         (SELECT string_agg(format('$2[%s]::%s', n, v_key.types[n::integer]), ', ' ORDER BY n)
+                            FROM generate_subscripts(v_key.columns, 1) AS n));
+        v_src := outbox._backfill_source(v_tbl, v_crit, b.predicate);
+        SELECT r.sent, r.next_key INTO v_n, v_next
+          FROM outbox._backfill_batch(b.destination_id, v_topic, v_tbl,
+                 format('SELECT %s FROM %s%s ORDER BY %s OFFSET %s LIMIT 1', v_text, v_src, v_after, v_cols, b.batch - 1),
+                 format('SELECT %s, new FROM %s%s%s ORDER BY %s FOR SHARE OF new', v_text, v_src, v_after, v_upto, v_cols),
+                 b.last_key) r;
     EXCEPTION
         WHEN deadlock_detected OR lock_not_available OR serialization_failure OR query_canceled THEN
             RAISE;
@@ -545,26 +579,25 @@ BEGIN
             UPDATE outbox.backfill x SET status = 'failed', finished_at = now(), error = SQLERRM WHERE x.id = p_id;
             RETURN 0;
     END;
-    IF v_n < b.batch THEN
-        -- This table is done: the next one from its first key.
-        UPDATE outbox.backfill x SET position = b.position + 1, last_key = NULL, rows_done = x.rows_done + v_n
-         WHERE x.id = p_id;
-    ELSE
-        UPDATE outbox.backfill x SET position = b.position, last_key = v_last, rows_done = x.rows_done + v_n
-         WHERE x.id = p_id;
-    END IF;
+    -- NULL: that was the table's last batch; the next table from its first key.
+    UPDATE outbox.backfill x
+       SET position = b.position + CASE WHEN v_next IS NULL THEN 1 ELSE 0 END, last_key = v_next,
+           rows_done = x.rows_done + v_n
+     WHERE x.id = p_id;
     RETURN greatest(v_n, 1);
 END
 $$;
 
-CREATE FUNCTION outbox._backfill_emit(destination text, topic_id integer, "row" anyelement) RETURNS boolean
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c AS 'MODULE_PATHNAME', '_backfill_emit_wrapper';
+CREATE FUNCTION outbox._backfill_batch(destination text, topic_id integer, tbl oid, bound_sql text, rows_sql text,
+                                       last_key text[])
+RETURNS TABLE (sent integer, next_key text[])
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', '_backfill_batch_wrapper';
 REVOKE ALL ON outbox.backfill FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox._backfill_key(regclass), outbox._backfill_criteria(integer, regclass),
     outbox._backfill_source(regclass, text, text), outbox.backfill(text, text, integer),
     outbox.cancel_backfill(text), outbox._backfill_step(bigint),
-    outbox._backfill_emit(text, integer, anyelement) FROM PUBLIC;
+    outbox._backfill_batch(text, integer, oid, text, text, text[]) FROM PUBLIC;
 
 CREATE OR REPLACE VIEW outbox.destination_status AS
 SELECT d.id,

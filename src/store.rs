@@ -633,7 +633,8 @@ fn span(ids: &[i64]) -> (i64, i64) {
 /// element of them when it plans the DELETE, which with a group's events
 /// listed was a tenth of the worker's time on 100-row statements.
 ///
-/// `retain`: the destination has a retention, they move to outbox.delivered.
+/// `retain`: the destination has a retention, they move to outbox.delivered
+/// (unless it was just turned off: alter_destination deleted what was kept).
 pub fn acknowledge(destination_id: &str, ids: &[i64], whole: &[i64], retain: bool) -> SpiResult<()> {
     if ids.is_empty() && whole.is_empty() {
         return Ok(());
@@ -648,7 +649,8 @@ pub fn acknowledge(destination_id: &str, ids: &[i64], whole: &[i64], retain: boo
              INSERT INTO outbox.delivered (id, destination_id, topic_id, table_name, interaction, key, row_data, \
                                            created_at, events, ids, keys, rows, traceparent) \
              SELECT id, destination_id, topic_id, table_name, interaction, key, row_data, created_at, events, ids, \
-                    keys, rows, traceparent FROM gone"
+                    keys, rows, traceparent FROM gone \
+              WHERE EXISTS (SELECT 1 FROM outbox.destination d WHERE d.id = $1 AND d.retention IS NOT NULL)"
         );
         keep.as_str()
     } else {
@@ -673,6 +675,9 @@ pub fn acknowledge(destination_id: &str, ids: &[i64], whole: &[i64], retain: boo
 /// Delete the delivered events kept longer than their destination's
 /// retention (and those of destinations that keep none).
 pub fn prune_delivered() -> SpiResult<()> {
+    if !LAYOUT.with(|l| l.get().retention) {
+        return Ok(());
+    }
     Spi::run(
         "DELETE FROM outbox.delivered r USING outbox.destination d \
           WHERE d.id = r.destination_id AND r.created_at < now() - coalesce(d.retention, interval '0')",

@@ -124,8 +124,9 @@ fn a_backfill_sends_the_rows_in_key_order_between_live_changes_and_never_an_olde
 
 /// The race FOR SHARE closes: a change commits after the batch's snapshot
 /// but before the batch commits, numbered before the copy. The predicate
-/// sleeps at that row so the change can commit meanwhile; without the row
-/// lock the batch would send the row as it was before the change, after it.
+/// sleeps at that row in the batch's locking read so the change can commit
+/// meanwhile; without the row lock the batch would send the row as it was
+/// before the change, after it.
 #[test]
 fn a_change_committed_while_a_batch_reads_its_row_is_not_followed_by_the_older_row() {
     let Env { pg, broker } = Env::start(&unique("backfill_race"), &[]);
@@ -135,10 +136,20 @@ fn a_change_committed_while_a_batch_reads_its_row_is_not_followed_by_the_older_r
     let mut change = pg.session();
     change.sql("BEGIN");
     change.sql("UPDATE items SET v = 1 WHERE id = 7"); // its event is numbered now
-    pg.sql(&format!("SELECT outbox.backfill('{dest}', \"where\" => 'NEW.id <> 7 OR pg_sleep(2) IS NOT NULL')"));
+                                                       // The predicate's third look at row 7 sleeps: backfill()'s count, the
+                                                       // batch's bound, then its locking read.
+    pg.sql("CREATE SEQUENCE probe");
+    pg.sql(&format!(
+        "SELECT outbox.backfill('{dest}', \"where\" => \
+           'NEW.id <> 7 OR pg_sleep(CASE nextval(''public.probe'') WHEN 3 THEN 2 ELSE 0 END) IS NOT NULL')"
+    ));
+    // Sleeping at row 7 in the batch's locking read; or, had the sleep
+    // passed unseen, waiting for the change's row lock: commit either way.
     wait_for("the batch to read row 7", WAIT, || {
-        (pg.count("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_outbox' AND wait_event = 'PgSleep'")
-            == 1)
+        (pg.count(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_outbox' \
+               AND (wait_event = 'PgSleep' OR wait_event_type = 'Lock')",
+        ) == 1)
             .then_some(())
     });
     change.sql("COMMIT");
@@ -219,9 +230,10 @@ fn a_killed_worker_resumes_the_backfill_without_sending_a_row_twice_and_cancel_s
         "cancelled true"
     );
     pg.sql(&format!("SELECT outbox.resume_destination('{dest}')"));
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(pg.count(&format!("SELECT count(*) FROM outbox.event WHERE destination_id = '{dest}'")), 0);
-    assert_eq!(pg.status_row(&dest)["backfill_status"], "cancelled");
+    let after = consume(&broker.bootstrap(), &topic, msgs.len() + 1, Duration::from_secs(4), Duration::from_secs(4));
+    assert_eq!(after.len(), msgs.len(), "nothing sent after the cancel");
+    let row = pg.status_row(&dest);
+    assert_eq!((row["backfill_status"].as_str(), row["backfill_rows_done"].as_i64()), (Some("cancelled"), Some(0)));
 }
 
 #[test]
@@ -248,6 +260,11 @@ fn bad_backfills_are_refused_with_a_hint_and_leave_nothing() {
         (
             format!("SELECT outbox.backfill('{dest}', \"where\" => 'true; DROP TABLE t')"),
             "42601",
+            "invalid backfill predicate",
+        ),
+        (
+            format!("SELECT outbox.backfill('{dest}', \"where\" => 'true); DROP TABLE t; SELECT (true')"),
+            "42P11",
             "invalid backfill predicate",
         ),
         (format!("SELECT outbox.backfill('{dest}', \"where\" => ' ')"), "22023", "empty"),

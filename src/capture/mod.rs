@@ -114,6 +114,12 @@ fn ensure_callbacks(s: &mut State) {
 /// Run `f` as the extension owner. On an ERROR, (sub)transaction abort
 /// restores the writer's identity.
 fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    as_user(owner, f)
+}
+
+/// Run `f` as `user`, restricted (no SET ROLE, no session changes). On an
+/// ERROR, (sub)transaction abort restores the identity.
+fn as_user<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     let (mut user, mut context) = (pg_sys::Oid::INVALID, 0);
     unsafe {
         pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
@@ -170,7 +176,7 @@ fn _capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, All
 /// Capture one row change of `rel` (interaction: index in ROW_INTERACTIONS;
 /// `old`: the row before an update): its FHIRPath criteria, its key and
 /// resource, then the event for the topic's destinations, or only for
-/// destination `only`.
+/// destination `only`. False if the FHIRPath criteria left it out.
 #[allow(clippy::too_many_arguments)]
 unsafe fn capture_row(
     route: &Route,
@@ -181,7 +187,7 @@ unsafe fn capture_row(
     tuple: pg_sys::HeapTuple,
     old: Option<pg_sys::HeapTuple>,
     only: Option<&str>,
-) {
+) -> bool {
     let table = &*target.name;
     let watched = route.tables.get(&target.watched);
     let fhir_type = watched.and_then(|w| w.resource_type.as_deref());
@@ -201,48 +207,78 @@ unsafe fn capture_row(
             [pg_sys::TRIGGER_EVENT_INSERT, pg_sys::TRIGGER_EVENT_UPDATE, pg_sys::TRIGGER_EVENT_DELETE][interaction];
         let other = old.map(text_of);
         if !criteria::holds(fhirpath, op, text.as_deref().unwrap_or("{}"), other.as_deref(), topic_id, table) {
-            return;
+            return false;
         }
     }
     let row = if route.needs_row { text.take() } else { None };
     let key = unsafe { tuple::row_key(tuple, desc, &target.key) };
     enqueue(route, topic_id, table, ROW_INTERACTIONS[interaction], key, row, only);
+    true
 }
 
-/// A backfilled row (outbox._backfill_step): `row`, a row of a table of
-/// topic `topic_id`, as the create event of destination `destination`.
-/// False if the destination or the table is no longer the topic's.
+/// A batch of a backfill (outbox._backfill_step) from table `tbl` of
+/// topic `topic_id`: `bound_sql` ($1 the last key sent) gives the key the
+/// batch ends at (NULL: the table's last rows), `rows_sql` ($1, $2 that
+/// bound) the rows up to it, locked, each with its key as text, in key
+/// order; each becomes the create event of destination `destination` only.
+/// Both run as the table's owner, restricted (as a writer's trigger runs
+/// with the writer's rights): its types' casts and the criteria never run
+/// as the worker's superuser. The events sent, and the key to go on after
+/// (NULL: the table is done). Nothing if the destination or the table is no
+/// longer the topic's.
+#[allow(clippy::type_complexity)]
 #[pg_extern(volatile, parallel_unsafe)]
-fn _backfill_emit(destination: &str, topic_id: i32, row: pgrx::AnyElement) -> bool {
+fn _backfill_batch(
+    destination: &str,
+    topic_id: i32,
+    tbl: pg_sys::Oid,
+    bound_sql: &str,
+    rows_sql: &str,
+    last_key: Option<Vec<Option<String>>>,
+) -> TableIterator<'static, (name!(sent, i32), name!(next_key, Option<Vec<Option<String>>>))> {
     routes::refresh();
-    let Some(route) = STATE.with(|s| s.borrow().routes.as_ref().and_then(|r| r.get(&topic_id).cloned())) else {
-        return false;
+    let route = STATE.with(|s| s.borrow().routes.as_ref().and_then(|r| r.get(&topic_id).cloned()));
+    let Some(route) = route.filter(|r| r.tables.contains_key(&tbl) && r.at_least_once.iter().any(|d| d == destination))
+    else {
+        return TableIterator::once((0, None));
     };
-    if !route.at_least_once.iter().any(|d| d == destination) {
-        return false;
+    let rel = unsafe { pg_sys::RelationIdGetRelation(tbl) };
+    if rel.is_null() {
+        return TableIterator::once((0, None));
     }
-    unsafe {
-        let relid = pg_sys::typeidTypeRelid(row.oid());
-        if !route.tables.contains_key(&relid) {
-            return false;
-        }
-        let rel = pg_sys::RelationIdGetRelation(relid);
-        if rel.is_null() {
-            return false;
-        }
-        // The row as a heap tuple of the table (a composite datum is one).
-        let header = pg_sys::pg_detoast_datum(row.datum().cast_mut_ptr()) as pg_sys::HeapTupleHeader;
-        let mut tuple = pg_sys::HeapTupleData {
-            t_len: pgrx::varlena::varsize_any(header.cast()) as u32,
-            t_tableOid: relid,
-            t_data: header,
-            ..Default::default()
-        };
-        let target = target::of(topic_id, &route, rel);
-        capture_row(&route, topic_id, rel, &target, 0, &mut tuple, None, Some(destination));
-        pg_sys::RelationClose(rel);
-    }
-    true
+    let target = target::of(topic_id, &route, rel);
+    let owner = unsafe { (*(*rel).rd_rel).relowner };
+    // An ERROR inside restores the worker's identity with the abort.
+    let result = as_user(owner, || {
+        Spi::connect_mut(|client| {
+            let first = client.select(bound_sql, Some(1), &[last_key.clone().into()])?;
+            let bound = if first.is_empty() { None } else { first.first().get_one::<Vec<Option<String>>>()? };
+            let mut sent = 0;
+            // Not read-only: it locks rows.
+            for row in client.update(rows_sql, None, &[last_key.into(), bound.clone().into()])? {
+                let Some(new) = row.get::<pgrx::AnyElement>(2)? else { continue };
+                // The row as a heap tuple of the table (a composite datum is one).
+                let header = unsafe { pg_sys::pg_detoast_datum(new.datum().cast_mut_ptr()) } as pg_sys::HeapTupleHeader;
+                let mut tuple = pg_sys::HeapTupleData {
+                    t_len: unsafe { pgrx::varlena::varsize_any(header.cast()) } as u32,
+                    t_tableOid: tbl,
+                    t_data: header,
+                    ..Default::default()
+                };
+                if unsafe { capture_row(&route, topic_id, rel, &target, 0, &mut tuple, None, Some(destination)) } {
+                    sent += 1;
+                }
+            }
+            Ok::<_, pgrx::spi::SpiError>((sent, bound))
+        })
+    });
+    unsafe { pg_sys::RelationClose(rel) };
+    let (sent, bound) = result.unwrap_or_else(|e| {
+        UserError::new(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "a backfill batch failed")
+            .detail(e.to_string())
+            .raise()
+    });
+    TableIterator::once((sent, bound))
 }
 
 /// Keep the change for the topic's destinations: best-effort ones until

@@ -150,6 +150,7 @@ impl Worker {
                 continue; // nothing to finish: dropped now
             }
             d.retiring_until = Some(until);
+            d.backfill = None; // the rebuilt destination goes on with it
             if let Some(o) = d.outbox() {
                 // An open transaction is aborted once its reports are in.
                 o.batch_failed = true;

@@ -47,7 +47,7 @@ impl Worker {
     /// interval has passed, move writers on to the next partition.
     pub(super) fn rotate(&mut self) {
         let now = Instant::now();
-        if self.extension_present && now >= self.rotation.next_prune && self.destinations.values().any(|d| d.retain) {
+        if self.extension_present && now >= self.rotation.next_prune {
             self.rotation.next_prune = now + PRUNE_EVERY;
             let _ = in_transaction("deleting delivered events past their retention", store::prune_delivered);
         }
