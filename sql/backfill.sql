@@ -10,8 +10,9 @@
 -- change's event) or after the batch committed (numbered after the copy).
 -- A row inserted while a batch runs is not in it: its own event sends it.
 -- The batch's rows are read as the table's owner (outbox._backfill_batch),
--- never as the worker's superuser. The functions here run with
--- search_path = pg_catalog, pg_temp, and so do the criteria and `where`.
+-- never as the worker's superuser, with the server's default search_path
+-- (the criteria and `where` were written for one); the worker's own SQL
+-- here runs with search_path = pg_catalog, pg_temp.
 
 -- One row per backfill. Its progress is committed with the events of each
 -- batch: after a crash the worker goes on from last_key, sending nothing
@@ -66,21 +67,23 @@ $$;
 -- The rows of `tbl` to send, aliased NEW (the criteria and the predicate
 -- name it so): what follows SELECT ... FROM. The table's own rows, as its
 -- trigger sees them (a partitioned table's partitions' rows are its own,
--- an inheritance child's are not). The predicate's own line: a comment in
--- it ends there.
+-- an inheritance child's are not). The predicate on lines of its own (a
+-- comment in it ends there) inside CASE WHEN: one expression whatever its
+-- parentheses, so "a) OR (b" cannot take it out of the AND.
 CREATE FUNCTION outbox._backfill_source(tbl regclass, criteria text, predicate text)
 RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT format('%s%s AS new WHERE (%s) AND (%s)',
+    SELECT format('%s%s AS new WHERE (%s) AND %s',
                   CASE WHEN (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) = 'p' THEN '' ELSE 'ONLY ' END,
-                  tbl, criteria, coalesce(E'\n' || predicate || E'\n', 'true'))
+                  tbl, criteria,
+                  coalesce('CASE WHEN (' || E'\n' || predicate || E'\n' || ') THEN true ELSE false END', 'true'))
 $$;
 
 -- Start sending the rows of the destination's topic to it (superusers
--- only: the worker evaluates `where` as the superuser it runs as). The
--- backfill's id; its progress shows in outbox.destination_status and
--- outbox.backfill.
+-- only, as all configuration). The backfill's id; its progress shows in
+-- outbox.destination_status and outbox.backfill. The rows are counted
+-- (and `where` checked) here, as the caller.
 CREATE FUNCTION outbox.backfill(destination text, "where" text DEFAULT NULL, batch integer DEFAULT 1000)
-RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
     d        outbox.destination;
     v_topic  integer;
@@ -96,7 +99,7 @@ BEGIN
     -- on this one may have no right to them.
     IF NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user) THEN
         RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = 'only superusers may start a backfill',
-            HINT = 'The worker evaluates the predicate as a superuser.';
+            HINT = 'Configuring pg_outbox is for superusers: a backfill sends any table''s rows to Kafka.';
     END IF;
     PERFORM outbox._require_destination(destination);
     SELECT * INTO d FROM outbox.destination x WHERE x.id = backfill.destination FOR UPDATE;
@@ -104,8 +107,8 @@ BEGIN
         PERFORM outbox._fail('0A000', format('destination "%s" is best-effort: a backfill needs an at-least-once destination', destination),
             'A backfill goes through the outbox, batch by batch as the destination keeps up; a best-effort destination keeps events in memory only and would lose them under that load. Create an at-least-once destination on the same topic and Kafka topic for it.');
     END IF;
-    IF batch IS NULL OR batch < 1 OR batch > 100000 THEN
-        PERFORM outbox._fail('22023', format('batch must be between 1 and 100000, not %s', coalesce(batch::text, 'NULL')),
+    IF batch IS NULL OR batch < 1 OR batch > 10000 THEN
+        PERFORM outbox._fail('22023', format('batch must be between 1 and 10000, not %s', coalesce(batch::text, 'NULL')),
             'Rows per batch: each batch is one short transaction that holds its rows FOR SHARE.');
     END IF;
     IF "where" IS NOT NULL AND btrim("where") = '' THEN
@@ -133,7 +136,7 @@ BEGIN
                 RAISE;
             WHEN OTHERS THEN
                 PERFORM outbox._fail(SQLSTATE, format('invalid backfill predicate for table "%s": %s', tt.table_name, SQLERRM),
-                    'The predicate is one boolean SQL expression over each row of every table of the topic, named NEW, e.g. ''NEW.id > 100'' (search_path is pg_catalog: qualify your own functions).');
+                    'The predicate is one boolean SQL expression over each row of every table of the topic, named NEW, e.g. ''NEW.id > 100''.');
         END;
         v_tables := v_tables || tt.table_oid;
         v_total := v_total + v_n;
@@ -207,8 +210,6 @@ BEGIN
     PERFORM set_config('synchronous_commit', 'on', true);
     PERFORM set_config('DateStyle', 'ISO, YMD', true);
     PERFORM set_config('IntervalStyle', 'postgres', true);
-    PERFORM set_config('TimeZone', 'UTC', true);
-    PERFORM set_config('extra_float_digits', '3', true);
     SELECT * INTO b FROM outbox.backfill x WHERE x.id = p_id AND x.status = 'running' FOR UPDATE;
     IF NOT FOUND THEN
         RETURN 0;

@@ -117,7 +117,7 @@ fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     as_user(owner, f)
 }
 
-/// Run `f` as `user`, restricted (no SET ROLE, no session changes). On an
+/// Run `f` as `user`, restricted (no SET ROLE, no temporary objects). On an
 /// ERROR, (sub)transaction abort restores the identity.
 fn as_user<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     let (mut user, mut context) = (pg_sys::Oid::INVALID, 0);
@@ -222,10 +222,12 @@ unsafe fn capture_row(
 /// bound) the rows up to it, locked, each with its key as text, in key
 /// order; each becomes the create event of destination `destination` only.
 /// Both run as the table's owner, restricted (as a writer's trigger runs
-/// with the writer's rights): its types' casts and the criteria never run
-/// as the worker's superuser. The events sent, and the key to go on after
-/// (NULL: the table is done). Nothing if the destination or the table is no
-/// longer the topic's.
+/// with the writer's rights), with the session's own search_path (the
+/// criteria and the predicate were written for it; the step's is pinned),
+/// and whatever settings the owner's code changes are undone after them:
+/// its types' casts, the criteria and the predicate never run as the
+/// worker's superuser, nor change what the worker runs next. The events
+/// sent, and the key to go on after (NULL: the table is done).
 #[allow(clippy::type_complexity)]
 #[pg_extern(volatile, parallel_unsafe)]
 fn _backfill_batch(
@@ -240,15 +242,38 @@ fn _backfill_batch(
     let route = STATE.with(|s| s.borrow().routes.as_ref().and_then(|r| r.get(&topic_id).cloned()));
     let Some(route) = route.filter(|r| r.tables.contains_key(&tbl) && r.at_least_once.iter().any(|d| d == destination))
     else {
-        return TableIterator::once((0, None));
+        UserError::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "the backfill's destination or table is no longer its topic's",
+        )
+        .raise()
     };
+    // Locked before its key and owner are read (the batch's SELECT would
+    // lock it only later).
+    unsafe { pg_sys::LockRelationOid(tbl, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
     let rel = unsafe { pg_sys::RelationIdGetRelation(tbl) };
     if rel.is_null() {
-        return TableIterator::once((0, None));
+        UserError::new(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, "the backfill's table no longer exists").raise()
     }
     let target = target::of(topic_id, &route, rel);
     let owner = unsafe { (*(*rel).rd_rel).relowner };
-    // An ERROR inside restores the worker's identity with the abort.
+    // Settings changed from here on (search_path below, and any the owner's
+    // code sets) are undone at the end, as a function's SET clause is.
+    let level = unsafe { pg_sys::NewGUCNestLevel() };
+    unsafe {
+        let reset = pg_sys::GetConfigOptionResetString(c"search_path".as_ptr());
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            reset,
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+    }
+    // An ERROR inside restores the worker's identity and settings with the abort.
     let result = as_user(owner, || {
         Spi::connect_mut(|client| {
             let first = client.select(bound_sql, Some(1), &[last_key.clone().into()])?;
@@ -272,7 +297,10 @@ fn _backfill_batch(
             Ok::<_, pgrx::spi::SpiError>((sent, bound))
         })
     });
-    unsafe { pg_sys::RelationClose(rel) };
+    unsafe {
+        pg_sys::AtEOXact_GUC(false, level);
+        pg_sys::RelationClose(rel);
+    }
     let (sent, bound) = result.unwrap_or_else(|e| {
         UserError::new(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "a backfill batch failed")
             .detail(e.to_string())
