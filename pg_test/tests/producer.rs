@@ -148,16 +148,31 @@ fn alter_destination_under_load_moves_the_stream_and_loses_nothing() {
     wait_for("the outbox drained", WAIT, || {
         (pg.count(&format!("SELECT count(*) FROM outbox.event WHERE destination_id = '{alo}'")) == 0).then_some(())
     });
-    let (a, b) = (
-        consume(&broker.bootstrap(), &before, 1, WAIT, Duration::from_millis(1500)),
-        consume(&broker.bootstrap(), &after, 1, WAIT, Duration::from_millis(1500)),
-    );
     let by = |msgs: &[Received], d: &str| -> Vec<i64> {
         msgs.iter()
             .filter(|m| m.header("destination-id") == Some(d))
             .map(|m| m.key.as_deref().unwrap().parse().unwrap())
             .collect()
     };
+    // Everything is in Kafka once the outbox drained, but a read that stops
+    // after 1.5 s without a new message can end early on a loaded machine:
+    // read both topics again (from the start) until every row is there for
+    // both destinations, or the time is up (then the assertion below says
+    // what is missing).
+    let read = || {
+        (
+            consume(&broker.bootstrap(), &before, 1, WAIT, Duration::from_millis(1500)),
+            consume(&broker.bootstrap(), &after, 1, WAIT, Duration::from_millis(1500)),
+        )
+    };
+    let complete = |a: &[Received], b: &[Received]| {
+        [&alo, &be].iter().all(|d| by(a, d).into_iter().chain(by(b, d)).collect::<BTreeSet<i64>>().len() == 2000)
+    };
+    let started = std::time::Instant::now();
+    let (mut a, mut b) = read();
+    while !complete(&a, &b) && started.elapsed() < WAIT {
+        (a, b) = read();
+    }
     for d in [&alo, &be] {
         let (old, new) = (by(&a, d), by(&b, d));
         let all: BTreeSet<i64> = old.iter().chain(new.iter()).copied().collect();
